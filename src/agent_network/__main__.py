@@ -1,0 +1,5 @@
+"""``python -m agent_network`` runs the CLI."""
+
+from agent_network.cli import app
+
+app()

@@ -1,0 +1,103 @@
+"""The FastAPI application: lifespan owns the engine, the hub and the in-process runner."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agent_network import __version__
+from agent_network.api.routes import agents, knowledge, orgs, teams, threads
+from agent_network.config import Settings
+from agent_network.errors import AgentNetworkError
+from agent_network.hub import Hub
+from agent_network.runtime.runner import Runner
+from agent_network.services import ServiceContext, Services
+from agent_network.store.engine import create_engine, database_url, upgrade_schema
+
+API_PREFIX = "/api/v1"
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for ``settings`` (default: from the environment).
+
+    On startup the schema is upgraded, the hub started and (if ``settings.run_routines``) the
+    runner started; on shutdown they stop in reverse order. ``app.state.services`` and
+    ``app.state.runner`` are available while it runs.
+    """
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(database_url(settings.database))
+        await upgrade_schema(engine)
+        try:
+            async with Hub.open(engine) as hub, anyio.create_task_group() as tg:
+                ctx = ServiceContext(engine, hub, settings)
+                app.state.services = Services.create(ctx)
+                app.state.runner = None
+                if settings.run_routines:
+                    runner = Runner(ctx)
+                    await tg.start(runner.run)
+                    app.state.runner = runner
+                yield
+                tg.cancel_scope.cancel()
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Agent Network",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+    )
+
+    @app.exception_handler(AgentNetworkError)
+    async def _domain_error(_: Request, exc: AgentNetworkError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        return _error(422, "invalid_request", f"invalid request: {summary}", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(
+            exc.status_code, "http_error"
+        )
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.get(f"{API_PREFIX}/health", tags=["meta"])
+    async def health() -> dict[str, str]:
+        """Liveness: ``{"status": "ok"}`` once the hub is running."""
+        return {"status": "ok", "version": __version__}
+
+    for router in (
+        orgs.router,
+        agents.router,
+        knowledge.router,
+        teams.teams_router,
+        teams.networks_router,
+        threads.router,
+    ):
+        app.include_router(router, prefix=API_PREFIX)
+    return app

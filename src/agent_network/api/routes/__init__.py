@@ -1,0 +1,1 @@
+"""REST routers under ``/api/v1``."""

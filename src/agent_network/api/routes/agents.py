@@ -1,0 +1,123 @@
+"""Agents, their routines and their knowledge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+
+from agent_network.api.deps import Call, get_call
+from agent_network.api.schemas import (
+    AgentCreate,
+    AgentUpdate,
+    KnowledgeAdd,
+    RoutineCreate,
+    RoutineUpdate,
+)
+
+router = APIRouter(tags=["agents"])
+
+
+@router.post("/agents", status_code=201)
+async def create_agent(body: AgentCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Create an agent; ``lookup_key`` is unique in the org (409 otherwise)."""
+    return await call.services.agents.create_agent(call.principal, **body.model_dump())
+
+
+@router.get("/agents")
+async def list_agents(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """The caller org's agents."""
+    return await call.services.agents.list_agents(call.principal)
+
+
+@router.get("/agents/{agent_id}")
+async def get_agent(agent_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """One agent of the caller's org."""
+    return await call.services.agents.get_agent(call.principal, agent_id)
+
+
+@router.patch("/agents/{agent_id}")
+async def update_agent(
+    agent_id: str, body: AgentUpdate, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Change an agent's name, lookup_key, identity, model or metadata."""
+    return await call.services.agents.update_agent(
+        call.principal, agent_id, body.model_dump(exclude_unset=True)
+    )
+
+
+@router.delete("/agents/{agent_id}", status_code=204)
+async def delete_agent(agent_id: str, call: Call = Depends(get_call)) -> Response:
+    """Delete an agent: it leaves every team and network and its routines stop."""
+    await call.services.agents.delete_agent(call.principal, agent_id)
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/routines", status_code=201)
+async def create_routine(
+    agent_id: str, body: RoutineCreate, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Attach a routine (``participate`` preset on ``thread.message_added``)."""
+    return await call.services.agents.create_routine(call.principal, agent_id, **body.model_dump())
+
+
+@router.get("/agents/{agent_id}/routines")
+async def list_routines(agent_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """An agent's routines."""
+    return await call.services.agents.list_routines(call.principal, agent_id)
+
+
+@router.patch("/agents/{agent_id}/routines/{routine_id}")
+async def update_routine(
+    agent_id: str, routine_id: str, body: RoutineUpdate, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Rename, reconfigure, pause or activate a routine."""
+    return await call.services.agents.update_routine(
+        call.principal, agent_id, routine_id, body.model_dump(exclude_unset=True)
+    )
+
+
+@router.post("/agents/{agent_id}/routines/{routine_id}/pause")
+async def pause_routine(
+    agent_id: str, routine_id: str, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Pause a routine (it stops reacting)."""
+    return await call.services.agents.update_routine(
+        call.principal, agent_id, routine_id, {"status": "paused"}
+    )
+
+
+@router.post("/agents/{agent_id}/routines/{routine_id}/activate")
+async def activate_routine(
+    agent_id: str, routine_id: str, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Activate a paused routine."""
+    return await call.services.agents.update_routine(
+        call.principal, agent_id, routine_id, {"status": "active"}
+    )
+
+
+@router.delete("/agents/{agent_id}/routines/{routine_id}", status_code=204)
+async def delete_routine(
+    agent_id: str, routine_id: str, call: Call = Depends(get_call)
+) -> Response:
+    """Remove a routine."""
+    await call.services.agents.delete_routine(call.principal, agent_id, routine_id)
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/knowledge", status_code=201)
+async def add_agent_knowledge(
+    agent_id: str, body: KnowledgeAdd, call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """Attach text/markdown documents to one agent."""
+    docs = [d.model_dump() for d in body.documents]
+    return await call.services.knowledge.add(call.principal, docs, agent_id=agent_id)
+
+
+@router.get("/agents/{agent_id}/knowledge")
+async def list_agent_knowledge(
+    agent_id: str, call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """Documents attached to one agent."""
+    return await call.services.knowledge.list_documents(call.principal, agent_id=agent_id)

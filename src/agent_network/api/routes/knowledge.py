@@ -1,0 +1,40 @@
+"""Org-wide knowledge and search over the caller's own knowledge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+
+from agent_network.api.deps import Call, get_call
+from agent_network.api.schemas import KnowledgeAdd
+
+router = APIRouter(tags=["knowledge"])
+
+
+@router.post("/knowledge", status_code=201)
+async def add_knowledge(body: KnowledgeAdd, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """Attach org-wide text/markdown documents (all or nothing)."""
+    docs = [d.model_dump() for d in body.documents]
+    return await call.services.knowledge.add(call.principal, docs)
+
+
+@router.get("/knowledge")
+async def list_knowledge(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """The org's org-wide documents."""
+    return await call.services.knowledge.list_documents(call.principal)
+
+
+@router.get("/knowledge/search")
+async def search_knowledge(
+    q: str, agent_id: str | None = None, limit: int = 5, call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """Best chunks of the caller's own knowledge for free text ``q``."""
+    return await call.services.knowledge.search(call.principal, q, agent_id=agent_id, limit=limit)
+
+
+@router.delete("/knowledge/{document_id}", status_code=204)
+async def delete_knowledge(document_id: str, call: Call = Depends(get_call)) -> Response:
+    """Delete a document of the caller's org."""
+    await call.services.knowledge.delete(call.principal, document_id)
+    return Response(status_code=204)

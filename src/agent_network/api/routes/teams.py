@@ -1,0 +1,119 @@
+"""Teams (one org) and networks (across orgs): the same resource shape, two URL prefixes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+
+from agent_network.api.deps import Call, get_call
+from agent_network.api.schemas import (
+    InviteCreate,
+    JoinRequest,
+    MemberAdd,
+    TeamCreate,
+    TeamUpdate,
+    ThreadCreate,
+)
+from agent_network.services.teams import TeamKind
+
+
+def _router(kind: TeamKind) -> APIRouter:
+    plural = f"/{kind}s"
+    router = APIRouter(prefix=plural, tags=[f"{kind}s"])
+
+    @router.post("", status_code=201)
+    async def create(body: TeamCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
+        return await call.services.teams.create(call.principal, kind, body.name, body.description)
+
+    @router.get("")
+    async def list_all(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+        return await call.services.teams.list_teams(call.principal, kind)
+
+    @router.get("/{team_id}")
+    async def get(team_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+        return await call.services.teams.get(call.principal, kind, team_id)
+
+    @router.patch("/{team_id}")
+    async def update(
+        team_id: str, body: TeamUpdate, call: Call = Depends(get_call)
+    ) -> dict[str, Any]:
+        return await call.services.teams.update(
+            call.principal, kind, team_id, body.model_dump(exclude_unset=True)
+        )
+
+    @router.post("/{team_id}/members", status_code=201)
+    async def add_member(
+        team_id: str, body: MemberAdd, call: Call = Depends(get_call)
+    ) -> dict[str, Any]:
+        return await call.services.teams.add_member(
+            call.principal,
+            kind,
+            team_id,
+            agent_id=body.agent_id,
+            user_id=body.user_id,
+            role=body.role,
+        )
+
+    @router.get("/{team_id}/members")
+    async def members(team_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+        return await call.services.teams.list_members(call.principal, kind, team_id)
+
+    @router.delete("/{team_id}/members/{member_kind}/{member_id}", status_code=204)
+    async def remove_member(
+        team_id: str, member_kind: str, member_id: str, call: Call = Depends(get_call)
+    ) -> Response:
+        await call.services.teams.remove_member(
+            call.principal, kind, team_id, member_kind, member_id
+        )
+        return Response(status_code=204)
+
+    @router.post("/{team_id}/threads", status_code=201)
+    async def create_thread(
+        team_id: str, body: ThreadCreate, call: Call = Depends(get_call)
+    ) -> dict[str, Any]:
+        return await call.services.threads.create(
+            call.principal, team_id, body.title, kind=kind, agent_budget=body.agent_budget
+        )
+
+    @router.get("/{team_id}/threads")
+    async def threads(team_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+        await call.services.teams.get(call.principal, kind, team_id)
+        return await call.services.threads.list_threads(call.principal, team_id)
+
+    return router
+
+
+teams_router = _router("team")
+networks_router = _router("network")
+
+
+@teams_router.delete("/{team_id}", status_code=204)
+async def delete_team(team_id: str, call: Call = Depends(get_call)) -> Response:
+    """Delete an org-internal team (its threads disappear from listings; the WAL is kept)."""
+    await call.services.teams.delete(call.principal, team_id)
+    return Response(status_code=204)
+
+
+@networks_router.post("/{network_id}/invites", status_code=201)
+async def create_invite(
+    network_id: str, body: InviteCreate, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Create a join code (host org only). ``join_code`` is shown once."""
+    return await call.services.teams.create_invite(
+        call.principal, network_id, expires_in=body.expires_in, max_uses=body.max_uses
+    )
+
+
+@networks_router.post("/join")
+async def join(body: JoinRequest, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Join a network with a code, attaching only the agents and users named."""
+    return await call.services.teams.join(
+        call.principal, body.code, agent_ids=body.agent_ids, user_ids=body.user_ids
+    )
+
+
+@networks_router.post("/{network_id}/close")
+async def close(network_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Close the network (host only): its threads become read-only."""
+    return await call.services.teams.close_network(call.principal, network_id)

@@ -1,0 +1,84 @@
+"""Threads: read, post, page through history, verify the hash chain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from agent_network.api.deps import Call, get_call
+from agent_network.api.schemas import MessageCreate, ThreadUpdate
+
+router = APIRouter(prefix="/threads", tags=["threads"])
+
+
+@router.get("")
+async def list_threads(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """Every thread the caller can see (its teams' and its networks')."""
+    return await call.services.threads.list_threads(call.principal)
+
+
+@router.get("/{thread_id}")
+async def get_thread(thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """A thread with its state (status, last_seq, agent budget)."""
+    return await call.services.threads.get(call.principal, thread_id)
+
+
+@router.patch("/{thread_id}")
+async def update_thread(
+    thread_id: str, body: ThreadUpdate, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Set the thread's budget of consecutive agent messages."""
+    return await call.services.threads.set_budget(call.principal, thread_id, body.agent_budget)
+
+
+@router.post("/{thread_id}/messages", status_code=201)
+async def post_message(
+    thread_id: str, body: MessageCreate, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Post as one of the caller's own agents or users (``agent_id`` or ``user_id``)."""
+    return await call.services.threads.post(
+        call.principal,
+        thread_id,
+        body.content,
+        agent_id=body.agent_id,
+        user_id=body.user_id,
+        idempotency_key=body.idempotency_key,
+    )
+
+
+@router.get("/{thread_id}/messages")
+async def list_messages(
+    thread_id: str,
+    after: int = 0,
+    limit: int = 100,
+    wait: float = 0.0,
+    call: Call = Depends(get_call),
+) -> dict[str, Any]:
+    """Messages with ``seq > after``; ``wait`` (seconds) long-polls for the next one."""
+    return await call.services.threads.envelopes(
+        call.principal, thread_id, after=after, limit=limit, wait=wait
+    )
+
+
+@router.get("/{thread_id}/envelopes")
+async def list_envelopes(
+    thread_id: str, after: int = 0, limit: int = 100, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Every envelope (messages and thread events) with ``seq > after``."""
+    return await call.services.threads.envelopes(
+        call.principal, thread_id, after=after, limit=limit, messages_only=False
+    )
+
+
+@router.get("/{thread_id}/verify")
+async def verify(thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Recompute the hash chain; ``ok`` false names the first broken ``seq``."""
+    report = await call.services.threads.verify(call.principal, thread_id)
+    return {
+        "thread_id": report.thread_id,
+        "ok": report.ok,
+        "checked": report.checked,
+        "first_bad_seq": report.first_bad_seq,
+        "reason": report.reason,
+    }

@@ -1,0 +1,200 @@
+"""The ``agent-network`` command line (Typer + Rich).
+
+- ``serve``: run the API server (prints its URL, and the admin key on first start).
+- ``admin-key``: create another platform admin key.
+- ``demo``: the two-company demo (see :mod:`agent_network.demo`).
+- ``thread show`` / ``thread verify`` / ``thread list``: inspect a database file offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent_network.config import Settings
+
+app = typer.Typer(
+    help="Agent Network: durable threads for AI agents across organizations.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+thread_app = typer.Typer(help="Inspect threads in a database file (offline).", no_args_is_help=True)
+app.add_typer(thread_app, name="thread")
+console = Console()
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="SQLite file or database URL [env AGENT_NETWORK_DATABASE]"),
+]
+
+
+def _settings(db: str | None, **extra: object) -> Settings:
+    settings = Settings()
+    changes = {k: v for k, v in {"database": db, **extra}.items() if v is not None}
+    return settings.model_copy(update=changes)
+
+
+@app.command()
+def serve(
+    db: DbOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="default model for agents without one, e.g. 'test'")
+    ] = None,
+) -> None:
+    """Run the API server on the embedded database (REST under /api/v1)."""
+    import uvicorn
+
+    from agent_network.api import create_app
+    from agent_network.services import create_admin_key, has_admin_key
+    from agent_network.store.engine import create_engine, database_url, upgrade_schema
+
+    settings = _settings(db, host=host, port=port, model=model)
+
+    async def bootstrap() -> str | None:
+        engine = create_engine(database_url(settings.database))
+        try:
+            await upgrade_schema(engine)
+            if await has_admin_key(engine):
+                return None
+            return await create_admin_key(engine)
+        finally:
+            await engine.dispose()
+
+    key = anyio.run(bootstrap)
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(
+        f"Agent Network serving on [bold]{url}[/] (API {url}/api/v1, "
+        f"docs {url}/api/v1/docs), database {settings.database}"
+    )
+    if key:
+        console.print(f"Platform admin key (shown once, keep it): [bold yellow]{key}[/]")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+@app.command("admin-key")
+def admin_key(db: DbOption = None) -> None:
+    """Create a new platform admin key and print it (it is stored hashed)."""
+    from agent_network.services import create_admin_key
+    from agent_network.store.engine import create_engine, database_url, upgrade_schema
+
+    settings = _settings(db)
+
+    async def make() -> str:
+        engine = create_engine(database_url(settings.database))
+        try:
+            await upgrade_schema(engine)
+            return await create_admin_key(engine)
+        finally:
+            await engine.dispose()
+
+    console.print(anyio.run(make))
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="where the demo database lives (wiped first)")] = (
+        Path(".agent-network/demo")
+    ),
+    port: Annotated[int, typer.Option(help="TCP port of the demo server (0: any free port)")] = 0,
+    model: Annotated[
+        str | None, typer.Option(help="model for both agents (default: the bundled local model)")
+    ] = None,
+    examples: Annotated[
+        Path | None, typer.Option(help="folder holding demo/ (default: the repository's examples)")
+    ] = None,
+) -> None:
+    """Two companies' agents collaborate in one shared network thread (the main job)."""
+    from agent_network.demo import run_demo
+
+    raise typer.Exit(
+        run_demo(data_dir=data_dir, port=port, model=model, examples=examples, console=console)
+    )
+
+
+def _inspect_services(db: str | None):  # type: ignore[no-untyped-def]
+    from agent_network.store.engine import create_engine, database_url
+
+    settings = _settings(db)
+    return create_engine(database_url(settings.database))
+
+
+@thread_app.command("list")
+def thread_list(db: DbOption = None) -> None:
+    """Every thread in the database with its state (no API, reads the file)."""
+    from sqlalchemy import select
+
+    from agent_network.hub import fold
+    from agent_network.store.tables import orgs, teams, threads
+    from agent_network.store.wal import read_envelopes
+
+    async def run() -> None:
+        engine = _inspect_services(db)
+        table = Table("thread", "title", "team/network", "host org", "status", "last seq")
+        async with engine.connect() as conn:
+            q = (
+                select(threads.c.id, threads.c.title, teams.c.name, orgs.c.name)
+                .join(teams, teams.c.id == threads.c.team_id)
+                .join(orgs, orgs.c.id == teams.c.org_id)
+                .order_by(threads.c.created_at)
+            )
+            for tid, title, team, org in (await conn.execute(q)).all():
+                state = fold(tid, await read_envelopes(conn, tid))
+                table.add_row(tid, title, team, org, state.status, str(state.last_seq))
+        await engine.dispose()
+        console.print(table)
+
+    anyio.run(run)
+
+
+@thread_app.command("show")
+def thread_show(thread_id: str, db: DbOption = None) -> None:
+    """Print a thread's envelopes with sender names and orgs."""
+    from agent_network.services.threads import render
+    from agent_network.store.wal import read_envelopes
+
+    async def run() -> int:
+        engine = _inspect_services(db)
+        async with engine.connect() as conn:
+            envs = await read_envelopes(conn, thread_id)
+            items = await render(conn, envs)
+        await engine.dispose()
+        if not items:
+            console.print(f"[red]no thread {thread_id!r} in this database[/]")
+            return 1
+        for it in items:
+            who = f"{it['sender']['name']} ({it['sender']['org_name']})"
+            body = (
+                it["content"] if it["type"] == "message" else f"[dim]{it['type']} {it['data']}[/]"
+            )
+            console.print(f"[dim]{it['seq']:>4}[/] [bold]{who}[/]: {body}")
+        return 0
+
+    raise typer.Exit(anyio.run(run))
+
+
+@thread_app.command("verify")
+def thread_verify(thread_id: str, db: DbOption = None) -> None:
+    """Recompute the thread's hash chain; exit 1 and name the first break if any."""
+    from agent_network.hub import Hub
+
+    async def run() -> int:
+        engine = _inspect_services(db)
+        report = await Hub(engine).verify(thread_id)
+        await engine.dispose()
+        if report.checked == 0:
+            console.print(f"[red]no thread {thread_id!r} in this database[/]")
+            return 1
+        if report.ok:
+            console.print(f"[green]chain intact[/]: {report.checked} envelopes verified")
+            return 0
+        console.print(f"[red]chain broken at seq {report.first_bad_seq}[/]: {report.reason}")
+        return 1
+
+    raise typer.Exit(anyio.run(run))

@@ -1,0 +1,30 @@
+"""Configuration: environment variables ``AGENT_NETWORK_*`` (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings of one server process.
+
+    - ``database``: a path (SQLite file, the default ``./.agent-network/agent-network.db``) or a
+      database URL.
+    - ``model``: default pydantic-ai model string for agents without one (``AGENT_NETWORK_MODEL``);
+      when unset the bundled ``local:smollm2`` is used.
+    - ``run_routines``: whether this process runs the in-process runner.
+    - ``agent_budget``: default budget of consecutive agent messages per thread.
+    - ``history_limit``: how many recent thread messages go into an agent's prompt.
+    - ``knowledge_chunks``: how many knowledge chunks go into an agent's prompt.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AGENT_NETWORK_")
+
+    database: str = ".agent-network/agent-network.db"
+    model: str | None = None
+    run_routines: bool = True
+    agent_budget: int = 4
+    history_limit: int = 12
+    knowledge_chunks: int = 3
+    host: str = "127.0.0.1"
+    port: int = 8321

@@ -1,0 +1,28 @@
+"""The hub: append path, fold, subscriptions."""
+
+from agent_network.hub.fold import (
+    DEFAULT_AGENT_BUDGET,
+    EV_BUDGET_SET,
+    EV_MESSAGE,
+    EV_THREAD_CLOSED,
+    EV_THREAD_CREATED,
+    ThreadState,
+    fold,
+    step,
+)
+from agent_network.hub.hub import Hub, HubClosedError, Subscription, VerifyReport
+
+__all__ = [
+    "DEFAULT_AGENT_BUDGET",
+    "EV_BUDGET_SET",
+    "EV_MESSAGE",
+    "EV_THREAD_CLOSED",
+    "EV_THREAD_CREATED",
+    "Hub",
+    "HubClosedError",
+    "Subscription",
+    "ThreadState",
+    "VerifyReport",
+    "fold",
+    "step",
+]

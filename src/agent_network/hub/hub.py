@@ -1,0 +1,400 @@
+"""The hub: the one write path for envelopes.
+
+``append`` -> (queue) -> committer task: idempotency lookup -> thread status and runaway budget
+-> adapter.validate -> stamp (seq, prev_hash, hash) -> one transaction for the whole batch
+(group commit: many envelopes, one fsync) -> fold -> wake waiters -> fan-out to subscribers.
+An ``append`` returns only after the transaction holding its envelope committed durably.
+
+The committer is the only writer of envelopes in this process. Ordering across processes (a
+later PostgreSQL deployment) rests on the ``(thread_id, seq)`` primary key: a conflicting batch
+fails, its threads are reloaded from the store and the appends are refused with a retryable error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agent_network.adapters import Proposal, get_adapter
+from agent_network.errors import (
+    AgentNetworkError,
+    NotFoundError,
+    RunawayBudgetError,
+    ThreadClosedError,
+)
+from agent_network.hub.fold import EV_MESSAGE, EV_THREAD_CREATED, ThreadState, fold, step
+from agent_network.model.envelope import Actor, Envelope, envelope_hash
+from agent_network.model.ids import new_id, now_iso
+from agent_network.store.audit import audit_row
+from agent_network.store.wal import read_envelopes
+from agent_network.store.wal_writer import WalSession, WalWriter, open_wal_writer
+
+log = structlog.get_logger(__name__)
+
+
+class HubClosedError(AgentNetworkError):
+    """The hub stopped before the append was committed (nothing was written)."""
+
+    code = "hub_unavailable"
+    status = 503
+
+
+@dataclass(slots=True)
+class _Pending:
+    thread_id: str
+    proposal: Proposal
+    causation_id: str | None
+    idempotency_key: str | None
+    future: asyncio.Future[Envelope]
+
+
+@dataclass(slots=True)
+class _BatchResult:
+    accepted: list[tuple[_Pending, Envelope]] = field(default_factory=list)
+    duplicates: list[tuple[_Pending, Envelope]] = field(default_factory=list)
+    refused: list[tuple[_Pending, AgentNetworkError]] = field(default_factory=list)
+    states: dict[str, ThreadState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Result of re-checking a thread's hash chain.
+
+    ``ok`` is False at the first break; ``first_bad_seq`` and ``reason`` say where and why;
+    ``checked`` is how many envelopes were read.
+    """
+
+    thread_id: str
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A live feed of committed envelopes (all threads, or ``thread_ids`` only).
+
+    Iterate it with ``async for``. The buffer is bounded: a subscriber that falls further behind
+    than ``buffer`` envelopes is dropped and ``lagged`` becomes True; it must then catch up from
+    the store with its own cursor (the log is the truth, the feed only a hint).
+    """
+
+    thread_ids: frozenset[str] | None
+    _send: MemoryObjectSendStream[Envelope]
+    _recv: MemoryObjectReceiveStream[Envelope]
+    lagged: bool = False
+    _hub: Hub | None = field(default=None, repr=False)
+
+    def __aiter__(self) -> AsyncIterator[Envelope]:
+        return self._recv.__aiter__()
+
+    def close(self) -> None:
+        """Stop receiving; safe to call more than once."""
+        if self._hub is not None:
+            self._hub._subscribers.discard(self)
+            self._hub = None
+        self._send.close()
+        self._recv.close()
+
+
+class Hub:
+    """Owner of the WAL write path. Use ``async with Hub.open(engine) as hub``.
+
+    ``max_batch`` bounds how many envelopes one transaction carries.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, max_batch: int = 1000) -> None:
+        self.engine = engine
+        self._max_batch = max_batch
+        self._states: dict[str, ThreadState] = {}
+        self._send, self._recv = anyio.create_memory_object_stream[_Pending](100_000)
+        self._subscribers: set[Subscription] = set()
+        self._events: dict[str, asyncio.Event] = {}
+        self._closed = False
+        self.batches = 0  # number of committed transactions (exposed for benchmarks)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, engine: AsyncEngine, *, max_batch: int = 1000) -> AsyncIterator[Hub]:
+        """Start the committer task; on exit, stop it and fail whatever was still queued."""
+        hub = cls(engine, max_batch=max_batch)
+        async with anyio.create_task_group() as tg:
+            await hub._start(tg)
+            try:
+                yield hub
+            finally:
+                hub._closed = True
+                tg.cancel_scope.cancel()
+        hub._fail_queued()
+        for sub in list(hub._subscribers):
+            sub.close()
+
+    async def _start(self, tg: TaskGroup) -> None:
+        writer = await open_wal_writer(self.engine)
+        tg.start_soon(self._committer, writer)
+
+    # ---------------------------------------------------------------- public API
+
+    async def append(
+        self,
+        thread_id: str,
+        *,
+        type: str,
+        data: dict[str, Any],
+        sender: Actor,
+        audience: list[str] | None = None,
+        causation_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Envelope:
+        """Append one envelope and return it once it is durably committed.
+
+        If ``idempotency_key`` was already accepted in this thread, the original envelope is
+        returned and nothing is written. Raises NotFoundError (no such thread), ThreadClosedError,
+        RunawayBudgetError (agent budget spent; the refusal is audited), an adapter's error, or
+        HubClosedError when the hub shuts down first.
+        """
+        if self._closed:
+            raise HubClosedError("the hub is shutting down; retry against a running server")
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        pending = _Pending(
+            thread_id,
+            Proposal(type=type, data=data, sender=sender, audience=audience),
+            causation_id,
+            idempotency_key,
+            fut,
+        )
+        await self._send.send(pending)
+        return await fut
+
+    async def read(
+        self, thread_id: str, *, after: int = 0, limit: int | None = None
+    ) -> list[Envelope]:
+        """Committed envelopes of ``thread_id`` with ``seq > after`` (at most ``limit``)."""
+        async with self.engine.connect() as conn:
+            return await read_envelopes(conn, thread_id, after=after, limit=limit)
+
+    async def state(self, thread_id: str) -> ThreadState:
+        """The folded state of ``thread_id`` (cached; loaded from the WAL on first use)."""
+        cached = self._states.get(thread_id)
+        if cached is not None:
+            return cached
+        return fold(thread_id, await self.read(thread_id))
+
+    async def wait_for(self, thread_id: str, after: int, seconds: float) -> bool:
+        """Wait up to ``seconds`` for an envelope with ``seq > after`` in ``thread_id``.
+
+        Returns True as soon as one is committed (or already was), False on timeout.
+        """
+        with anyio.move_on_after(seconds):
+            while True:
+                event = self._events.setdefault(thread_id, asyncio.Event())
+                if (await self.state(thread_id)).last_seq > after:
+                    return True
+                await event.wait()
+        return False
+
+    def subscribe(
+        self, thread_ids: set[str] | None = None, *, buffer: int = 10_000
+    ) -> Subscription:
+        """A live feed of envelopes committed from now on (see :class:`Subscription`)."""
+        send, recv = anyio.create_memory_object_stream[Envelope](buffer)
+        sub = Subscription(
+            frozenset(thread_ids) if thread_ids is not None else None, send, recv, _hub=self
+        )
+        self._subscribers.add(sub)
+        return sub
+
+    async def verify(self, thread_id: str) -> VerifyReport:
+        """Recompute the hash chain of ``thread_id``; report the first envelope that breaks it."""
+        envs = await self.read(thread_id)
+        prev = "0" * 64
+        for i, e in enumerate(envs, start=1):
+            if e.seq != i:
+                return VerifyReport(thread_id, False, i, e.seq, f"expected seq {i}, found {e.seq}")
+            if e.prev_hash != prev:
+                return VerifyReport(thread_id, False, i, e.seq, "prev_hash does not match")
+            fields = e.as_dict()
+            fields.pop("hash")
+            if envelope_hash(**fields) != e.hash:
+                return VerifyReport(thread_id, False, i, e.seq, "content does not match its hash")
+            prev = e.hash
+        return VerifyReport(thread_id, True, len(envs))
+
+    def forget(self, thread_id: str) -> None:
+        """Drop the cached state of ``thread_id`` (it is reloaded from the WAL on next use)."""
+        self._states.pop(thread_id, None)
+
+    # ---------------------------------------------------------------- committer
+
+    async def _committer(self, writer: WalWriter) -> None:
+        try:
+            async with self._recv:
+                while True:
+                    batch = [await self._recv.receive()]
+                    while len(batch) < self._max_batch:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except anyio.WouldBlock:
+                            break
+                    # A started batch always finishes, so every future learns the truth.
+                    with anyio.CancelScope(shield=True):
+                        await self._commit(writer, batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await writer.aclose()
+
+    async def _commit(self, writer: WalWriter, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            return
+        try:
+            result = await writer.transaction(lambda session: self._prepare(session, batch))
+        except Exception as exc:
+            log.error("hub.commit_failed", error=repr(exc))
+            for p in batch:
+                self.forget(p.thread_id)
+                if not p.future.done():
+                    p.future.set_exception(
+                        HubClosedError(f"the envelope was not stored ({type(exc).__name__})")
+                    )
+            return
+        if result.accepted:
+            self.batches += 1
+        self._states.update(result.states)
+        for p, env in result.accepted:
+            if not p.future.done():
+                p.future.set_result(env)
+        for p, env in result.duplicates:
+            if not p.future.done():
+                p.future.set_result(env)
+        for p, err in result.refused:
+            if not p.future.done():
+                p.future.set_exception(err)
+        for thread_id in result.states:
+            ev = self._events.pop(thread_id, None)
+            if ev is not None:
+                ev.set()
+        if result.accepted and self._subscribers:
+            self._publish([env for _, env in result.accepted])
+
+    def _prepare(self, session: WalSession, batch: list[_Pending]) -> _BatchResult:
+        """Validate, stamp and insert ``batch`` (runs in the writer, inside its transaction)."""
+        keys = [(p.thread_id, p.idempotency_key) for p in batch if p.idempotency_key]
+        existing = session.find_by_idempotency(keys) if keys else {}
+        result = _BatchResult()
+        work = result.states
+        audits: list[dict[str, Any]] = []
+        for p in batch:
+            if p.idempotency_key:
+                found = existing.get((p.thread_id, p.idempotency_key))
+                if found is not None:
+                    result.duplicates.append((p, found))
+                    continue
+            state = work.get(p.thread_id) or self._states.get(p.thread_id)
+            if state is None:
+                state = fold(p.thread_id, session.read_envelopes(p.thread_id))
+            try:
+                self._validate(state, p)
+            except AgentNetworkError as err:
+                result.refused.append((p, err))
+                audits.append(_refusal_audit(p, err))
+                work.setdefault(p.thread_id, state)
+                continue
+            env = _stamp(state, p)
+            work[p.thread_id] = step(state, env)
+            result.accepted.append((p, env))
+            if p.idempotency_key:
+                existing[(p.thread_id, p.idempotency_key)] = env
+        session.insert_envelopes([env for _, env in result.accepted])
+        session.insert_audit(audits)
+        return result
+
+    @staticmethod
+    def _validate(state: ThreadState, p: _Pending) -> None:
+        prop = p.proposal
+        if state.last_seq == 0 and prop.type != EV_THREAD_CREATED:
+            raise NotFoundError("thread", p.thread_id)
+        if state.last_seq > 0 and prop.type == EV_THREAD_CREATED:
+            raise ThreadClosedError("thread already exists")
+        if state.status == "closed":
+            raise ThreadClosedError("the thread is closed; its history is read-only")
+        if (
+            prop.type == EV_MESSAGE
+            and prop.sender.kind == "agent"
+            and state.consecutive_agent >= state.agent_budget
+        ):
+            raise RunawayBudgetError(
+                f"thread budget exhausted: {state.consecutive_agent} consecutive agent messages "
+                f"without a human one (budget {state.agent_budget}); a person must post before "
+                "agents may speak again"
+            )
+        get_adapter(state.adapter).validate(state, prop)
+
+    def _publish(self, envs: list[Envelope]) -> None:
+        for sub in list(self._subscribers):
+            for env in envs:
+                if sub.thread_ids is not None and env.thread_id not in sub.thread_ids:
+                    continue
+                try:
+                    sub._send.send_nowait(env)
+                except anyio.WouldBlock:
+                    sub.lagged = True
+                    sub.close()
+                    break
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    sub.close()
+                    break
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                p = self._recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.EndOfStream):
+                return
+            if not p.future.done():
+                p.future.set_exception(HubClosedError("the hub is shutting down"))
+
+
+def _stamp(state: ThreadState, p: _Pending) -> Envelope:
+    prop = p.proposal
+    fields: dict[str, Any] = {
+        "thread_id": p.thread_id,
+        "seq": state.last_seq + 1,
+        "id": new_id("env"),
+        "type": prop.type,
+        "data": prop.data,
+        "sender_kind": prop.sender.kind,
+        "sender_id": prop.sender.id,
+        "sender_org_id": prop.sender.org_id,
+        "audience": prop.audience,
+        "causation_id": p.causation_id,
+        "idempotency_key": p.idempotency_key,
+        "created_at": now_iso(),
+        "prev_hash": state.head_hash,
+    }
+    return Envelope(**fields, hash=envelope_hash(**fields))
+
+
+def _refusal_audit(p: _Pending, err: AgentNetworkError) -> dict[str, Any]:
+    sender = p.proposal.sender
+    return audit_row(
+        org_id=sender.org_id,
+        principal_kind=sender.kind,
+        principal_id=sender.id,
+        action=f"envelope.{p.proposal.type}",
+        resource_kind="thread",
+        resource_id=p.thread_id,
+        outcome="refused",
+        reason=f"{err.code}: {err.message}",
+        data={"causation_id": p.causation_id},
+    )

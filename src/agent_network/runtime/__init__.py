@@ -1,0 +1,1 @@
+"""Agent runtime: model selection, the bundled local model and reply cleaning."""

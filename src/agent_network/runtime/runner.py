@@ -1,0 +1,277 @@
+"""The in-process runner: executes ``participate`` routines for the agents of every org.
+
+For each committed ``message`` envelope, every active participate routine whose agent is a
+member of the thread's team/network (and did not send it) gets a job: assemble the prompt, call
+the agent's model through pydantic-ai, clean the reply, post it through the hub with the trigger
+as causation and the idempotency key ``reply:<agent>:<trigger>`` — so an agent answers one
+trigger at most once, also after a restart or a redelivery. A durable cursor per (agent, thread)
+records progress; on start the runner catches up from its cursors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic_ai import Agent as ModelAgent
+from sqlalchemy import select
+
+from agent_network.errors import AgentNetworkError, RunawayBudgetError, ThreadClosedError
+from agent_network.hub import EV_MESSAGE
+from agent_network.model.envelope import Actor, Envelope
+from agent_network.runtime.cleaning import clean_reply
+from agent_network.runtime.models import build_model, resolve_model_name
+from agent_network.runtime.prompt import build_prompt
+from agent_network.services.base import ServiceContext
+from agent_network.services.knowledge import KnowledgeService
+from agent_network.services.threads import sender_names
+from agent_network.store.audit import audit_row, insert_audit
+from agent_network.store.cursors import advance_cursor, all_cursors, ensure_cursor
+from agent_network.store.tables import agents, members, orgs, routines, threads
+from agent_network.store.wal import find_by_idempotency
+
+log = structlog.get_logger(__name__)
+
+MODEL_TIMEOUT = 300.0  # seconds for one model call
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One agent answering one trigger envelope."""
+
+    agent_id: str
+    routine_id: str
+    trigger: Envelope
+
+
+def reply_key(agent_id: str, trigger_id: str) -> str:
+    """Idempotency key of an agent's reply to a trigger."""
+    return f"reply:{agent_id}:{trigger_id}"
+
+
+class Runner:
+    """Runs routines in-process. Start with ``await tg.start(runner.run)``; cancel to stop.
+
+    ``workers`` is how many jobs run at once (the local model itself runs one at a time).
+    ``jobs_done`` counts finished jobs (for tests and the demo's progress).
+    """
+
+    def __init__(self, ctx: ServiceContext, *, workers: int = 2) -> None:
+        self.ctx = ctx
+        self.knowledge = KnowledgeService(ctx)
+        self._workers = workers
+        self._send: MemoryObjectSendStream[Job]
+        self._recv: MemoryObjectReceiveStream[Job]
+        self._send, self._recv = anyio.create_memory_object_stream[Job](math.inf)
+        self.jobs_done = 0
+        self._pending = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Subscribe, catch up from cursors, then handle jobs until cancelled."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(self._workers):
+                tg.start_soon(self._worker)
+            while True:
+                sub = self.ctx.hub.subscribe()
+                await self._catch_up()
+                task_status.started()
+                task_status = anyio.TASK_STATUS_IGNORED
+                async for env in sub:
+                    if env.type == EV_MESSAGE:
+                        await self._dispatch(env)
+                if not sub.lagged:
+                    return
+                log.warning("runner.lagged; catching up from cursors")
+
+    async def wait_idle(self) -> None:
+        """Wait until no job is queued or running."""
+        await self._idle.wait()
+
+    # ------------------------------------------------------------ dispatching
+
+    async def _dispatch(self, env: Envelope, only_agent: str | None = None) -> None:
+        async with self.ctx.engine.begin() as conn:
+            q = (
+                select(routines.c.id, routines.c.agent_id)
+                .join(agents, agents.c.id == routines.c.agent_id)
+                .join(threads, threads.c.id == env.thread_id)
+                .join(
+                    members,
+                    (members.c.team_id == threads.c.team_id)
+                    & (members.c.member_kind == "agent")
+                    & (members.c.member_id == routines.c.agent_id),
+                )
+                .where(
+                    routines.c.status == "active",
+                    routines.c.preset_name == "participate",
+                    routines.c.event_type == "thread.message_added",
+                    agents.c.deleted_at.is_(None),
+                    routines.c.agent_id != env.sender_id,
+                )
+            )
+            if only_agent is not None:
+                q = q.where(routines.c.agent_id == only_agent)
+            jobs: dict[str, Job] = {}
+            for routine_id, agent_id in (await conn.execute(q)).all():
+                jobs.setdefault(agent_id, Job(agent_id, routine_id, env))
+            for job in jobs.values():
+                await ensure_cursor(conn, job.agent_id, env.thread_id, env.seq - 1)
+        for job in jobs.values():
+            self._pending += 1
+            self._idle = anyio.Event() if self._idle.is_set() else self._idle
+            await self._send.send(job)
+
+    async def _catch_up(self) -> None:
+        async with self.ctx.engine.connect() as conn:
+            cursors = await all_cursors(conn)
+        for agent_id, thread_id, seq in cursors:
+            for env in await self.ctx.hub.read(thread_id, after=seq):
+                if env.type == EV_MESSAGE:
+                    await self._dispatch(env, only_agent=agent_id)
+
+    # ------------------------------------------------------------------ jobs
+
+    async def _worker(self) -> None:
+        async for job in self._recv:
+            try:
+                await self._handle(job)
+            except Exception as exc:  # a job never takes the runner down
+                log.exception("runner.job_failed", agent_id=job.agent_id, error=repr(exc))
+                await self._audit(job, "routine.failed", f"{type(exc).__name__}: {exc}")
+            finally:
+                async with self.ctx.engine.begin() as conn:
+                    await advance_cursor(conn, job.agent_id, job.trigger.thread_id, job.trigger.seq)
+                self.jobs_done += 1
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
+
+    async def _handle(self, job: Job) -> None:
+        trigger = job.trigger
+        key = reply_key(job.agent_id, trigger.id)
+        async with self.ctx.engine.connect() as conn:
+            if await find_by_idempotency(conn, [(trigger.thread_id, key)]):
+                return  # already answered (redelivery)
+            agent = (
+                (
+                    await conn.execute(
+                        select(agents, orgs.c.name.label("org_name"))
+                        .join(orgs, orgs.c.id == agents.c.org_id)
+                        .where(agents.c.id == job.agent_id, agents.c.deleted_at.is_(None))
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            thread = (
+                (await conn.execute(select(threads).where(threads.c.id == trigger.thread_id)))
+                .mappings()
+                .first()
+            )
+            if agent is None or thread is None:
+                return
+            state = await self.ctx.hub.state(trigger.thread_id)
+            if state.status == "closed":
+                return
+            if state.consecutive_agent >= state.agent_budget:
+                await self._audit(
+                    job,
+                    "envelope.message",
+                    f"{RunawayBudgetError.code}: budget of {state.agent_budget} consecutive agent "
+                    "messages spent; no model call made",
+                    org_id=agent["org_id"],
+                    outcome="refused",
+                )
+                return
+            history_envs = [
+                e
+                for e in await self.ctx.hub.read(trigger.thread_id)
+                if e.type == EV_MESSAGE and e.seq <= trigger.seq
+            ][-self.ctx.settings.history_limit :]
+            names = await sender_names(conn, history_envs)
+        history = [
+            (names[e.sender_id][0], names[e.sender_id][1], str(e.data.get("content", "")))
+            for e in history_envs
+        ]
+        knowledge = await self.knowledge.retrieve(
+            agent["org_id"],
+            agent["id"],
+            str(trigger.data.get("content", "")),
+            self.ctx.settings.knowledge_chunks,
+        )
+        prompt = build_prompt(
+            agent_name=agent["name"],
+            org_name=agent["org_name"],
+            identity=agent["identity"],
+            thread_title=thread["title"],
+            history=history,
+            knowledge=knowledge,
+        )
+        model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
+        try:
+            model = build_model(model_name)
+            with anyio.fail_after(MODEL_TIMEOUT):
+                result = await ModelAgent(model, system_prompt=prompt.system).run(prompt.user)
+            raw = str(result.output)
+        except AgentNetworkError as err:
+            await self._audit(
+                job, "routine.failed", f"{err.code}: {err.message}", org_id=agent["org_id"]
+            )
+            return
+        others = sorted({n for n, _, _ in history if n != agent["name"]})
+        reply = clean_reply(raw, speaker_name=agent["name"], other_names=others)
+        if not reply:
+            await self._audit(
+                job,
+                "routine.skipped",
+                "the model's reply was empty after cleaning",
+                org_id=agent["org_id"],
+            )
+            return
+        sender = Actor("agent", agent["id"], agent["org_id"], agent["name"])
+        try:
+            await self.ctx.hub.append(
+                trigger.thread_id,
+                type=EV_MESSAGE,
+                data={"content": reply},
+                sender=sender,
+                causation_id=trigger.id,
+                idempotency_key=key,
+            )
+        except (RunawayBudgetError, ThreadClosedError):
+            return  # the hub audited the refusal
+
+    async def _audit(
+        self,
+        job: Job,
+        action: str,
+        reason: str,
+        *,
+        org_id: str | None = None,
+        outcome: str = "refused",
+    ) -> None:
+        if org_id is None:
+            async with self.ctx.engine.connect() as conn:
+                org_id = (
+                    await conn.execute(select(agents.c.org_id).where(agents.c.id == job.agent_id))
+                ).scalar_one()
+        row: dict[str, Any] = audit_row(
+            org_id=org_id,
+            principal_kind="agent",
+            principal_id=job.agent_id,
+            action=action,
+            resource_kind="thread",
+            resource_id=job.trigger.thread_id,
+            outcome=outcome,
+            reason=reason,
+            data={"trigger_id": job.trigger.id, "routine_id": job.routine_id},
+        )
+        async with self.ctx.engine.begin() as conn:
+            await insert_audit(conn, [row])

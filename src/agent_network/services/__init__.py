@@ -1,0 +1,43 @@
+"""Business rules. Every call carries the acting principal; isolation lives in ``scope``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent_network.services.agents import AgentService
+from agent_network.services.audit import AuditService
+from agent_network.services.base import ServiceContext
+from agent_network.services.knowledge import KnowledgeService
+from agent_network.services.orgs import OrgService, create_admin_key, has_admin_key
+from agent_network.services.principal import Principal
+from agent_network.services.teams import TeamService
+from agent_network.services.threads import ThreadService
+
+
+@dataclass
+class Services:
+    """All services of one process, sharing one :class:`ServiceContext`."""
+
+    ctx: ServiceContext
+    orgs: OrgService
+    agents: AgentService
+    teams: TeamService
+    threads: ThreadService
+    knowledge: KnowledgeService
+    audit: AuditService
+
+    @classmethod
+    def create(cls, ctx: ServiceContext) -> Services:
+        """Build every service over ``ctx``."""
+        return cls(
+            ctx,
+            OrgService(ctx),
+            AgentService(ctx),
+            TeamService(ctx),
+            ThreadService(ctx),
+            KnowledgeService(ctx),
+            AuditService(ctx),
+        )
+
+
+__all__ = ["Principal", "ServiceContext", "Services", "create_admin_key", "has_admin_key"]

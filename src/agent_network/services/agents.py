@@ -1,0 +1,252 @@
+"""Agents (persistent identities of an org) and their routines."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from agent_network.errors import ConflictError, InvalidRequestError, NotFoundError
+from agent_network.model.ids import new_id, now_iso
+from agent_network.runtime.models import check_model, resolve_model_name
+from agent_network.services.base import ServiceContext, record
+from agent_network.services.orgs import soft_delete_member
+from agent_network.services.principal import Principal
+from agent_network.services.scope import own_agent, require_org
+from agent_network.store.tables import agents, routines
+
+LOOKUP_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
+ROUTINE_EVENTS = ("thread.message_added",)
+ROUTINE_HANDLERS = ("preset",)
+ROUTINE_PRESETS = ("participate",)
+AGENT_FIELDS = (
+    "id",
+    "org_id",
+    "name",
+    "lookup_key",
+    "identity",
+    "model",
+    "metadata",
+    "created_at",
+    "updated_at",
+)
+ROUTINE_FIELDS = (
+    "id",
+    "agent_id",
+    "name",
+    "event_type",
+    "handler_type",
+    "preset_name",
+    "config",
+    "status",
+    "created_at",
+    "updated_at",
+)
+
+
+def _agent(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in AGENT_FIELDS}
+
+
+def _routine(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in ROUTINE_FIELDS}
+
+
+def _check_lookup_key(key: str) -> str:
+    if not LOOKUP_KEY.match(key):
+        raise InvalidRequestError(
+            f"lookup_key {key!r} is invalid: use 1-100 lowercase letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return key
+
+
+class AgentService:
+    """Agents and routines of the caller's org."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    async def create_agent(
+        self,
+        principal: Principal,
+        *,
+        name: str,
+        lookup_key: str,
+        identity: str = "",
+        model: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Create an agent. ConflictError when ``lookup_key`` is taken in the org."""
+        org_id = require_org(principal)
+        if not name.strip():
+            raise InvalidRequestError("agent name must not be empty")
+        ts = now_iso()
+        row = {
+            "id": new_id("agt"),
+            "org_id": org_id,
+            "name": name.strip(),
+            "lookup_key": _check_lookup_key(lookup_key),
+            "identity": identity,
+            "model": model or None,
+            "metadata": metadata or {},
+            "created_at": ts,
+            "updated_at": ts,
+        }
+        try:
+            async with self.ctx.engine.begin() as conn:
+                await conn.execute(agents.insert().values(**row))
+                await record(conn, principal, "agent.create", "agent", str(row["id"]))
+        except IntegrityError:
+            raise ConflictError(
+                f"an agent with lookup_key {lookup_key!r} already exists in this org"
+            ) from None
+        return row
+
+    async def list_agents(self, principal: Principal) -> list[dict[str, Any]]:
+        """The caller's live agents, oldest first."""
+        org_id = require_org(principal)
+        async with self.ctx.engine.connect() as conn:
+            q = (
+                select(agents)
+                .where(agents.c.org_id == org_id, agents.c.deleted_at.is_(None))
+                .order_by(agents.c.created_at)
+            )
+            return [_agent(r) for r in (await conn.execute(q)).mappings()]
+
+    async def get_agent(self, principal: Principal, agent_id: str) -> dict[str, Any]:
+        """One of the caller's agents; NotFoundError otherwise."""
+        async with self.ctx.engine.connect() as conn:
+            return _agent(await own_agent(conn, principal, agent_id))
+
+    async def update_agent(
+        self, principal: Principal, agent_id: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change any of name, lookup_key, identity, model, metadata."""
+        values = {
+            k: v
+            for k, v in changes.items()
+            if k in ("name", "lookup_key", "identity", "model", "metadata")
+        }
+        if "lookup_key" in values:
+            _check_lookup_key(values["lookup_key"])
+        if "name" in values and not str(values["name"]).strip():
+            raise InvalidRequestError("agent name must not be empty")
+        try:
+            async with self.ctx.engine.begin() as conn:
+                await own_agent(conn, principal, agent_id)
+                values["updated_at"] = now_iso()
+                await conn.execute(update(agents).where(agents.c.id == agent_id).values(**values))
+                await record(conn, principal, "agent.update", "agent", agent_id)
+                return _agent(await own_agent(conn, principal, agent_id))
+        except IntegrityError:
+            raise ConflictError("that lookup_key is already used by another agent") from None
+
+    async def delete_agent(self, principal: Principal, agent_id: str) -> None:
+        """Soft-delete an agent: it leaves every team and network; its routines stop."""
+        async with self.ctx.engine.begin() as conn:
+            await own_agent(conn, principal, agent_id)
+            await soft_delete_member(conn, agents, agent_id)
+            await conn.execute(
+                update(routines).where(routines.c.agent_id == agent_id).values(status="paused")
+            )
+            await record(conn, principal, "agent.delete", "agent", agent_id)
+
+    # --------------------------------------------------------------- routines
+
+    async def create_routine(
+        self,
+        principal: Principal,
+        agent_id: str,
+        *,
+        name: str,
+        event_type: str,
+        handler_type: str,
+        preset_name: str | None,
+        config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Attach a routine to an agent.
+
+        Raises InvalidRequestError for an unsupported event/handler/preset and
+        ModelUnavailableError when the agent's model cannot run here (checked now, not later).
+        """
+        if event_type not in ROUTINE_EVENTS:
+            raise InvalidRequestError(f"event_type must be one of {', '.join(ROUTINE_EVENTS)}")
+        if handler_type not in ROUTINE_HANDLERS:
+            raise InvalidRequestError(f"handler_type must be one of {', '.join(ROUTINE_HANDLERS)}")
+        if preset_name not in ROUTINE_PRESETS:
+            raise InvalidRequestError(f"preset_name must be one of {', '.join(ROUTINE_PRESETS)}")
+        async with self.ctx.engine.begin() as conn:
+            agent = await own_agent(conn, principal, agent_id)
+            check_model(resolve_model_name(agent["model"], self.ctx.settings.model))
+            ts = now_iso()
+            row = {
+                "id": new_id("rtn"),
+                "org_id": agent["org_id"],
+                "agent_id": agent_id,
+                "name": name,
+                "event_type": event_type,
+                "handler_type": handler_type,
+                "preset_name": preset_name,
+                "config": config or {},
+                "status": "active",
+                "created_at": ts,
+                "updated_at": ts,
+            }
+            await conn.execute(routines.insert().values(**row))
+            await record(conn, principal, "routine.create", "routine", row["id"])
+        return _routine(row)
+
+    async def list_routines(self, principal: Principal, agent_id: str) -> list[dict[str, Any]]:
+        """Routines of one of the caller's agents."""
+        async with self.ctx.engine.connect() as conn:
+            await own_agent(conn, principal, agent_id)
+            q = (
+                select(routines)
+                .where(routines.c.agent_id == agent_id)
+                .order_by(routines.c.created_at)
+            )
+            return [_routine(r) for r in (await conn.execute(q)).mappings()]
+
+    async def _own_routine(
+        self, conn: AsyncConnection, principal: Principal, agent_id: str, routine_id: str
+    ) -> Any:
+        await own_agent(conn, principal, agent_id)
+        row = (
+            (
+                await conn.execute(
+                    select(routines).where(
+                        routines.c.id == routine_id, routines.c.agent_id == agent_id
+                    )
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise NotFoundError("routine", routine_id)
+        return row
+
+    async def update_routine(
+        self, principal: Principal, agent_id: str, routine_id: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change ``name``, ``config`` or ``status`` (``active``/``paused``) of a routine."""
+        values = {k: v for k, v in changes.items() if k in ("name", "config", "status")}
+        if "status" in values and values["status"] not in ("active", "paused"):
+            raise InvalidRequestError("status must be 'active' or 'paused'")
+        async with self.ctx.engine.begin() as conn:
+            await self._own_routine(conn, principal, agent_id, routine_id)
+            values["updated_at"] = now_iso()
+            await conn.execute(update(routines).where(routines.c.id == routine_id).values(**values))
+            await record(conn, principal, "routine.update", "routine", routine_id, data=values)
+            return _routine(await self._own_routine(conn, principal, agent_id, routine_id))
+
+    async def delete_routine(self, principal: Principal, agent_id: str, routine_id: str) -> None:
+        """Remove a routine."""
+        async with self.ctx.engine.begin() as conn:
+            await self._own_routine(conn, principal, agent_id, routine_id)
+            await conn.execute(routines.delete().where(routines.c.id == routine_id))
+            await record(conn, principal, "routine.delete", "routine", routine_id)

@@ -1,0 +1,53 @@
+"""What every service shares: the engine, the hub, settings, and audit helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from agent_network.config import Settings
+from agent_network.hub import Hub
+from agent_network.services.principal import Principal
+from agent_network.store.audit import audit_row, insert_audit
+
+
+@dataclass
+class ServiceContext:
+    """Shared by the services of one process."""
+
+    engine: AsyncEngine
+    hub: Hub
+    settings: Settings
+
+
+async def record(
+    conn: AsyncConnection,
+    principal: Principal,
+    action: str,
+    resource_kind: str,
+    resource_id: str | None,
+    *,
+    org_id: str | None = None,
+    outcome: str = "accepted",
+    reason: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Append an audit record for an administrative act, in the caller's transaction."""
+    await insert_audit(
+        conn,
+        [
+            audit_row(
+                org_id=org_id or principal.audit_org,
+                principal_kind=principal.kind,
+                principal_id=principal.key_id,
+                action=action,
+                resource_kind=resource_kind,
+                resource_id=resource_id or "",
+                outcome=outcome,
+                reason=reason,
+                data=data,
+            )
+        ],
+    )

@@ -1,0 +1,174 @@
+"""Orgs, their keys, their users, and authentication of bearer credentials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from agent_network.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from agent_network.model.ids import new_id, now_iso
+from agent_network.services.base import ServiceContext, record
+from agent_network.services.principal import Principal, hash_secret, new_secret
+from agent_network.services.scope import own_user, require_org
+from agent_network.store.tables import members, org_keys, orgs, platform_keys, users
+
+ADMIN_PREFIX = "an_admin"
+ORG_PREFIX = "an_org"
+
+
+async def create_admin_key(engine: AsyncEngine) -> str:
+    """Create a platform admin key and return it (shown once; only its hash is stored)."""
+    secret = new_secret(ADMIN_PREFIX)
+    async with engine.begin() as conn:
+        await conn.execute(
+            platform_keys.insert().values(
+                id=new_id("adk"), key_hash=hash_secret(secret), created_at=now_iso()
+            )
+        )
+    return secret
+
+
+async def has_admin_key(engine: AsyncEngine) -> bool:
+    """True when at least one live platform admin key exists."""
+    async with engine.connect() as conn:
+        q = select(platform_keys.c.id).where(platform_keys.c.revoked_at.is_(None)).limit(1)
+        return (await conn.execute(q)).first() is not None
+
+
+def _clean_name(value: str, what: str) -> str:
+    name = value.strip()
+    if not name:
+        raise InvalidRequestError(f"{what} must not be empty")
+    return name
+
+
+class OrgService:
+    """Orgs and users. Every method takes the acting :class:`Principal` first."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    async def authenticate(self, secret: str) -> Principal:
+        """Map a bearer secret to its principal; AuthenticationError if it matches nothing live."""
+        digest = hash_secret(secret)
+        async with self.ctx.engine.connect() as conn:
+            if secret.startswith(ADMIN_PREFIX + "_"):
+                row = (
+                    await conn.execute(
+                        select(platform_keys.c.id).where(
+                            platform_keys.c.key_hash == digest, platform_keys.c.revoked_at.is_(None)
+                        )
+                    )
+                ).first()
+                if row is not None:
+                    return Principal("admin", None, row[0])
+            elif secret.startswith(ORG_PREFIX + "_"):
+                row = (
+                    await conn.execute(
+                        select(org_keys.c.id, org_keys.c.org_id).where(
+                            org_keys.c.key_hash == digest, org_keys.c.revoked_at.is_(None)
+                        )
+                    )
+                ).first()
+                if row is not None:
+                    return Principal("org", row[1], row[0])
+        raise AuthenticationError("the credential is not valid (unknown, revoked or mistyped)")
+
+    async def create_org(self, principal: Principal, name: str) -> dict[str, Any]:
+        """Create an org (admin only). Returns ``{"org": {...}, "key": secret}``; key shown once."""
+        if principal.kind != "admin":
+            raise PermissionDeniedError("only the platform admin key can create orgs")
+        name = _clean_name(name, "org name")
+        org_id, secret, ts = new_id("org"), new_secret(ORG_PREFIX), now_iso()
+        async with self.ctx.engine.begin() as conn:
+            await conn.execute(orgs.insert().values(id=org_id, name=name, created_at=ts))
+            key_id = new_id("key")
+            await conn.execute(
+                org_keys.insert().values(
+                    id=key_id, org_id=org_id, key_hash=hash_secret(secret), created_at=ts
+                )
+            )
+            await record(conn, principal, "org.create", "org", org_id, org_id=org_id)
+        return {"org": {"id": org_id, "name": name, "created_at": ts}, "key": secret}
+
+    async def get_org(self, principal: Principal) -> dict[str, Any]:
+        """The caller's own org."""
+        org_id = require_org(principal)
+        async with self.ctx.engine.connect() as conn:
+            row = (await conn.execute(select(orgs).where(orgs.c.id == org_id))).mappings().first()
+        if row is None:
+            raise NotFoundError("org", org_id)
+        return dict(row)
+
+    # ------------------------------------------------------------------ users
+
+    async def create_user(
+        self, principal: Principal, name: str, email: str | None
+    ) -> dict[str, Any]:
+        """Create a person in the caller's org."""
+        org_id = require_org(principal)
+        row = {
+            "id": new_id("usr"),
+            "org_id": org_id,
+            "name": _clean_name(name, "user name"),
+            "email": email,
+            "created_at": now_iso(),
+        }
+        async with self.ctx.engine.begin() as conn:
+            await conn.execute(users.insert().values(**row))
+            await record(conn, principal, "user.create", "user", row["id"])
+        return row
+
+    async def list_users(self, principal: Principal) -> list[dict[str, Any]]:
+        """The caller's live users, oldest first."""
+        org_id = require_org(principal)
+        async with self.ctx.engine.connect() as conn:
+            q = (
+                select(users)
+                .where(users.c.org_id == org_id, users.c.deleted_at.is_(None))
+                .order_by(users.c.created_at)
+            )
+            return [_user(r) for r in (await conn.execute(q)).mappings()]
+
+    async def get_user(self, principal: Principal, user_id: str) -> dict[str, Any]:
+        """One of the caller's users; NotFoundError otherwise."""
+        async with self.ctx.engine.connect() as conn:
+            return _user(await own_user(conn, principal, user_id))
+
+    async def update_user(
+        self, principal: Principal, user_id: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change ``name`` and/or ``email`` of one of the caller's users."""
+        async with self.ctx.engine.begin() as conn:
+            await own_user(conn, principal, user_id)
+            values = {k: v for k, v in changes.items() if k in ("name", "email")}
+            if "name" in values:
+                values["name"] = _clean_name(values["name"], "user name")
+            if values:
+                await conn.execute(update(users).where(users.c.id == user_id).values(**values))
+            await record(conn, principal, "user.update", "user", user_id)
+            return _user(await own_user(conn, principal, user_id))
+
+    async def delete_user(self, principal: Principal, user_id: str) -> None:
+        """Soft-delete one of the caller's users (their past envelopes stay in the WAL)."""
+        async with self.ctx.engine.begin() as conn:
+            await own_user(conn, principal, user_id)
+            await soft_delete_member(conn, users, user_id)
+            await record(conn, principal, "user.delete", "user", user_id)
+
+
+async def soft_delete_member(conn: AsyncConnection, table: Any, member_id: str) -> None:
+    """Mark a user/agent deleted and remove it from every team and network."""
+    await conn.execute(update(table).where(table.c.id == member_id).values(deleted_at=now_iso()))
+    await conn.execute(members.delete().where(members.c.member_id == member_id))
+
+
+def _user(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in ("id", "org_id", "name", "email", "created_at")}

@@ -1,0 +1,494 @@
+"""Teams (inside one org), networks (across orgs), members, invites and visas."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from agent_network.errors import (
+    ConflictError,
+    InvalidRequestError,
+    InviteInvalidError,
+    NotFoundError,
+    PermissionDeniedError,
+    ThreadClosedError,
+)
+from agent_network.hub import EV_THREAD_CLOSED
+from agent_network.model.envelope import Actor
+from agent_network.model.ids import new_id, now_iso
+from agent_network.services.base import ServiceContext, record
+from agent_network.services.principal import Principal, hash_secret
+from agent_network.services.scope import (
+    own_agent,
+    own_user,
+    require_org,
+    team_visible,
+    visible_team,
+)
+from agent_network.store.tables import agents, invites, members, orgs, teams, threads, users, visas
+
+TeamKind = Literal["team", "network"]
+ROLES = ("owner", "admin", "member")
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: 32 symbols, 5 bits each
+CODE_LENGTH = 12
+DEFAULT_INVITE_TTL = 7 * 24 * 3600
+TEAM_FIELDS = ("id", "org_id", "kind", "name", "description", "status", "created_at", "closed_at")
+
+
+def new_join_code() -> str:
+    """A random 12-character join code (60 bits from ``secrets``)."""
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+
+
+def normalise_code(code: str) -> str:
+    """Upper-case and strip separators so ``abcd-efgh-jkmn`` matches ``ABCDEFGHJKMN``."""
+    return "".join(ch for ch in code.upper() if ch.isalnum())
+
+
+def _team(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in TEAM_FIELDS}
+
+
+class TeamService:
+    """Teams and networks; ``kind`` selects which one every call is about."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    async def create(
+        self, principal: Principal, kind: TeamKind, name: str, description: str = ""
+    ) -> dict[str, Any]:
+        """Create a team or a network hosted by the caller's org."""
+        org_id = require_org(principal)
+        if not name.strip():
+            raise InvalidRequestError(f"{kind} name must not be empty")
+        row = {
+            "id": new_id("net" if kind == "network" else "team"),
+            "org_id": org_id,
+            "kind": kind,
+            "name": name.strip(),
+            "description": description,
+            "status": "open",
+            "created_at": now_iso(),
+            "closed_at": None,
+        }
+        async with self.ctx.engine.begin() as conn:
+            await conn.execute(teams.insert().values(**row))
+            await record(conn, principal, f"{kind}.create", kind, row["id"])
+        return row
+
+    async def list_teams(self, principal: Principal, kind: TeamKind) -> list[dict[str, Any]]:
+        """Teams (or networks) visible to the caller."""
+        org_id = require_org(principal)
+        async with self.ctx.engine.connect() as conn:
+            q = (
+                select(teams)
+                .where(teams.c.kind == kind, team_visible(org_id))
+                .order_by(teams.c.created_at)
+            )
+            return [_team(r) for r in (await conn.execute(q)).mappings()]
+
+    async def get(self, principal: Principal, kind: TeamKind, team_id: str) -> dict[str, Any]:
+        """One visible team or network; NotFoundError otherwise."""
+        async with self.ctx.engine.connect() as conn:
+            return _team(await visible_team(conn, principal, team_id, kind=kind))
+
+    async def _owned(
+        self, conn: AsyncConnection, principal: Principal, kind: TeamKind, team_id: str
+    ) -> RowMapping:
+        row = await visible_team(conn, principal, team_id, kind=kind)
+        if row["org_id"] != principal.org_id:
+            raise PermissionDeniedError(f"only the org that hosts this {kind} may do this")
+        return row
+
+    async def update(
+        self, principal: Principal, kind: TeamKind, team_id: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Rename or re-describe a team/network (host org only)."""
+        values = {k: v for k, v in changes.items() if k in ("name", "description")}
+        if "name" in values and not str(values["name"]).strip():
+            raise InvalidRequestError(f"{kind} name must not be empty")
+        async with self.ctx.engine.begin() as conn:
+            await self._owned(conn, principal, kind, team_id)
+            if values:
+                await conn.execute(update(teams).where(teams.c.id == team_id).values(**values))
+            await record(conn, principal, f"{kind}.update", kind, team_id)
+            return _team(await visible_team(conn, principal, team_id, kind=kind))
+
+    async def delete(self, principal: Principal, team_id: str) -> None:
+        """Delete an org-internal team and hide its threads (their WAL is kept)."""
+        async with self.ctx.engine.begin() as conn:
+            await self._owned(conn, principal, "team", team_id)
+            ts = now_iso()
+            await conn.execute(update(teams).where(teams.c.id == team_id).values(deleted_at=ts))
+            await conn.execute(
+                update(threads).where(threads.c.team_id == team_id).values(deleted_at=ts)
+            )
+            await conn.execute(members.delete().where(members.c.team_id == team_id))
+            await record(conn, principal, "team.delete", "team", team_id)
+
+    # ---------------------------------------------------------------- members
+
+    async def add_member(
+        self,
+        principal: Principal,
+        kind: TeamKind,
+        team_id: str,
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+        role: str = "member",
+    ) -> dict[str, Any]:
+        """Add one of the caller's own agents or users to a team or network.
+
+        In a network the caller's org must be the host or hold a live visa. Exactly one of
+        ``agent_id``/``user_id``. ThreadClosedError when the network is closed.
+        """
+        if (agent_id is None) == (user_id is None):
+            raise InvalidRequestError("give exactly one of agent_id or user_id")
+        if role not in ROLES:
+            raise InvalidRequestError(f"role must be one of {', '.join(ROLES)}")
+        async with self.ctx.engine.begin() as conn:
+            team = await visible_team(conn, principal, team_id, kind=kind)
+            if team["status"] == "closed":
+                raise ThreadClosedError(f"the {kind} is closed")
+            visa_id = None
+            if team["org_id"] != principal.org_id:
+                visa_id = await self._live_visa_id(conn, team_id, require_org(principal))
+            return await self._add_member(
+                conn,
+                principal,
+                team,
+                agent_id=agent_id,
+                user_id=user_id,
+                role=role,
+                visa_id=visa_id,
+            )
+
+    async def _live_visa_id(self, conn: AsyncConnection, network_id: str, org_id: str) -> str:
+        row = (
+            await conn.execute(
+                select(visas.c.id).where(
+                    visas.c.network_id == network_id,
+                    visas.c.org_id == org_id,
+                    visas.c.revoked_at.is_(None),
+                )
+            )
+        ).first()
+        if row is None:
+            raise NotFoundError("network", network_id)
+        return str(row[0])
+
+    async def _add_member(
+        self,
+        conn: AsyncConnection,
+        principal: Principal,
+        team: RowMapping,
+        *,
+        agent_id: str | None,
+        user_id: str | None,
+        role: str,
+        visa_id: str | None,
+    ) -> dict[str, Any]:
+        if agent_id is not None:
+            who = await own_agent(conn, principal, agent_id)
+            member_kind = "agent"
+        else:
+            assert user_id is not None
+            who = await own_user(conn, principal, user_id)
+            member_kind = "user"
+        existing = (
+            await conn.execute(
+                select(members).where(
+                    members.c.team_id == team["id"],
+                    members.c.member_kind == member_kind,
+                    members.c.member_id == who["id"],
+                )
+            )
+        ).first()
+        if existing is None:
+            await conn.execute(
+                members.insert().values(
+                    team_id=team["id"],
+                    member_kind=member_kind,
+                    member_id=who["id"],
+                    org_id=who["org_id"],
+                    role=role,
+                    visa_id=visa_id,
+                    created_at=now_iso(),
+                )
+            )
+            await record(
+                conn,
+                principal,
+                f"{team['kind']}.member_add",
+                team["kind"],
+                team["id"],
+                data={"member_kind": member_kind, "member_id": who["id"]},
+            )
+        return {
+            "kind": member_kind,
+            "id": who["id"],
+            "name": who["name"],
+            "role": role,
+            "org_id": who["org_id"],
+        }
+
+    async def list_members(
+        self, principal: Principal, kind: TeamKind, team_id: str
+    ) -> list[dict[str, Any]]:
+        """Members of a visible team/network: kind, id, name, role, org id and org name."""
+        async with self.ctx.engine.connect() as conn:
+            await visible_team(conn, principal, team_id, kind=kind)
+            return await member_list(conn, team_id)
+
+    async def remove_member(
+        self, principal: Principal, kind: TeamKind, team_id: str, member_kind: str, member_id: str
+    ) -> None:
+        """Remove one of the caller's own agents/users from a team or network."""
+        async with self.ctx.engine.begin() as conn:
+            await visible_team(conn, principal, team_id, kind=kind)
+            result = await conn.execute(
+                members.delete().where(
+                    members.c.team_id == team_id,
+                    members.c.member_kind == member_kind,
+                    members.c.member_id == member_id,
+                    members.c.org_id == require_org(principal),
+                )
+            )
+            if result.rowcount == 0:
+                raise NotFoundError("member", member_id)
+            await record(
+                conn,
+                principal,
+                f"{kind}.member_remove",
+                kind,
+                team_id,
+                data={"member_kind": member_kind, "member_id": member_id},
+            )
+
+    # ------------------------------------------------------- invites and joins
+
+    async def create_invite(
+        self,
+        principal: Principal,
+        network_id: str,
+        *,
+        expires_in: float = DEFAULT_INVITE_TTL,
+        max_uses: int | None = None,
+    ) -> dict[str, Any]:
+        """Create a join code for a network (host only). The code is returned once, stored hashed.
+
+        ``expires_in`` is in seconds (default 7 days, at most 90 days).
+        """
+        if not 0 < expires_in <= 90 * 24 * 3600:
+            raise InvalidRequestError("expires_in must be between 1 second and 90 days")
+        if max_uses is not None and max_uses < 1:
+            raise InvalidRequestError("max_uses must be at least 1")
+        code = new_join_code()
+        expires_at = (datetime.now(UTC) + timedelta(seconds=expires_in)).isoformat(
+            timespec="microseconds"
+        )
+        async with self.ctx.engine.begin() as conn:
+            net = await self._owned(conn, principal, "network", network_id)
+            if net["status"] == "closed":
+                raise ThreadClosedError("the network is closed; it admits nobody")
+            row = {
+                "id": new_id("inv"),
+                "network_id": network_id,
+                "org_id": net["org_id"],
+                "code_hash": hash_secret(code),
+                "expires_at": expires_at,
+                "max_uses": max_uses,
+                "uses": 0,
+                "created_at": now_iso(),
+            }
+            await conn.execute(invites.insert().values(**row))
+            await record(
+                conn,
+                principal,
+                "invite.create",
+                "network",
+                network_id,
+                data={"invite_id": row["id"]},
+            )
+        return {
+            "id": row["id"],
+            "network_id": network_id,
+            "join_code": code,
+            "expires_at": expires_at,
+            "max_uses": max_uses,
+        }
+
+    async def join(
+        self,
+        principal: Principal,
+        code: str,
+        *,
+        agent_ids: list[str] | None = None,
+        user_ids: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Join a network with a join code, attaching the caller's chosen agents and users.
+
+        Creates (or reuses) the caller org's visa. InviteInvalidError for a wrong, expired,
+        revoked or used-up code (the same answer for all, revealing nothing about the network).
+        """
+        org_id = require_org(principal)
+        async with self.ctx.engine.begin() as conn:
+            inv = (
+                (
+                    await conn.execute(
+                        select(invites).where(
+                            invites.c.code_hash == hash_secret(normalise_code(code))
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            now = now_iso()
+            if (
+                inv is None
+                or inv["revoked_at"] is not None
+                or inv["expires_at"] <= now
+                or (inv["max_uses"] is not None and inv["uses"] >= inv["max_uses"])
+            ):
+                raise InviteInvalidError("the join code is not valid (wrong, expired or revoked)")
+            net = (
+                (await conn.execute(select(teams).where(teams.c.id == inv["network_id"])))
+                .mappings()
+                .one()
+            )
+            if net["status"] == "closed" or net["deleted_at"] is not None:
+                raise InviteInvalidError("the join code is not valid (wrong, expired or revoked)")
+            if net["org_id"] == org_id:
+                raise ConflictError("your org hosts this network; add members directly instead")
+            visa = (
+                await conn.execute(
+                    select(visas.c.id).where(
+                        visas.c.network_id == net["id"],
+                        visas.c.org_id == org_id,
+                        visas.c.revoked_at.is_(None),
+                    )
+                )
+            ).first()
+            if visa is None:
+                visa_id = new_id("visa")
+                await conn.execute(
+                    visas.insert().values(
+                        id=visa_id,
+                        network_id=net["id"],
+                        org_id=org_id,
+                        invite_id=inv["id"],
+                        created_at=now,
+                    )
+                )
+            else:
+                visa_id = str(visa[0])
+            await conn.execute(
+                update(invites).where(invites.c.id == inv["id"]).values(uses=invites.c.uses + 1)
+            )
+            await record(
+                conn, principal, "network.join", "network", net["id"], data={"visa_id": visa_id}
+            )
+            await record(
+                conn,
+                principal,
+                "network.join",
+                "network",
+                net["id"],
+                org_id=net["org_id"],
+                data={"visa_id": visa_id, "org_id": org_id},
+            )
+            attached = []
+            for aid in list(agent_ids or []):
+                attached.append(
+                    await self._add_member(
+                        conn,
+                        principal,
+                        net,
+                        agent_id=aid,
+                        user_id=None,
+                        role="member",
+                        visa_id=visa_id,
+                    )
+                )
+            for uid in list(user_ids or []):
+                attached.append(
+                    await self._add_member(
+                        conn,
+                        principal,
+                        net,
+                        agent_id=None,
+                        user_id=uid,
+                        role="member",
+                        visa_id=visa_id,
+                    )
+                )
+        return {"network": _team(net), "visa_id": visa_id, "members": attached}
+
+    async def close_network(self, principal: Principal, network_id: str) -> dict[str, Any]:
+        """Close a network (host only): no new threads, messages or members; history stays
+        readable by every member org. Each thread gets a ``thread.closed`` envelope."""
+        async with self.ctx.engine.begin() as conn:
+            net = await self._owned(conn, principal, "network", network_id)
+            if net["status"] != "closed":
+                await conn.execute(
+                    update(teams)
+                    .where(teams.c.id == network_id)
+                    .values(status="closed", closed_at=now_iso())
+                )
+                await record(conn, principal, "network.close", "network", network_id)
+            thread_ids = [
+                r[0]
+                for r in await conn.execute(
+                    select(threads.c.id).where(threads.c.team_id == network_id)
+                )
+            ]
+        system = Actor("system", principal.key_id, require_org(principal))
+        for tid in thread_ids:
+            if (await self.ctx.hub.state(tid)).status != "closed":
+                await self.ctx.hub.append(
+                    tid,
+                    type=EV_THREAD_CLOSED,
+                    data={"reason": "network_closed"},
+                    sender=system,
+                    idempotency_key="network_closed",
+                )
+        return await self.get(principal, "network", network_id)
+
+
+async def member_list(conn: AsyncConnection, team_id: str) -> list[dict[str, Any]]:
+    """Members of ``team_id`` with display names and org names (no scope check)."""
+    out: list[dict[str, Any]] = []
+    for kind, table in (("agent", agents), ("user", users)):
+        q = (
+            select(
+                members.c.member_id,
+                members.c.role,
+                members.c.org_id,
+                table.c.name,
+                orgs.c.name.label("org_name"),
+            )
+            .join(table, table.c.id == members.c.member_id)
+            .join(orgs, orgs.c.id == members.c.org_id)
+            .where(members.c.team_id == team_id, members.c.member_kind == kind)
+            .order_by(members.c.created_at)
+        )
+        for r in (await conn.execute(q)).mappings():
+            out.append(
+                {
+                    "kind": kind,
+                    "id": r["member_id"],
+                    "name": r["name"],
+                    "role": r["role"],
+                    "org_id": r["org_id"],
+                    "org_name": r["org_name"],
+                }
+            )
+    return out

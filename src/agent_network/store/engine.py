@@ -1,0 +1,87 @@
+"""Database engine: URL handling, durable SQLite settings, schema upgrade on start.
+
+The embedded default is one SQLite file (``sqlite+aiosqlite:///path``) opened in WAL mode with
+``synchronous=FULL``, so a commit that returned is on disk (survives ``kill -9`` and power loss
+as far as the OS honours fsync). Everything SQLite-specific lives in this package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def database_url(value: str | os.PathLike[str]) -> str:
+    """Turn a path or URL into an async SQLAlchemy URL.
+
+    A plain path (``data/an.db``) becomes ``sqlite+aiosqlite:///data/an.db``; ``sqlite:///`` and
+    ``postgresql://`` URLs get their async driver. Returns the URL as a string.
+    """
+    text = os.fspath(value)
+    if "://" not in text:
+        return f"sqlite+aiosqlite:///{Path(text).expanduser()}"
+    if text.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + text[len("sqlite://") :]
+    if text.startswith("postgresql://") or text.startswith("postgres://"):
+        return "postgresql+asyncpg://" + text.split("://", 1)[1]
+    return text
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    """True when the engine talks to SQLite."""
+    return engine.dialect.name == "sqlite"
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # aiosqlite's adapter exposes a DB-API connection; pysqlite's implicit transaction handling is
+    # disabled so that SQLAlchemy's BEGIN is the one that counts.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
+    """Create the async engine for ``url`` (already normalised by :func:`database_url`).
+
+    SQLite files get their parent directory created, WAL mode, ``synchronous=FULL``, foreign keys
+    and a 10 s busy timeout on every connection.
+    """
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, echo=echo, pool_size=8, max_overflow=8)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        return engine
+    return create_async_engine(url, echo=echo, pool_size=10, max_overflow=20)
+
+
+def alembic_config() -> Config:
+    """Alembic configuration pointing at the bundled migrations (no alembic.ini needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    return cfg
+
+
+def _upgrade(sync_conn: Connection) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = sync_conn
+    command.upgrade(cfg, "head")
+
+
+async def upgrade_schema(engine: AsyncEngine) -> None:
+    """Apply every pending Alembic migration to ``engine``'s database (idempotent)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade)

@@ -1,0 +1,247 @@
+"""SQLAlchemy Core tables: the whole schema in one place.
+
+Every org-owned row carries ``org_id``; the WAL is ``envelopes`` with primary key
+``(thread_id, seq)``, which is what keeps per-thread order correct even with several writers.
+Timestamps are ISO-8601 UTC strings with microseconds (portable between SQLite and PostgreSQL and
+byte-stable for hashing).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+platform_keys = Table(
+    "platform_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at", String(32), nullable=False),
+    Column("revoked_at", String(32)),
+)
+
+orgs = Table(
+    "orgs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+org_keys = Table(
+    "org_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_at", String(32), nullable=False),
+    Column("revoked_at", String(32)),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("email", String(320)),
+    Column("created_at", String(32), nullable=False),
+    Column("deleted_at", String(32)),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("lookup_key", String(100), nullable=False),
+    Column("identity", Text, nullable=False, default=""),
+    Column("model", String(200)),
+    Column("metadata", JSON, nullable=False, default=dict),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    Column("deleted_at", String(32)),
+)
+# lookup_key is unique among an org's live agents (a deleted agent frees its key).
+Index(
+    "uq_agents_org_lookup_live",
+    agents.c.org_id,
+    agents.c.lookup_key,
+    unique=True,
+    sqlite_where=agents.c.deleted_at.is_(None),
+    postgresql_where=agents.c.deleted_at.is_(None),
+)
+
+routines = Table(
+    "routines",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("agent_id", String(40), ForeignKey("agents.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("event_type", String(100), nullable=False),
+    Column("handler_type", String(40), nullable=False),
+    Column("preset_name", String(100)),
+    Column("config", JSON, nullable=False, default=dict),
+    Column("status", String(20), nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+teams = Table(
+    "teams",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("kind", String(10), nullable=False),  # "team" (one org) | "network" (cross-org)
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("status", String(10), nullable=False),  # "open" | "closed"
+    Column("created_at", String(32), nullable=False),
+    Column("closed_at", String(32)),
+    Column("deleted_at", String(32)),
+)
+
+visas = Table(
+    "visas",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("network_id", String(40), ForeignKey("teams.id"), nullable=False, index=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("invite_id", String(40)),
+    Column("created_at", String(32), nullable=False),
+    Column("revoked_at", String(32)),
+)
+
+members = Table(
+    "members",
+    metadata,
+    Column("team_id", String(40), ForeignKey("teams.id"), nullable=False),
+    Column("member_kind", String(10), nullable=False),  # "agent" | "user"
+    Column("member_id", String(40), nullable=False),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("role", String(10), nullable=False),  # owner | admin | member
+    Column("visa_id", String(40)),
+    Column("created_at", String(32), nullable=False),
+    PrimaryKeyConstraint("team_id", "member_kind", "member_id"),
+)
+Index("ix_members_member", members.c.member_kind, members.c.member_id)
+
+invites = Table(
+    "invites",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("network_id", String(40), ForeignKey("teams.id"), nullable=False, index=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False),
+    Column("code_hash", String(64), nullable=False, unique=True),
+    Column("expires_at", String(32), nullable=False),
+    Column("max_uses", Integer),
+    Column("uses", Integer, nullable=False, default=0),
+    Column("created_at", String(32), nullable=False),
+    Column("revoked_at", String(32)),
+)
+
+threads = Table(
+    "threads",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("team_id", String(40), ForeignKey("teams.id"), nullable=False, index=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("title", String(300), nullable=False),
+    Column("adapter", String(40), nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("deleted_at", String(32)),
+)
+
+envelopes = Table(
+    "envelopes",
+    metadata,
+    Column("thread_id", String(40), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("type", String(60), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("sender_kind", String(10), nullable=False),  # agent | user | system
+    Column("sender_id", String(40), nullable=False),
+    Column("sender_org_id", String(40), nullable=False),
+    Column("audience", JSON),
+    Column("causation_id", String(40)),
+    Column("idempotency_key", String(200)),
+    Column("created_at", String(32), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    PrimaryKeyConstraint("thread_id", "seq"),
+    UniqueConstraint("thread_id", "idempotency_key", name="uq_envelopes_thread_idem"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("org_id", String(40), nullable=False, index=True),
+    Column("principal_kind", String(20), nullable=False),
+    Column("principal_id", String(40), nullable=False),
+    Column("action", String(60), nullable=False),
+    Column("resource_kind", String(30), nullable=False),
+    Column("resource_id", String(40), nullable=False),
+    Column("outcome", String(10), nullable=False),  # accepted | refused
+    Column("reason", Text),
+    Column("data", JSON),
+    Column("created_at", String(32), nullable=False),
+)
+
+runner_cursors = Table(
+    "runner_cursors",
+    metadata,
+    Column("agent_id", String(40), nullable=False),
+    Column("thread_id", String(40), nullable=False),
+    Column("seq", Integer, nullable=False),
+    PrimaryKeyConstraint("agent_id", "thread_id"),
+)
+
+knowledge_documents = Table(
+    "knowledge_documents",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("agent_id", String(40)),  # NULL: org-wide knowledge
+    Column("name", String(300), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("created_at", String(32), nullable=False),
+)
+
+knowledge_chunks = Table(
+    "knowledge_chunks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "document_id", String(40), ForeignKey("knowledge_documents.id"), nullable=False, index=True
+    ),
+    Column("org_id", String(40), nullable=False, index=True),
+    Column("agent_id", String(40)),
+    Column("ordinal", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+)
+# The full-text index over knowledge_chunks is dialect-specific (SQLite FTS5 table
+# ``knowledge_fts``) and created by the migration, not declared here.

@@ -1,0 +1,209 @@
+"""Shared fixtures: a real server (uvicorn on 127.0.0.1) over a real SQLite file."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+
+from agent_network.api import create_app
+from agent_network.config import Settings
+from agent_network.services import create_admin_key
+from agent_network.store.engine import create_engine, database_url, upgrade_schema
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """A uvicorn server in a background thread; ``restart()`` keeps the database file."""
+
+    def __init__(self, db: Path, **settings: Any) -> None:
+        self.db = db
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_key = anyio.run(self._bootstrap)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _bootstrap(self) -> str:
+        engine = create_engine(database_url(self.db))
+        await upgrade_schema(engine)
+        key = await create_admin_key(engine)
+        await engine.dispose()
+        return key
+
+    @property
+    def app(self) -> Any:
+        assert self._server is not None
+        return self._server.config.app
+
+    def start(self) -> None:
+        settings = Settings(database=str(self.db), model="test", **self.settings)
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
+            lifespan="on",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._server.started:
+                return
+            if not self._thread.is_alive():
+                raise RuntimeError("server failed to start")
+            time.sleep(0.02)
+        raise RuntimeError("server did not start within 30 s")
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=30)
+            assert not self._thread.is_alive(), "server did not stop"
+        self._server = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=60)
+
+    def wait_runner_idle(self, timeout: float = 60) -> None:
+        """Block until the in-process runner has no queued or running job."""
+        runner = self.app.state.runner
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if runner._pending == 0:
+                time.sleep(0.05)
+                if runner._pending == 0:
+                    return
+        raise TimeoutError("runner still busy")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[LiveServer]:
+    srv = LiveServer(tmp_path / "an.db")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+class Org:
+    """An org created through the API, with a client holding its key."""
+
+    def __init__(self, srv: LiveServer, name: str) -> None:
+        with srv.client(srv.admin_key) as admin:
+            r = admin.post("/orgs", json={"name": name})
+            assert r.status_code == 201, r.text
+            body = r.json()
+        self.id: str = body["org"]["id"]
+        self.key: str = body["key"]
+        self.name = name
+        self.http = srv.client(self.key)
+
+    def ok(self, method: str, url: str, **kw: Any) -> Any:
+        r = self.http.request(method, url, **kw)
+        assert r.status_code < 300, f"{method} {url} -> {r.status_code} {r.text}"
+        return r.json() if r.content else None
+
+    def user(self, name: str) -> dict[str, Any]:
+        return dict(self.ok("POST", "/users", json={"name": name}))
+
+    def agent(self, name: str, key: str, **kw: Any) -> dict[str, Any]:
+        return dict(self.ok("POST", "/agents", json={"name": name, "lookup_key": key, **kw}))
+
+    def team(self, name: str, *member_ids: tuple[str, str]) -> dict[str, Any]:
+        team = dict(self.ok("POST", "/teams", json={"name": name}))
+        for kind, mid in member_ids:
+            self.ok("POST", f"/teams/{team['id']}/members", json={f"{kind}_id": mid})
+        return team
+
+
+@pytest.fixture
+def make_org(server: LiveServer) -> Iterator[Any]:
+    orgs: list[Org] = []
+
+    def make(name: str) -> Org:
+        org = Org(server, name)
+        orgs.append(org)
+        return org
+
+    yield make
+    for org in orgs:
+        org.http.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the API, isolation, WAL, runner and knowledge tests (appended).
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """Assert ``r`` is the JSON error ``{"error": {"code": code, "message": ...}}`` with ``status``."""
+    if r.status_code >= 500 and status < 500:
+        # Let the server thread finish logging its traceback first: on Python 3.11 formatting
+        # two tracebacks at once in two threads can crash pytest (ast recursion-depth SystemError).
+        time.sleep(0.5)
+    assert r.status_code == status, f"expected {status} {code}, got {r.status_code}: {r.text}"
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    return dict(body["error"])
+
+
+def all_envelopes(http: httpx.Client, thread_id: str, *, messages_only: bool = False) -> list[Any]:
+    """Every envelope (or only messages) of a thread, paging with ``after``/``next_after``."""
+    path = "messages" if messages_only else "envelopes"
+    out: list[Any] = []
+    after = 0
+    while True:
+        r = http.get(f"/threads/{thread_id}/{path}", params={"after": after, "limit": 1000})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        out.extend(body["items"])
+        if body["next_after"] == after:
+            return out
+        after = body["next_after"]
+
+
+def settle(srv: LiveServer, http: httpx.Client, *thread_ids: str, quiet: float = 0.3) -> None:
+    """Wait until the runner is idle and none of ``thread_ids`` grows for ``quiet`` seconds."""
+    deadline = time.monotonic() + 60
+    last: list[int] | None = None
+    while time.monotonic() < deadline:
+        srv.wait_runner_idle()
+        seqs = [http.get(f"/threads/{t}").json()["last_seq"] for t in thread_ids]
+        if seqs == last:
+            return
+        last = seqs
+        time.sleep(quiet)
+    raise TimeoutError("threads kept growing")
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One live server for a whole test module (for property tests creating fresh orgs)."""
+    srv = LiveServer(tmp_path_factory.mktemp("module-server") / "an.db")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
