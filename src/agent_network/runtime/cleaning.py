@@ -67,7 +67,13 @@ _MEANINGFUL = re.compile(r"[^\W_]")
 _MIN_SENTENCE_CUT = MAX_REPLY_CHARS // 4
 
 
-def clean_reply(text: str, *, speaker_name: str, other_names: Sequence[str] = ()) -> str:
+def clean_reply(
+    text: str,
+    *,
+    speaker_name: str,
+    other_names: Sequence[str] = (),
+    max_sentences: int | None = None,
+) -> str:
     """Clean a raw model reply into the text to post, applying these rules in order.
 
     1. **Chat-template tokens.** A leading ``<|im_start|>assistant`` (or ``<|im_start|>`` plus the
@@ -95,6 +101,11 @@ def clean_reply(text: str, *, speaker_name: str, other_names: Sequence[str] = ()
        that fits, followed by ``…``. The result is never longer than the cap.
     7. **Nothing left.** If no letter or digit remains, the result is ``""``: the caller then posts
        nothing.
+    8. **Brevity** (only with ``max_sentences``). A leading salutation line ("Hi Alex,",
+       "Dear team,", a line holding only a participant's name) and pleasantry sentences ("I hope
+       you're doing well.") are dropped, the reply is joined into one paragraph, an unfinished
+       last sentence is dropped when a finished one precedes it, and at most ``max_sentences``
+       sentences are kept.
 
     The rules are applied again until the text no longer changes, so
     ``clean_reply(clean_reply(x, ...), ...) == clean_reply(x, ...)``.
@@ -103,6 +114,7 @@ def clean_reply(text: str, *, speaker_name: str, other_names: Sequence[str] = ()
         text: The raw text the model produced.
         speaker_name: The display name of the agent that wrote the reply.
         other_names: Display names of the other participants (people and agents) of the thread.
+        max_sentences: Keep at most this many sentences (rule 8); ``None`` keeps them all.
 
     Returns:
         The cleaned reply, at most :data:`MAX_REPLY_CHARS` characters, or ``""``.
@@ -117,6 +129,8 @@ def clean_reply(text: str, *, speaker_name: str, other_names: Sequence[str] = ()
     # reaches a fixed point, in practice within two or three passes; the bound is a safety net.
     for _ in range(len(text) + 2):
         cleaned = _clean_once(current, template_header, own_prefix, turn_marker)
+        if max_sentences is not None:
+            cleaned = _brief(cleaned, max_sentences, (speaker_name, *other_names))
         if cleaned == current:
             break
         current = cleaned
@@ -261,3 +275,37 @@ def _truncate(text: str) -> str:
     if space >= _MIN_SENTENCE_CUT:
         head = head[:space]
     return head.rstrip() + "…"
+
+
+_SALUTATION = re.compile(
+    r"\A(?:hi|hello|hey|dear|greetings|good (?:morning|afternoon|evening))\b[^\n.!?]{0,60}[,!:]?"
+    r"[ \t]*(?:\n|\Z)",
+    re.IGNORECASE,
+)
+
+
+# Pleasantries that carry nothing ("I hope you're doing well.", "I hope this finds you well.").
+_FILLER = re.compile(
+    r"\A(?:i hope (?:you(?:'re| are)|this (?:message |email )?finds you)[^.!?]{0,40}well"
+    r"|thanks? (?:you )?for (?:your|the) (?:message|update|note))[^.!?]*[.!?]\Z",
+    re.IGNORECASE,
+)
+
+
+def _brief(text: str, max_sentences: int, names: Sequence[str]) -> str:
+    """Rule 8: drop a salutation or name-only first line, keep the first sentences."""
+    text = _SALUTATION.sub("", text, count=1).lstrip()
+    first, _, rest = text.partition("\n")
+    bare = first.strip(" \t*_:,.-\"'")
+    is_name_line = any(
+        bare.lower().startswith(n.lower()) and len(bare) <= len(n) + 30 for n in names
+    )
+    if rest and is_name_line and not _SENTENCE_END.search(first):
+        text = rest.lstrip()
+    flat = " ".join(text.split())
+    sentences = [s for s in _SENTENCE_SPLIT.split(flat) if not _FILLER.match(s)]
+    if not sentences:
+        return ""
+    if len(sentences) > 1 and not _SENTENCE_END.search(sentences[-1]):
+        sentences = sentences[:-1]
+    return " ".join(sentences[:max_sentences]).strip()

@@ -11,6 +11,7 @@ records progress; on start the runner catches up from its cursors.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic_ai import Agent as ModelAgent
+from pydantic_ai.settings import ModelSettings
 from sqlalchemy import select
 
 from agent_network.errors import AgentNetworkError, RunawayBudgetError, ThreadClosedError
@@ -38,6 +40,9 @@ from agent_network.store.wal import find_by_idempotency
 log = structlog.get_logger(__name__)
 
 MODEL_TIMEOUT = 300.0  # seconds for one model call
+REPLY_ATTEMPTS = 3  # model calls per trigger while the cleaned reply comes out empty
+REPLY_MAX_TOKENS = 200
+REPLY_MAX_SENTENCES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,23 +220,37 @@ class Runner:
             knowledge=knowledge,
         )
         model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
+        others = sorted({n for n, _, _ in history if n != agent["name"]})
+        reply = ""
         try:
             model = build_model(model_name)
-            with anyio.fail_after(MODEL_TIMEOUT):
-                result = await ModelAgent(model, system_prompt=prompt.system).run(prompt.user)
-            raw = str(result.output)
+            for attempt in range(REPLY_ATTEMPTS):
+                settings: ModelSettings = {"max_tokens": REPLY_MAX_TOKENS}
+                if model_name.startswith("local:"):
+                    # reproducible per (agent, trigger, attempt); a new sample on each retry
+                    settings["seed"] = zlib.crc32(f"{key}:{attempt}".encode())
+                with anyio.fail_after(MODEL_TIMEOUT):
+                    result = await ModelAgent(model, system_prompt=prompt.system).run(
+                        prompt.user, model_settings=settings
+                    )
+                reply = clean_reply(
+                    str(result.output),
+                    speaker_name=agent["name"],
+                    other_names=others,
+                    max_sentences=REPLY_MAX_SENTENCES,
+                )
+                if reply:
+                    break
         except AgentNetworkError as err:
             await self._audit(
                 job, "routine.failed", f"{err.code}: {err.message}", org_id=agent["org_id"]
             )
             return
-        others = sorted({n for n, _, _ in history if n != agent["name"]})
-        reply = clean_reply(raw, speaker_name=agent["name"], other_names=others)
         if not reply:
             await self._audit(
                 job,
                 "routine.skipped",
-                "the model's reply was empty after cleaning",
+                f"the model's reply was empty after cleaning ({REPLY_ATTEMPTS} attempts)",
                 org_id=agent["org_id"],
             )
             return
