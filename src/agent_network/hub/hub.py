@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,13 @@ from agent_network.store.wal import read_envelopes
 from agent_network.store.wal_writer import WalSession, WalWriter, open_wal_writer
 
 log = structlog.get_logger(__name__)
+
+
+class HubBusyError(AgentNetworkError):
+    """Too many appends are waiting for the committer; nothing was written."""
+
+    code = "hub_busy"
+    status = 503
 
 
 class HubClosedError(AgentNetworkError):
@@ -110,14 +118,19 @@ class Subscription:
 class Hub:
     """Owner of the WAL write path. Use ``async with Hub.open(engine) as hub``.
 
-    ``max_batch`` bounds how many envelopes one transaction carries.
+    ``max_batch`` bounds how many envelopes one transaction carries; ``max_queue`` how many
+    appends may wait for the committer before ``append`` answers HubBusyError (backpressure).
     """
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = 1000) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, max_batch: int = 1000, max_queue: int = 100_000
+    ) -> None:
         self.engine = engine
         self._max_batch = max_batch
         self._states: dict[str, ThreadState] = {}
-        self._send, self._recv = anyio.create_memory_object_stream[_Pending](100_000)
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._max_queue = max_queue
         self._subscribers: set[Subscription] = set()
         self._events: dict[str, asyncio.Event] = {}
         self._closed = False
@@ -125,9 +138,11 @@ class Hub:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, engine: AsyncEngine, *, max_batch: int = 1000) -> AsyncIterator[Hub]:
+    async def open(
+        cls, engine: AsyncEngine, *, max_batch: int = 1000, max_queue: int = 100_000
+    ) -> AsyncIterator[Hub]:
         """Start the committer task; on exit, stop it and fail whatever was still queued."""
-        hub = cls(engine, max_batch=max_batch)
+        hub = cls(engine, max_batch=max_batch, max_queue=max_queue)
         async with anyio.create_task_group() as tg:
             await hub._start(tg)
             try:
@@ -173,7 +188,10 @@ class Hub:
             idempotency_key,
             fut,
         )
-        await self._send.send(pending)
+        if len(self._queue) >= self._max_queue:
+            raise HubBusyError(f"the hub has {len(self._queue)} appends waiting; retry in a moment")
+        self._queue.append(pending)
+        self._wakeup.set()
         return await fut
 
     async def read(
@@ -238,17 +256,17 @@ class Hub:
 
     async def _committer(self, writer: WalWriter) -> None:
         try:
-            async with self._recv:
-                while True:
-                    batch = [await self._recv.receive()]
-                    while len(batch) < self._max_batch:
-                        try:
-                            batch.append(self._recv.receive_nowait())
-                        except anyio.WouldBlock:
-                            break
-                    # A started batch always finishes, so every future learns the truth.
-                    with anyio.CancelScope(shield=True):
-                        await self._commit(writer, batch)
+            queue = self._queue
+            while True:
+                if not queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                n = min(len(queue), self._max_batch)
+                batch = [queue.popleft() for _ in range(n)]
+                # A started batch always finishes, so every future learns the truth.
+                with anyio.CancelScope(shield=True):
+                    await self._commit(writer, batch)
         finally:
             with anyio.CancelScope(shield=True):
                 await writer.aclose()
@@ -356,11 +374,8 @@ class Hub:
                     break
 
     def _fail_queued(self) -> None:
-        while True:
-            try:
-                p = self._recv.receive_nowait()
-            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.EndOfStream):
-                return
+        while self._queue:
+            p = self._queue.popleft()
             if not p.future.done():
                 p.future.set_exception(HubClosedError("the hub is shutting down"))
 

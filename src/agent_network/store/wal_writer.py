@@ -4,9 +4,9 @@ The hub hands :meth:`WalWriter.transaction` a *synchronous* function; it runs in
 transaction with a :class:`WalSession` (idempotency lookups, log reads, inserts) and commits
 durably before returning. Two implementations:
 
-- :class:`SqliteWalWriter` (the embedded default): a dedicated stdlib ``sqlite3`` connection,
-  the whole batch (``BEGIN IMMEDIATE`` … ``COMMIT``) in one worker-thread hop. This is what lets
-  a single poster get close to raw SQLite speed.
+- :class:`SqliteWalWriter` (the embedded default): a stdlib ``sqlite3`` connection in a
+  dedicated thread, the whole batch (``BEGIN IMMEDIATE`` … ``COMMIT``) in one hand-over to that
+  thread. This is what lets a single poster get close to raw SQLite speed.
 - :class:`SqlAlchemyWalWriter` (any other database): the same function through
   ``AsyncConnection.run_sync`` on SQLAlchemy Core.
 
@@ -15,8 +15,11 @@ Both store the same rows (JSON columns as ``json.dumps`` text, as SQLAlchemy's J
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -173,38 +176,88 @@ class _SqliteSession:
 
 
 class SqliteWalWriter:
-    """One stdlib ``sqlite3`` connection (WAL mode, ``synchronous=FULL``) used by one thread at a
-    time; each transaction is a single worker-thread hop."""
+    """One stdlib ``sqlite3`` connection (WAL mode, ``synchronous=FULL``) owned by one dedicated
+    thread; each transaction costs one hand-over to that thread and one wake-up of the event loop.
+
+    The thread is started by :meth:`start` and stopped (after the transaction in progress) by
+    :meth:`aclose`; it is owned by the writer and joined there.
+    """
 
     def __init__(self, path: str) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        for pragma in (
-            "journal_mode=WAL",
-            "synchronous=FULL",
-            "foreign_keys=ON",
-            "busy_timeout=10000",
-        ):
-            self._conn.execute(f"PRAGMA {pragma}")
-        self._session = _SqliteSession(self._conn)
-        self._limiter = anyio.CapacityLimiter(1)
+        self._path = path
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[WalSession], Any], asyncio.Future[Any]] | None
+        ]
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="wal-writer", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
 
-    def _run(self, fn: Callable[[WalSession], T]) -> T:
-        self._conn.execute("BEGIN IMMEDIATE")
+    async def start(self) -> None:
+        """Open the connection in the writer thread; raises what opening raised."""
+        self._thread.start()
+        await anyio.to_thread.run_sync(self._ready.wait)
+        if self._error is not None:
+            raise self._error
+
+    def _serve(self) -> None:
         try:
-            result = fn(self._session)
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
-        return result
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            for pragma in (
+                "journal_mode=WAL",
+                "synchronous=FULL",
+                "foreign_keys=ON",
+                "busy_timeout=10000",
+            ):
+                conn.execute(f"PRAGMA {pragma}")
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        session = _SqliteSession(conn)
+        try:
+            while (job := self._jobs.get()) is not None:
+                fn, fut = job
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = fn(session)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+                except BaseException as exc:  # handed to the awaiting coroutine
+                    fut.get_loop().call_soon_threadsafe(_settle, fut, None, exc)
+                else:
+                    fut.get_loop().call_soon_threadsafe(_settle, fut, result, None)
+        finally:
+            conn.close()
 
     async def transaction(self, fn: Callable[[WalSession], T]) -> T:
-        """Run ``fn`` and commit, in the writer's thread (not abandoned on cancellation)."""
-        return await anyio.to_thread.run_sync(self._run, fn, limiter=self._limiter)
+        """Run ``fn`` and commit in the writer thread; returns ``fn``'s result.
+
+        Cancelling the caller does not stop a transaction already handed over; callers that must
+        know its outcome shield the await (the hub does).
+        """
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, fut))
+        return await fut
 
     async def aclose(self) -> None:
-        """Close the connection."""
-        await anyio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+        """Stop the thread after the transaction in progress and close the connection."""
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            await anyio.to_thread.run_sync(self._thread.join)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
 
 
 # --------------------------------------------------------------------------- generic
@@ -264,5 +317,7 @@ async def open_wal_writer(engine: AsyncEngine) -> WalWriter:
     """The fastest writer for ``engine``'s database."""
     url = engine.url
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        return SqliteWalWriter(url.database)
+        writer = SqliteWalWriter(url.database)
+        await writer.start()
+        return writer
     return await SqlAlchemyWalWriter.connect(engine)
