@@ -53,7 +53,10 @@ class LiveServer:
     def start(self) -> None:
         settings = Settings(database=str(self.db), model="test", **self.settings)
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning",
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
             lifespan="on",
         )
         self._server = uvicorn.Server(config)
@@ -156,7 +159,7 @@ def make_org(server: LiveServer) -> Iterator[Any]:
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """Assert ``r`` is the JSON error ``{"error": {"code": code, "message": ...}}`` with ``status``."""
+    """Assert ``r`` is the error body ``{"error": {"code": code, "message": ...}}``, ``status``."""
     if r.status_code >= 500 and status < 500:
         # Let the server thread finish logging its traceback first: on Python 3.11 formatting
         # two tracebacks at once in two threads can crash pytest (ast recursion-depth SystemError).
