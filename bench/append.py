@@ -114,9 +114,7 @@ async def _hub_phase(path: Path, tasks: int, warmup: float, seconds: float) -> R
         async with Hub.open(engine) as hub:
             thread_ids = [new_id("thr") for _ in range(tasks)]
             for tid in thread_ids:
-                await hub.append(
-                    tid, type="thread.created", data={"adapter": "open"}, sender=USER
-                )
+                await hub.append(tid, type="thread.created", data={"adapter": "open"}, sender=USER)
 
             async def poster(tid: str) -> None:
                 nonlocal done
@@ -162,8 +160,22 @@ class RowMaker:
             ).hexdigest()
             self.seq[tid], self.head[tid] = seq, digest
             rows.append(
-                (tid, seq, eid, "message", self.data, USER.kind, USER.id, USER.org_id, "null",
-                 None, None, created, prev, digest)
+                (
+                    tid,
+                    seq,
+                    eid,
+                    "message",
+                    self.data,
+                    USER.kind,
+                    USER.id,
+                    USER.org_id,
+                    "null",
+                    None,
+                    None,
+                    created,
+                    prev,
+                    digest,
+                )
             )
         return rows
 
@@ -226,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per phase")
-    parser.add_argument("--db-dir", type=Path, default=None,
-                        help="where the SQLite files go (default: a fresh temp dir, removed after)")
+    parser.add_argument(
+        "--db-dir",
+        type=Path,
+        default=None,
+        help="where the SQLite files go (default: a fresh temp dir, removed after)",
+    )
     parser.add_argument("--threads", type=int, default=50, help="concurrent threads in phase 2")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args(argv)
@@ -250,58 +266,85 @@ def main(argv: list[str] | None = None) -> int:
         raw_a = _raw_phase(_fresh(db_dir / "raw_a.db"), "raw sqlite3, 1 row/txn", 1, 1, w, s)
         hub2 = asyncio.run(_hub_phase(_fresh(db_dir / "hub2.db"), args.threads, w, s))
         avg = max(1.0, hub2.per_txn)
-        raw_b = _raw_phase(_fresh(db_dir / "raw_b.db"), f"raw sqlite3, {avg:.1f} rows/txn",
-                           avg, args.threads, w, s)
-        raw_k = _raw_phase(_fresh(db_dir / "raw_1000.db"), "raw sqlite3, 1000 rows/txn",
-                           1000, args.threads, w, s)
+        raw_b = _raw_phase(
+            _fresh(db_dir / "raw_b.db"), f"raw sqlite3, {avg:.1f} rows/txn", avg, args.threads, w, s
+        )
+        raw_k = _raw_phase(
+            _fresh(db_dir / "raw_1000.db"), "raw sqlite3, 1000 rows/txn", 1000, args.threads, w, s
+        )
     finally:
         if own_dir:
             shutil.rmtree(db_dir, ignore_errors=True)
 
     results = [hub1, raw_a, hub2, raw_b, raw_k]
     width = max(len(r.name) for r in results)
-    print(f"{'phase':<{width}}  {'envelopes/s':>12}  {'rows/txn':>9}  {'rows':>8}  {'txns':>7}  "
-          f"{'seconds':>7}")
+    print(
+        f"{'phase':<{width}}  {'envelopes/s':>12}  {'rows/txn':>9}  {'rows':>8}  {'txns':>7}  "
+        f"{'seconds':>7}"
+    )
     for r in results:
-        print(f"{r.name:<{width}}  {r.rate:>12,.0f}  {r.per_txn:>9.1f}  {r.rows:>8}  "
-              f"{r.transactions:>7}  {r.seconds:>7.2f}")
+        print(
+            f"{r.name:<{width}}  {r.rate:>12,.0f}  {r.per_txn:>9.1f}  {r.rows:>8}  "
+            f"{r.transactions:>7}  {r.seconds:>7.2f}"
+        )
     print()
     ratios = [
         (*_ratio_line("hub 1 poster / raw 1 row/txn", hub1, raw_a, TARGET_SINGLE), TARGET_SINGLE),
-        (*_ratio_line(f"hub {args.threads} threads / raw same batch", hub2, raw_b,
-                      TARGET_CONCURRENT), TARGET_CONCURRENT),
+        (
+            *_ratio_line(
+                f"hub {args.threads} threads / raw same batch", hub2, raw_b, TARGET_CONCURRENT
+            ),
+            TARGET_CONCURRENT,
+        ),
     ]
     context = f"(context) hub {args.threads} threads / raw 1000 rows/txn"
     rwidth = max(len(context), *(len(r[0]) for r in ratios))
     print(f"{'ratio':<{rwidth}}  {'value':>6}  target (from the issue)")
     for label, value, verdict, target in ratios:
         print(f"{label:<{rwidth}}  {value:>6.2f}  >= {target:.2f}  {verdict}")
-    print(f"{context:<{rwidth}}  {(hub2.rate / raw_k.rate if raw_k.rate else 0):>6.2f}  "
-          "(no target)")
+    print(
+        f"{context:<{rwidth}}  {(hub2.rate / raw_k.rate if raw_k.rate else 0):>6.2f}  (no target)"
+    )
 
     if args.json:
-        print(json.dumps({
-            "command": cmd,
-            "cpu_count": os.cpu_count(),
-            "sqlite": sqlite3.sqlite_version,
-            "seconds": args.seconds,
-            "warmup": args.warmup,
-            "phases": {
-                key: {"name": r.name, "per_s": round(r.rate, 1), "rows": r.rows,
-                      "transactions": r.transactions, "rows_per_txn": round(r.per_txn, 2),
-                      "seconds": round(r.seconds, 3)}
-                for key, r in zip(
-                    ("hub_single", "raw_single", "hub_concurrent", "raw_batch", "raw_1000"),
-                    results, strict=True,
-                )
-            },
-            "ratios": {
-                "single": {"value": round(ratios[0][1], 3), "target": TARGET_SINGLE,
-                           "verdict": ratios[0][2]},
-                "concurrent": {"value": round(ratios[1][1], 3), "target": TARGET_CONCURRENT,
-                               "verdict": ratios[1][2]},
-            },
-        }))
+        print(
+            json.dumps(
+                {
+                    "command": cmd,
+                    "cpu_count": os.cpu_count(),
+                    "sqlite": sqlite3.sqlite_version,
+                    "seconds": args.seconds,
+                    "warmup": args.warmup,
+                    "phases": {
+                        key: {
+                            "name": r.name,
+                            "per_s": round(r.rate, 1),
+                            "rows": r.rows,
+                            "transactions": r.transactions,
+                            "rows_per_txn": round(r.per_txn, 2),
+                            "seconds": round(r.seconds, 3),
+                        }
+                        for key, r in zip(
+                            ("hub_single", "raw_single", "hub_concurrent", "raw_batch", "raw_1000"),
+                            results,
+                            strict=True,
+                        )
+                    },
+                    "ratios": {
+                        "single": {
+                            "value": round(ratios[0][1], 3),
+                            "target": TARGET_SINGLE,
+                            "verdict": ratios[0][2],
+                        },
+                        "concurrent": {
+                            "value": round(ratios[1][1], 3),
+                            "target": TARGET_CONCURRENT,
+                            "verdict": ratios[1][2],
+                        },
+                    },
+                }
+            )
+        )
     return 0
 
 

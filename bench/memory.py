@@ -94,12 +94,14 @@ def ok(r: httpx.Response) -> Any:
 
 def setup(base: str, admin_key: str) -> tuple[str, str, str]:
     """Org, user, team (with the user) and thread; returns (org key, user id, thread id)."""
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"},
-                      timeout=60) as admin:
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
+    ) as admin:
         org = ok(admin.post("/orgs", json={"name": "bench"}))
     org_key = org["key"]
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {org_key}"},
-                      timeout=60) as http:
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {org_key}"}, timeout=60
+    ) as http:
         user = ok(http.post("/users", json={"name": "bench user"}))
         team = ok(http.post("/teams", json={"name": "bench team"}))
         ok(http.post(f"/teams/{team['id']}/members", json={"user_id": user["id"]}))
@@ -117,13 +119,15 @@ async def post_messages(
         nonlocal next_i
         while next_i < count:
             next_i += 1
-            r = await http.post(f"/threads/{thread_id}/messages",
-                                json={"content": CONTENT, "user_id": user_id})
+            r = await http.post(
+                f"/threads/{thread_id}/messages", json={"content": CONTENT, "user_id": user_id}
+            )
             ok(r)
 
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"},
-                                 timeout=60, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60, limits=limits
+    ) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
         return time.perf_counter() - t0
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-c", SERVER_CODE, str(db), str(port)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         figures["startup_s"] = wait_healthy(base, proc)
         figures["idle"] = proc_status(proc.pid)
@@ -161,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         figures["post_s"] = seconds
         figures["after"] = proc_status(proc.pid)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {org_key}"},
-                          timeout=60) as http:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {org_key}"}, timeout=60
+        ) as http:
             figures["last_seq"] = ok(http.get(f"/threads/{thread_id}"))["last_seq"]
     except Exception:
         if log_path.exists():
@@ -183,29 +189,37 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "PASS" if peak < TARGET_MIB else "MISS"
     pid = proc.pid if proc else "?"
     print(f"server    : pid {pid}, healthy after {figures['startup_s']:.2f} s")
-    print(f"load      : {args.messages} messages, {args.concurrency} in flight, "
-          f"{figures['post_s']:.2f} s ({args.messages / figures['post_s']:,.0f} msg/s), "
-          f"thread last_seq {figures['last_seq']}")
+    print(
+        f"load      : {args.messages} messages, {args.concurrency} in flight, "
+        f"{figures['post_s']:.2f} s ({args.messages / figures['post_s']:,.0f} msg/s), "
+        f"thread last_seq {figures['last_seq']}"
+    )
     print()
     print(f"{'when':<22}  {'VmRSS MiB':>9}  {'VmHWM MiB':>9}")
     print(f"{'idle after startup':<22}  {idle['VmRSS']:>9.1f}  {idle['VmHWM']:>9.1f}")
     print(f"{'after the load':<22}  {after['VmRSS']:>9.1f}  {after['VmHWM']:>9.1f}")
     print()
-    print(f"peak (VmHWM) {peak:.1f} MiB; target from the issue: < {TARGET_MIB:g} MiB with no "
-          f"model loaded  {verdict}")
+    print(
+        f"peak (VmHWM) {peak:.1f} MiB; target from the issue: < {TARGET_MIB:g} MiB with no "
+        f"model loaded  {verdict}"
+    )
     if args.json:
-        print(json.dumps({
-            "command": cmd,
-            "cpu_count": os.cpu_count(),
-            "messages": args.messages,
-            "concurrency": args.concurrency,
-            "startup_s": round(figures["startup_s"], 3),
-            "post_s": round(figures["post_s"], 3),
-            "idle_mib": {k: round(v, 1) for k, v in idle.items()},
-            "after_mib": {k: round(v, 1) for k, v in after.items()},
-            "target_mib": TARGET_MIB,
-            "verdict": verdict,
-        }))
+        print(
+            json.dumps(
+                {
+                    "command": cmd,
+                    "cpu_count": os.cpu_count(),
+                    "messages": args.messages,
+                    "concurrency": args.concurrency,
+                    "startup_s": round(figures["startup_s"], 3),
+                    "post_s": round(figures["post_s"], 3),
+                    "idle_mib": {k: round(v, 1) for k, v in idle.items()},
+                    "after_mib": {k: round(v, 1) for k, v in after.items()},
+                    "target_mib": TARGET_MIB,
+                    "verdict": verdict,
+                }
+            )
+        )
     return 0
 
 

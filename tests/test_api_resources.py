@@ -838,11 +838,6 @@ def test_audit_lists_own_acts_only(make_org) -> None:
 # ------------------------------------------------------------------------- known src bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: close_network appends thread.closed with the client-usable idempotency key "
-    "'network_closed'; a member who used that key first keeps the thread open after closing",
-)
 def test_closing_a_network_closes_threads_whatever_keys_members_used(make_org) -> None:
     host, guest = make_org("Host"), make_org("Guest")
     gu = guest.user("Gus")
@@ -878,11 +873,6 @@ def _null_patch_targets(a: Org) -> dict[str, str]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an explicit null for a required field in a PATCH body is not rejected: "
-    "500 (plain-text), a misleading 409 'lookup_key already used', or null stored",
-)
 @pytest.mark.parametrize(
     ("target", "field"),
     [
@@ -915,9 +905,6 @@ def test_patch_with_null_for_a_required_field_is_rejected(
         assert a.ok("GET", url)[field] == before[field]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: integers beyond 64 bits reach SQLite and answer a plain-text 500"
-)
 @pytest.mark.parametrize(
     "case", ["messages_after", "envelopes_after", "audit_after_id", "max_uses"]
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -268,11 +267,6 @@ def test_property_search_is_confined_to_the_callers_org(
         b.http.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: chunk_text hard-cuts a line longer than max_chars (900) mid-word, so the word "
-    "straddling the cut is in no chunk and can never be found",
-)
 def test_every_word_of_a_long_single_line_paragraph_is_searchable(make_org) -> None:
     a: Org = make_org("A")
     words = [f"wd{i:05d}" for i in range(300)]  # one 2,399-character line

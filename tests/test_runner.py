@@ -148,11 +148,6 @@ def test_one_reply_per_agent_and_trigger_even_after_restart(server: LiveServer, 
     assert a.ok("GET", f"/threads/{tid}/verify")["ok"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the runner creates an (agent, thread) cursor only when it dispatches a message; "
-    "a thread's first trigger committed but not yet dispatched at shutdown is never answered",
-)
 def test_first_message_of_many_threads_survives_an_immediate_restart(
     server: LiveServer, make_org
 ) -> None:
@@ -487,11 +482,6 @@ def test_prompt_holds_history_and_own_knowledge_only(server: LiveServer, make_or
     assert replies["Globex Delivery"]["sender"]["org_name"] == "Globex Inc"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a client can squat the runner's reply idempotency key reply:<agent>:<trigger>; "
-    "the agent's reply is then silently replaced by the squatter's message",
-)
 def test_reply_key_cannot_be_squatted_by_another_sender(server: LiveServer, make_org) -> None:
     release = threading.Event()
 

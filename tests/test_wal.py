@@ -131,11 +131,16 @@ def test_idempotency_key_returns_the_original_also_after_restart(
     again = a.ok("POST", url, json={"content": "hello", "user_id": u["id"], "idempotency_key": "K"})
     assert again == first
     a.ok("POST", url, json={"content": "between", "user_id": u["id"]})
-    # a different content or sender under the same key still returns the original
+    # a different content from the same sender under the same key still returns the original
+    same_sender = a.ok(
+        "POST", url, json={"content": "changed", "user_id": u["id"], "idempotency_key": "K"}
+    )
+    assert same_sender == first
+    # keys are scoped per sender: another sender's "K" is a different key
     other = a.ok(
         "POST", url, json={"content": "changed", "agent_id": bot["id"], "idempotency_key": "K"}
     )
-    assert other == first
+    assert other["id"] != first["id"] and other["idempotency_key"] == "K"
     # keys are per thread
     elsewhere = a.ok(
         "POST",
@@ -148,11 +153,15 @@ def test_idempotency_key_returns_the_original_also_after_restart(
     after = a.ok("POST", url, json={"content": "hello", "user_id": u["id"], "idempotency_key": "K"})
     assert after == first
     msgs = all_envelopes(a.http, tid, messages_only=True)
-    assert [(m["content"], m["seq"]) for m in msgs] == [("hello", 2), ("between", 3)]
-    assert a.ok("GET", f"/threads/{tid}")["last_seq"] == 3
+    assert [(m["content"], m["seq"]) for m in msgs] == [
+        ("hello", 2),
+        ("between", 3),
+        ("changed", 4),
+    ]
+    assert a.ok("GET", f"/threads/{tid}")["last_seq"] == 4
     # a new key after restart appends after the old head, chained to it
     new = a.ok("POST", url, json={"content": "new", "user_id": u["id"], "idempotency_key": "K2"})
-    assert new["seq"] == 4 and new["prev_hash"] == msgs[-1]["hash"]
+    assert new["seq"] == 5 and new["prev_hash"] == msgs[-1]["hash"]
     assert a.ok("GET", f"/threads/{tid}/verify")["ok"] is True
 
 

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_CURSOR = 2**62
+
+Cursor = Annotated[int, Query(ge=0, le=MAX_CURSOR, description="return items after this one")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="at most this many items")]
+Wait = Annotated[float, Query(ge=0, le=60, description="seconds to wait for a new item")]
 
 
 class Body(BaseModel):
     """Base: unknown fields are an error, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class PatchBody(Body):
+    """A partial update: fields left out are unchanged; ``null`` is only accepted for the fields
+    in ``nullable`` (it clears them) and is an error for every other field."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _no_null_for_required(self) -> PatchBody:
+        bad = sorted(
+            name
+            for name in self.model_fields_set
+            if getattr(self, name) is None and name not in self.nullable
+        )
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be null (leave the field out to keep it)")
+        return self
 
 
 class OrgCreate(Body):
@@ -22,7 +47,9 @@ class UserCreate(Body):
     email: str | None = Field(default=None, max_length=320)
 
 
-class UserUpdate(Body):
+class UserUpdate(PatchBody):
+    nullable = frozenset({"email"})
+
     name: str | None = Field(default=None, min_length=1, max_length=200)
     email: str | None = Field(default=None, max_length=320)
 
@@ -35,7 +62,9 @@ class AgentCreate(Body):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class AgentUpdate(Body):
+class AgentUpdate(PatchBody):
+    nullable = frozenset({"model"})
+
     name: str | None = Field(default=None, min_length=1, max_length=200)
     lookup_key: str | None = Field(default=None, min_length=1, max_length=100)
     identity: str | None = Field(default=None, max_length=20_000)
@@ -51,7 +80,7 @@ class RoutineCreate(Body):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-class RoutineUpdate(Body):
+class RoutineUpdate(PatchBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     config: dict[str, Any] | None = None
     status: Literal["active", "paused"] | None = None
@@ -62,7 +91,7 @@ class TeamCreate(Body):
     description: str = Field(default="", max_length=5000)
 
 
-class TeamUpdate(Body):
+class TeamUpdate(PatchBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=5000)
 
@@ -74,8 +103,8 @@ class MemberAdd(Body):
 
 
 class InviteCreate(Body):
-    expires_in: float = Field(default=7 * 24 * 3600, gt=0, description="seconds")
-    max_uses: int | None = Field(default=None, ge=1)
+    expires_in: float = Field(default=7 * 24 * 3600, gt=0, le=90 * 24 * 3600, description="seconds")
+    max_uses: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
 class JoinRequest(Body):
@@ -97,7 +126,12 @@ class MessageCreate(Body):
     content: str = Field(min_length=1, max_length=32_000)
     agent_id: str | None = None
     user_id: str | None = None
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=150,
+        description="scoped to the sender: the same key from the same sender returns the original",
+    )
 
 
 class Document(Body):

@@ -71,8 +71,11 @@ def _split_long(paras: list[str], max_chars: int) -> list[str]:
                 if piece:
                     out.append(piece)
                     piece = ""
-                out.append(line[:max_chars])
-                line = line[max_chars:]
+                cut = line.rfind(" ", 0, max_chars + 1)
+                if cut <= 0:
+                    cut = max_chars  # one word longer than a chunk: cut it where it must be
+                out.append(line[:cut].rstrip())
+                line = line[cut:].lstrip()
             if piece and len(piece) + len(line) + 1 > max_chars:
                 out.append(piece)
                 piece = line

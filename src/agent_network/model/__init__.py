@@ -1,6 +1,22 @@
 """Records shared by every layer: ids, actors, envelopes."""
 
-from agent_network.model.envelope import GENESIS_HASH, Actor, Envelope, envelope_hash
+from agent_network.model.envelope import (
+    GENESIS_HASH,
+    Actor,
+    Envelope,
+    client_key,
+    envelope_hash,
+    sender_scoped_key,
+)
 from agent_network.model.ids import new_id, now_iso
 
-__all__ = ["GENESIS_HASH", "Actor", "Envelope", "envelope_hash", "new_id", "now_iso"]
+__all__ = [
+    "GENESIS_HASH",
+    "Actor",
+    "Envelope",
+    "client_key",
+    "envelope_hash",
+    "new_id",
+    "now_iso",
+    "sender_scoped_key",
+]

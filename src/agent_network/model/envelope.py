@@ -56,6 +56,25 @@ class Envelope:
         return asdict(self)
 
 
+def sender_scoped_key(sender_id: str, key: str) -> str:
+    """The stored form of a client's idempotency key: ``<sender_id>:<key>``.
+
+    Client keys are scoped to their sender (as payment APIs scope them to an account), so no
+    client can occupy another sender's key nor a key the system uses itself (``reply:…``,
+    ``network_closed``): every stored client key starts with an ``agt_``/``usr_`` id.
+    """
+    return f"{sender_id}:{key}"
+
+
+def client_key(sender_id: str, stored: str | None) -> str | None:
+    """The key as its sender gave it: a client key without its ``<sender_id>:`` scope; a system
+    key (``reply:…``) unchanged; None stays None."""
+    prefix = f"{sender_id}:"
+    if stored is not None and stored.startswith(prefix):
+        return stored[len(prefix) :]
+    return stored
+
+
 def envelope_hash(
     *,
     thread_id: str,

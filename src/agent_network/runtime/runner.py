@@ -21,7 +21,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from agent_network.errors import AgentNetworkError, RunawayBudgetError, ThreadClosedError
 from agent_network.hub import EV_MESSAGE
@@ -134,12 +134,46 @@ class Runner:
             await self._send.send(job)
 
     async def _catch_up(self) -> None:
+        """Dispatch every message an active participate routine has not handled yet.
+
+        Per (agent, thread) of the agent's teams and networks: after the durable cursor if there
+        is one; otherwise every message committed after both the routine and the membership
+        existed (a message committed just before a crash, whose dispatch never happened, has no
+        cursor yet). Replies already in the WAL are skipped by their idempotency key.
+        """
         async with self.ctx.engine.connect() as conn:
-            cursors = await all_cursors(conn)
-        for agent_id, thread_id, seq in cursors:
-            for env in await self.ctx.hub.read(thread_id, after=seq):
-                if env.type == EV_MESSAGE:
-                    await self._dispatch(env, only_agent=agent_id)
+            cursors = {(a, t): seq for a, t, seq in await all_cursors(conn)}
+            q = (
+                select(
+                    routines.c.agent_id,
+                    threads.c.id,
+                    func.max(routines.c.created_at),
+                    func.max(members.c.created_at),
+                )
+                .join(agents, agents.c.id == routines.c.agent_id)
+                .join(
+                    members,
+                    (members.c.member_kind == "agent") & (members.c.member_id == agents.c.id),
+                )
+                .join(threads, threads.c.team_id == members.c.team_id)
+                .where(
+                    routines.c.status == "active",
+                    routines.c.preset_name == "participate",
+                    agents.c.deleted_at.is_(None),
+                    threads.c.deleted_at.is_(None),
+                )
+                .group_by(routines.c.agent_id, threads.c.id)
+            )
+            pairs = (await conn.execute(q)).all()
+        for agent_id, thread_id, routine_since, member_since in pairs:
+            seq = cursors.get((agent_id, thread_id))
+            since = max(routine_since, member_since)
+            for env in await self.ctx.hub.read(thread_id, after=seq or 0):
+                if env.type != EV_MESSAGE or env.sender_id == agent_id:
+                    continue
+                if seq is None and env.created_at <= since:
+                    continue
+                await self._dispatch(env, only_agent=agent_id)
 
     # ------------------------------------------------------------------ jobs
 

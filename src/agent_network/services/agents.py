@@ -138,12 +138,22 @@ class AgentService:
         try:
             async with self.ctx.engine.begin() as conn:
                 await own_agent(conn, principal, agent_id)
+                if "model" in values and await self._has_active_routine(conn, agent_id):
+                    # the same check as at routine creation: never a routine on a dead model
+                    check_model(resolve_model_name(values["model"], self.ctx.settings.model))
                 values["updated_at"] = now_iso()
                 await conn.execute(update(agents).where(agents.c.id == agent_id).values(**values))
                 await record(conn, principal, "agent.update", "agent", agent_id)
                 return _agent(await own_agent(conn, principal, agent_id))
         except IntegrityError:
             raise ConflictError("that lookup_key is already used by another agent") from None
+
+    @staticmethod
+    async def _has_active_routine(conn: AsyncConnection, agent_id: str) -> bool:
+        q = select(routines.c.id).where(
+            routines.c.agent_id == agent_id, routines.c.status == "active"
+        )
+        return (await conn.execute(q.limit(1))).first() is not None
 
     async def delete_agent(self, principal: Principal, agent_id: str) -> None:
         """Soft-delete an agent: it leaves every team and network; its routines stop."""

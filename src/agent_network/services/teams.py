@@ -388,11 +388,12 @@ class TeamService:
                         created_at=now,
                     )
                 )
+                # a use is counted when the code admits an org, not when it attaches more members
+                await conn.execute(
+                    update(invites).where(invites.c.id == inv["id"]).values(uses=invites.c.uses + 1)
+                )
             else:
                 visa_id = str(visa[0])
-            await conn.execute(
-                update(invites).where(invites.c.id == inv["id"]).values(uses=invites.c.uses + 1)
-            )
             await record(
                 conn, principal, "network.join", "network", net["id"], data={"visa_id": visa_id}
             )

@@ -14,7 +14,7 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub import EV_BUDGET_SET, EV_MESSAGE, EV_THREAD_CREATED, VerifyReport
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Actor, Envelope, client_key, sender_scoped_key
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal
@@ -30,6 +30,7 @@ from agent_network.store.tables import agents, members, orgs, teams, threads, us
 
 MAX_CONTENT = 32_000  # characters
 MAX_BUDGET = 1000
+MAX_KEY = 150  # characters of a client idempotency key (stored as "<sender_id>:<key>")
 
 
 class ThreadService:
@@ -159,8 +160,8 @@ class ThreadService:
             raise InvalidRequestError("message content must not be empty")
         if len(content) > MAX_CONTENT:
             raise InvalidRequestError(f"message content is longer than {MAX_CONTENT} characters")
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
-            raise InvalidRequestError("idempotency_key must be 1-200 characters")
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY:
+            raise InvalidRequestError(f"idempotency_key must be 1-{MAX_KEY} characters")
         async with self.ctx.engine.connect() as conn:
             _thread, team = await visible_thread(conn, principal, thread_id)
             if agent_id is not None:
@@ -188,7 +189,9 @@ class ThreadService:
             type=EV_MESSAGE,
             data={"content": content},
             sender=sender,
-            idempotency_key=idempotency_key,
+            idempotency_key=sender_scoped_key(sender.id, idempotency_key)
+            if idempotency_key
+            else None,
             causation_id=causation_id,
         )
         async with self.ctx.engine.connect() as conn:
@@ -289,7 +292,7 @@ async def render(conn: AsyncConnection, envs: list[Envelope]) -> list[dict[str, 
                     "org_name": org_name,
                 },
                 "causation_id": e.causation_id,
-                "idempotency_key": e.idempotency_key,
+                "idempotency_key": client_key(e.sender_id, e.idempotency_key),
                 "created_at": e.created_at,
                 "hash": e.hash,
                 "prev_hash": e.prev_hash,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from agent_network.api.deps import Call, get_call
 from agent_network.api.schemas import KnowledgeAdd
@@ -27,7 +27,10 @@ async def list_knowledge(call: Call = Depends(get_call)) -> list[dict[str, Any]]
 
 @router.get("/knowledge/search")
 async def search_knowledge(
-    q: str, agent_id: str | None = None, limit: int = 5, call: Call = Depends(get_call)
+    q: Annotated[str, Query(max_length=1000)],
+    agent_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=50)] = 5,
+    call: Call = Depends(get_call),
 ) -> list[dict[str, Any]]:
     """Best chunks of the caller's own knowledge for free text ``q``."""
     return await call.services.knowledge.search(call.principal, q, agent_id=agent_id, limit=limit)

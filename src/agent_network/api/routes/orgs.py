@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 
 from agent_network.api.deps import Call, get_call
-from agent_network.api.schemas import OrgCreate, UserCreate, UserUpdate
+from agent_network.api.schemas import Cursor, Limit, OrgCreate, UserCreate, UserUpdate
 
 router = APIRouter(tags=["orgs"])
 
@@ -64,8 +64,8 @@ async def audit(
     action: str | None = None,
     resource_id: str | None = None,
     outcome: str | None = None,
-    after_id: int = 0,
-    limit: int = 100,
+    after_id: Cursor = 0,
+    limit: Limit = 100,
     call: Call = Depends(get_call),
 ) -> list[dict[str, Any]]:
     """The caller org's own audit records, oldest first (``after_id`` to page)."""

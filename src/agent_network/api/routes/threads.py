@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from agent_network.api.deps import Call, get_call
-from agent_network.api.schemas import MessageCreate, ThreadUpdate
+from agent_network.api.schemas import Cursor, Limit, MessageCreate, ThreadUpdate, Wait
 
 router = APIRouter(prefix="/threads", tags=["threads"])
 
@@ -50,9 +50,9 @@ async def post_message(
 @router.get("/{thread_id}/messages")
 async def list_messages(
     thread_id: str,
-    after: int = 0,
-    limit: int = 100,
-    wait: float = 0.0,
+    after: Cursor = 0,
+    limit: Limit = 100,
+    wait: Wait = 0.0,
     call: Call = Depends(get_call),
 ) -> dict[str, Any]:
     """Messages with ``seq > after``; ``wait`` (seconds) long-polls for the next one."""
@@ -63,7 +63,7 @@ async def list_messages(
 
 @router.get("/{thread_id}/envelopes")
 async def list_envelopes(
-    thread_id: str, after: int = 0, limit: int = 100, call: Call = Depends(get_call)
+    thread_id: str, after: Cursor = 0, limit: Limit = 100, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
     """Every envelope (messages and thread events) with ``seq > after``."""
     return await call.services.threads.envelopes(
