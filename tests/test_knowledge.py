@@ -275,3 +275,45 @@ def test_every_word_of_a_long_single_line_paragraph_is_searchable(make_org) -> N
         w for w in words if not a.ok("GET", "/knowledge/search", params={"q": w, "limit": 1})
     ]
     assert missing == []
+
+
+def test_cli_attaches_a_directory(server: LiveServer, make_org, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    a = make_org("CliOrg")
+    bot = a.agent("Bot", "bot")
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.md").write_text("# Alpha\n\nThe zebrafinch protocol runs nightly.\n")
+    (folder / "sub" / "b.txt").write_text("Quokkadata lives in the basement archive.\n")
+    (folder / "ignored.bin").write_bytes(b"\x00\x01")
+    cmd = [
+        sys.executable,
+        "-m",
+        "agent_network",
+        "knowledge",
+        "add",
+        str(folder),
+        "--url",
+        server.url,
+        "--key",
+        a.key,
+        "--agent",
+        bot["id"],
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = sorted(d["name"] for d in a.ok("GET", f"/agents/{bot['id']}/knowledge"))
+    assert names == ["a.md", "b.txt"]
+    hits = a.ok("GET", "/knowledge/search", params={"q": "quokkadata", "agent_id": bot["id"]})
+    assert hits and "basement" in hits[0]["text"]
+    # a wrong key is reported and nothing is attached
+    bad = subprocess.run(
+        [*cmd[:-4], "--key", "an_org_wrong"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 1 and "401" in bad.stdout

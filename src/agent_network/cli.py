@@ -25,6 +25,9 @@ app = typer.Typer(
 )
 thread_app = typer.Typer(help="Inspect threads in a database file (offline).", no_args_is_help=True)
 app.add_typer(thread_app, name="thread")
+knowledge_app = typer.Typer(help="Attach knowledge to a running server.", no_args_is_help=True)
+app.add_typer(knowledge_app, name="knowledge")
+KNOWLEDGE_SUFFIXES = (".md", ".markdown", ".txt", ".rst")
 console = Console()
 
 DbOption = Annotated[
@@ -198,3 +201,47 @@ def thread_verify(thread_id: str, db: DbOption = None) -> None:
         return 1
 
     raise typer.Exit(anyio.run(run))
+
+
+@knowledge_app.command("add")
+def knowledge_add(
+    paths: Annotated[list[Path], typer.Argument(help="text/markdown files or directories")],
+    url: Annotated[str, typer.Option(help="server URL")] = "http://127.0.0.1:8321",
+    key: Annotated[
+        str, typer.Option(help="org key", envvar="AGENT_NETWORK_KEY", show_default=False)
+    ] = "",
+    agent: Annotated[
+        str | None, typer.Option(help="agent id (default: org-wide knowledge)")
+    ] = None,
+) -> None:
+    """Upload files (directories: every .md/.markdown/.txt/.rst file below them) in one call."""
+    import httpx
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in KNOWLEDGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            console.print(f"[red]no such file or directory: {p}[/]")
+            raise typer.Exit(2)
+    if not files:
+        console.print("[red]no text or markdown files found[/]")
+        raise typer.Exit(2)
+    if not key:
+        console.print("[red]give the org key with --key or AGENT_NETWORK_KEY[/]")
+        raise typer.Exit(2)
+    docs = [{"name": f.name, "content": f.read_text(encoding="utf-8")} for f in files]
+    path = f"/api/v1/agents/{agent}/knowledge" if agent else "/api/v1/knowledge"
+    r = httpx.post(
+        url.rstrip("/") + path,
+        json={"documents": docs},
+        timeout=120,
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    if r.status_code != 201:
+        console.print(f"[red]{r.status_code}[/]: {r.text}")
+        raise typer.Exit(1)
+    for doc in r.json():
+        console.print(f"{doc['id']}  {doc['name']}  ({doc['chunks']} chunks)")
