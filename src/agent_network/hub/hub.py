@@ -206,7 +206,11 @@ class Hub:
         cached = self._states.get(thread_id)
         if cached is not None:
             return cached
-        return fold(thread_id, await self.read(thread_id))
+        state = fold(thread_id, await self.read(thread_id))
+        if state.last_seq == 0:
+            return state  # no such thread (yet): nothing to cache
+        # setdefault: a state the committer stored meanwhile is at least as new as this one
+        return self._states.setdefault(thread_id, state)
 
     async def wait_for(self, thread_id: str, after: int, seconds: float) -> bool:
         """Wait up to ``seconds`` for an envelope with ``seq > after`` in ``thread_id``.
