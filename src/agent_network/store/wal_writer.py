@@ -163,6 +163,8 @@ class _SqliteSession:
         )
 
     def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
         self.conn.executemany(
             _INSERT_AUDIT,
             [
