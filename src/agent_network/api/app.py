@@ -13,7 +13,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent_network import __version__
-from agent_network.api.routes import agents, knowledge, orgs, teams, threads
+from agent_network.api.routes import (
+    agents,
+    credentials,
+    knowledge,
+    orgs,
+    policy,
+    teams,
+    threads,
+)
 from agent_network.config import Settings
 from agent_network.errors import AgentNetworkError
 from agent_network.hub import Hub
@@ -93,8 +101,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (
         orgs.router,
+        credentials.router,
         agents.router,
         knowledge.router,
+        policy.router,
         teams.teams_router,
         teams.networks_router,
         threads.router,

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from agent_network.errors import AuthenticationError
+from agent_network.errors import AuthenticationError, PermissionDeniedError
 from agent_network.services import Services
-from agent_network.services.principal import Principal
+from agent_network.services.principal import WRITE, Principal
 
-_bearer = HTTPBearer(auto_error=False, description="an org key (an_org_…) or the admin key")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="an org key (an_org_…), user or agent token (an_usr_…, an_agt_…) or admin key",
+)
 
 
 def get_services(request: Request) -> Services:
@@ -38,6 +41,37 @@ class Call:
     principal: Principal
 
 
+# What a user or agent token may do besides reading: post into its threads as itself.
+TOKEN_WRITES = frozenset({("POST", "/api/v1/threads/{thread_id}/messages")})
+# What it may not even read: its org's administration and private knowledge.
+TOKEN_HIDDEN = ("/api/v1/audit", "/api/v1/credentials", "/api/v1/policy", "/api/v1/knowledge")
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def check_credential_may(principal: Principal, method: str, route: str) -> None:
+    """The one place that says what a credential may do at all, by HTTP method and route.
+
+    Read-only credentials (scope ``read`` only) may only read. User and agent tokens may read
+    what their subject is a member of and post messages as themselves, nothing else (no
+    administration, no audit log, no credentials, no knowledge). Raises PermissionDeniedError
+    otherwise; finer checks (which ids are in scope) happen in the services.
+    """
+    if method not in READ_METHODS and WRITE not in principal.scopes:
+        raise PermissionDeniedError("this credential is read-only")
+    if principal.is_member_scoped:
+        if method in READ_METHODS:
+            if route.startswith(TOKEN_HIDDEN) or "/secrets" in route or "/knowledge" in route:
+                raise PermissionDeniedError(f"a {principal.kind} token cannot read this")
+        elif (method, route) not in TOKEN_WRITES:
+            raise PermissionDeniedError(
+                f"a {principal.kind} token can only post messages as its {principal.kind}; "
+                "use an org key for this call"
+            )
+
+
 async def get_call(request: Request, principal: Principal = Depends(get_principal)) -> Call:
-    """Services plus the authenticated principal."""
+    """Services plus the authenticated principal, after :func:`check_credential_may`."""
+    route = request.scope.get("route")
+    path = str(getattr(route, "path", request.url.path))
+    check_credential_may(principal, request.method, path)
     return Call(get_services(request), principal)

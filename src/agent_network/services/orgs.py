@@ -15,12 +15,21 @@ from agent_network.errors import (
 )
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
-from agent_network.services.principal import Principal, hash_secret, new_secret
+from agent_network.services.principal import ALL_SCOPES, Principal, hash_secret, new_secret
 from agent_network.services.scope import own_user, require_org
-from agent_network.store.tables import members, org_keys, orgs, platform_keys, users
+from agent_network.store.tables import agents, credentials, members, orgs, platform_keys, users
 
 ADMIN_PREFIX = "an_admin"
 ORG_PREFIX = "an_org"
+USER_PREFIX = "an_usr"
+AGENT_PREFIX = "an_agt"
+CREDENTIAL_PREFIXES = (ORG_PREFIX + "_", USER_PREFIX + "_", AGENT_PREFIX + "_")
+PREFIX_OF_KIND = {"org_key": ORG_PREFIX, "user_token": USER_PREFIX, "agent_token": AGENT_PREFIX}
+KIND_OF_CREDENTIAL: dict[str, Any] = {
+    "org_key": "org",
+    "user_token": "user",
+    "agent_token": "agent",
+}
 
 
 async def create_admin_key(engine: AsyncEngine) -> str:
@@ -42,6 +51,15 @@ async def has_admin_key(engine: AsyncEngine) -> bool:
         return (await conn.execute(q)).first() is not None
 
 
+async def _subject_alive(conn: AsyncConnection, cred: Any) -> bool:
+    """A user/agent token works only while its user/agent exists."""
+    table = {"user_token": users, "agent_token": agents}.get(cred["kind"])
+    if table is None:
+        return True
+    q = select(table.c.id).where(table.c.id == cred["subject_id"], table.c.deleted_at.is_(None))
+    return (await conn.execute(q)).first() is not None
+
+
 def _clean_name(value: str, what: str) -> str:
     name = value.strip()
     if not name:
@@ -56,7 +74,12 @@ class OrgService:
         self.ctx = ctx
 
     async def authenticate(self, secret: str) -> Principal:
-        """Map a bearer secret to its principal; AuthenticationError if it matches nothing live."""
+        """Map a bearer secret to its principal; AuthenticationError if it matches nothing live.
+
+        The lookup is by SHA-256 of the secret (an index probe, not a comparison of secrets), so
+        its timing reveals nothing about stored secrets. A token whose user or agent was deleted
+        no longer authenticates.
+        """
         digest = hash_secret(secret)
         async with self.ctx.engine.connect() as conn:
             if secret.startswith(ADMIN_PREFIX + "_"):
@@ -69,16 +92,26 @@ class OrgService:
                 ).first()
                 if row is not None:
                     return Principal("admin", None, row[0])
-            elif secret.startswith(ORG_PREFIX + "_"):
-                row = (
-                    await conn.execute(
-                        select(org_keys.c.id, org_keys.c.org_id).where(
-                            org_keys.c.key_hash == digest, org_keys.c.revoked_at.is_(None)
+            elif secret.startswith(CREDENTIAL_PREFIXES):
+                cred = (
+                    (
+                        await conn.execute(
+                            select(credentials).where(
+                                credentials.c.key_hash == digest, credentials.c.revoked_at.is_(None)
+                            )
                         )
                     )
-                ).first()
-                if row is not None:
-                    return Principal("org", row[1], row[0])
+                    .mappings()
+                    .first()
+                )
+                if cred is not None and await _subject_alive(conn, cred):
+                    return Principal(
+                        KIND_OF_CREDENTIAL[cred["kind"]],
+                        cred["org_id"],
+                        cred["id"],
+                        cred["subject_id"],
+                        frozenset(cred["scopes"]),
+                    )
         raise AuthenticationError("the credential is not valid (unknown, revoked or mistyped)")
 
     async def create_org(self, principal: Principal, name: str) -> dict[str, Any]:
@@ -89,10 +122,16 @@ class OrgService:
         org_id, secret, ts = new_id("org"), new_secret(ORG_PREFIX), now_iso()
         async with self.ctx.engine.begin() as conn:
             await conn.execute(orgs.insert().values(id=org_id, name=name, created_at=ts))
-            key_id = new_id("key")
             await conn.execute(
-                org_keys.insert().values(
-                    id=key_id, org_id=org_id, key_hash=hash_secret(secret), created_at=ts
+                credentials.insert().values(
+                    id=new_id("cred"),
+                    org_id=org_id,
+                    kind="org_key",
+                    subject_id=org_id,
+                    name="initial key",
+                    key_hash=hash_secret(secret),
+                    scopes=sorted(ALL_SCOPES),
+                    created_at=ts,
                 )
             )
             await record(conn, principal, "org.create", "org", org_id, org_id=org_id)

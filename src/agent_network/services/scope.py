@@ -5,7 +5,9 @@ so ids of other orgs leak nothing. Scope rules:
 
 - an org sees its own users, agents, routines, teams, knowledge and audit log;
 - a team is visible to its org; a network to its host org and to every org holding a live visa;
-- a thread is visible to whoever sees its team or network.
+- a thread is visible to whoever sees its team or network;
+- a user or agent token (``Principal.is_member_scoped``) sees only the teams and networks its
+  user/agent is a member of, and their threads.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import NotFoundError, PermissionDeniedError
 from agent_network.services.principal import Principal
-from agent_network.store.tables import agents, teams, threads, users, visas
+from agent_network.store.tables import agents, members, teams, threads, users, visas
 
 
 def require_org(principal: Principal) -> str:
@@ -43,6 +45,31 @@ def team_visible(org_id: str) -> Any:
         teams.c.deleted_at.is_(None),
         (teams.c.org_id == org_id) | ((teams.c.kind == "network") & visa_exists(org_id)),
     )
+
+
+def team_visible_to(principal: Principal) -> Any:
+    """SQL condition over ``teams``: visible to ``principal`` (org scope, then membership for
+    user/agent tokens)."""
+    cond = team_visible(require_org(principal))
+    if principal.is_member_scoped:
+        cond = and_(
+            cond,
+            exists().where(
+                and_(
+                    members.c.team_id == teams.c.id,
+                    members.c.member_kind == principal.kind,
+                    members.c.member_id == principal.subject_id,
+                )
+            ),
+        )
+    return cond
+
+
+def require_org_key(principal: Principal, what: str = "this call") -> str:
+    """The caller's org id if it is an org key; PermissionDeniedError for tokens and the admin."""
+    if principal.kind != "org" or principal.org_id is None:
+        raise PermissionDeniedError(f"{what} needs an org key")
+    return principal.org_id
 
 
 async def own_agent(conn: AsyncConnection, principal: Principal, agent_id: str) -> RowMapping:
@@ -89,8 +116,7 @@ async def visible_team(
     conn: AsyncConnection, principal: Principal, team_id: str, *, kind: str | None = None
 ) -> RowMapping:
     """Team or network ``team_id`` if the caller may see it (and it is of ``kind``)."""
-    org_id = require_org(principal)
-    q = select(teams).where(teams.c.id == team_id, team_visible(org_id))
+    q = select(teams).where(teams.c.id == team_id, team_visible_to(principal))
     if kind is not None:
         q = q.where(teams.c.kind == kind)
     row = (await conn.execute(q)).mappings().first()
@@ -103,7 +129,6 @@ async def visible_thread(
     conn: AsyncConnection, principal: Principal, thread_id: str
 ) -> tuple[RowMapping, RowMapping]:
     """``(thread, team)`` if the caller may see the thread; NotFoundError otherwise."""
-    org_id = require_org(principal)
     row = (
         (
             await conn.execute(
@@ -118,7 +143,7 @@ async def visible_thread(
     team = (
         (
             await conn.execute(
-                select(teams).where(teams.c.id == row["team_id"], team_visible(org_id))
+                select(teams).where(teams.c.id == row["team_id"], team_visible_to(principal))
             )
         )
         .mappings()

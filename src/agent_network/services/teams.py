@@ -23,6 +23,7 @@ from agent_network.model.envelope import Actor
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal, hash_secret
+from agent_network.services.ratelimit import SlidingWindowLimiter
 from agent_network.services.scope import (
     own_agent,
     own_user,
@@ -38,6 +39,9 @@ CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: 32 symbols, 5
 CODE_LENGTH = 12
 DEFAULT_INVITE_TTL = 7 * 24 * 3600
 TEAM_FIELDS = ("id", "org_id", "kind", "name", "description", "status", "created_at", "closed_at")
+INVITE_FIELDS = ("id", "created_at", "expires_at", "max_uses", "uses")
+JOIN_LIMIT = 10  # join attempts per window, per client address and per org
+JOIN_WINDOW = 60.0  # seconds
 
 
 def new_join_code() -> str:
@@ -55,10 +59,18 @@ def _team(row: Any) -> dict[str, Any]:
 
 
 class TeamService:
-    """Teams and networks; ``kind`` selects which one every call is about."""
+    """Teams and networks; ``kind`` selects which one every call is about.
+
+    ``join_limit`` join attempts (valid or not) are allowed per ``JOIN_WINDOW`` seconds per client
+    address and per org; set it on the instance to change it at run time. The limiter is
+    in-process (see :mod:`agent_network.services.ratelimit`).
+    """
+
+    join_limit: int = JOIN_LIMIT
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self.join_limiter = SlidingWindowLimiter(self.join_limit, JOIN_WINDOW)
 
     async def create(
         self, principal: Principal, kind: TeamKind, name: str, description: str = ""
@@ -325,6 +337,54 @@ class TeamService:
             "max_uses": max_uses,
         }
 
+    async def list_invites(self, principal: Principal, network_id: str) -> list[dict[str, Any]]:
+        """The network's invites, oldest first (host only): id, created_at, expires_at, max_uses,
+        uses and revoked. Never the code: only its hash is stored.
+
+        PermissionDeniedError for a member org (it sees the network), NotFoundError otherwise.
+        """
+        async with self.ctx.engine.connect() as conn:
+            await self._owned(conn, principal, "network", network_id)
+            rows = (
+                await conn.execute(
+                    select(invites)
+                    .where(invites.c.network_id == network_id)
+                    .order_by(invites.c.created_at, invites.c.id)
+                )
+            ).mappings()
+            return [
+                {**{k: r[k] for k in INVITE_FIELDS}, "revoked": r["revoked_at"] is not None}
+                for r in rows
+            ]
+
+    async def revoke_invite(self, principal: Principal, network_id: str, invite_id: str) -> None:
+        """Revoke an invite (host only): its code stops admitting anybody. Orgs it admitted keep
+        their visas and members. Revoking a revoked invite changes nothing."""
+        async with self.ctx.engine.begin() as conn:
+            await self._owned(conn, principal, "network", network_id)
+            inv = (
+                await conn.execute(
+                    select(invites.c.id, invites.c.revoked_at).where(
+                        invites.c.id == invite_id, invites.c.network_id == network_id
+                    )
+                )
+            ).first()
+            if inv is None:
+                raise NotFoundError("invite", invite_id)
+            if inv.revoked_at is not None:
+                return
+            await conn.execute(
+                update(invites).where(invites.c.id == invite_id).values(revoked_at=now_iso())
+            )
+            await record(
+                conn,
+                principal,
+                "invite.revoke",
+                "network",
+                network_id,
+                data={"invite_id": invite_id},
+            )
+
     async def join(
         self,
         principal: Principal,
@@ -332,13 +392,24 @@ class TeamService:
         *,
         agent_ids: list[str] | None = None,
         user_ids: list[str] | None = None,
+        client: str | None = None,
     ) -> dict[str, Any]:
         """Join a network with a join code, attaching the caller's chosen agents and users.
 
-        Creates (or reuses) the caller org's visa. InviteInvalidError for a wrong, expired,
+        Creates (or reuses) the caller org's live visa; a code is used up only when it admits an
+        org, not when a live visa attaches more members. InviteInvalidError for a wrong, expired,
         revoked or used-up code (the same answer for all, revealing nothing about the network).
+
+        ``client`` is the caller's network address (from the API layer; ``None`` when unknown).
+        Every attempt, admitted or not, counts against ``join_limit`` per minute for that address
+        and for the org; past it RateLimitedError (429) says when to retry, before the code is
+        even looked at — so codes cannot be guessed at speed.
         """
         org_id = require_org(principal)
+        keys: list[tuple[str, str]] = [("org", org_id)]
+        if client:
+            keys.append(("client", client))
+        self.join_limiter.check(*keys, limit=self.join_limit, what="join attempts")
         async with self.ctx.engine.begin() as conn:
             inv = (
                 (
@@ -433,6 +504,114 @@ class TeamService:
                 )
         return {"network": _team(net), "visa_id": visa_id, "members": attached}
 
+    # ----------------------------------------------------------------- visas
+
+    async def list_visas(self, principal: Principal, network_id: str) -> list[dict[str, Any]]:
+        """Visas of a visible network, oldest first: the host sees every visa (live and ended),
+        a member org only its own. Each: id, network_id, org_id, org_name, created_at, revoked_at,
+        end_reason (``revoked`` | ``left`` | None while live) and the members it attached now
+        (kind, id, name, role; an ended visa has none)."""
+        org_id = require_org(principal)
+        async with self.ctx.engine.connect() as conn:
+            net = await visible_team(conn, principal, network_id, kind="network")
+            q = (
+                select(visas, orgs.c.name.label("org_name"))
+                .join(orgs, orgs.c.id == visas.c.org_id)
+                .where(visas.c.network_id == network_id)
+                .order_by(visas.c.created_at, visas.c.id)
+            )
+            if net["org_id"] != org_id:
+                q = q.where(visas.c.org_id == org_id)
+            rows = list((await conn.execute(q)).mappings())
+            attached = await _visa_members(conn, network_id)
+        return [_visa(r, attached.get(r["id"], [])) for r in rows]
+
+    async def revoke_visa(self, principal: Principal, network_id: str, visa_id: str) -> None:
+        """End an org's visa (host only), removing all of that org's agents and users from the
+        network in the same transaction. The WAL keeps what they wrote; the org no longer sees
+        the network or its threads (404) until it joins again with a valid code (a new visa).
+        Revoking an ended visa changes nothing. Recorded in both orgs' audit logs."""
+        async with self.ctx.engine.begin() as conn:
+            await self._owned(conn, principal, "network", network_id)
+            visa = (
+                (
+                    await conn.execute(
+                        select(visas).where(visas.c.id == visa_id, visas.c.network_id == network_id)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if visa is None:
+                raise NotFoundError("visa", visa_id)
+            if visa["revoked_at"] is None:
+                await self._end_visa(conn, principal, visa, "revoked", other_org=visa["org_id"])
+
+    async def leave(self, principal: Principal, network_id: str) -> dict[str, Any]:
+        """The caller's org leaves a network it joined: its live visa ends (``left``) and its
+        agents and users are removed, as with a revocation. ConflictError for the host (close the
+        network instead). Returns the ended visa. Recorded in both orgs' audit logs."""
+        org_id = require_org(principal)
+        async with self.ctx.engine.begin() as conn:
+            net = await visible_team(conn, principal, network_id, kind="network")
+            if net["org_id"] == org_id:
+                raise ConflictError("your org hosts this network; it cannot leave (close it)")
+            visa = (
+                (
+                    await conn.execute(
+                        select(visas, orgs.c.name.label("org_name"))
+                        .join(orgs, orgs.c.id == visas.c.org_id)
+                        .where(
+                            visas.c.network_id == network_id,
+                            visas.c.org_id == org_id,
+                            visas.c.revoked_at.is_(None),
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if visa is None:  # visible but no live visa: cannot happen for a non-host
+                raise NotFoundError("network", network_id)
+            ended = await self._end_visa(conn, principal, visa, "left", other_org=net["org_id"])
+        return _visa({**visa, **ended}, [])
+
+    async def _end_visa(
+        self,
+        conn: AsyncConnection,
+        principal: Principal,
+        visa: RowMapping,
+        reason: Literal["revoked", "left"],
+        *,
+        other_org: str,
+    ) -> dict[str, Any]:
+        """Mark ``visa`` ended and remove its org's members from the network; audit the act in
+        the acting org's log and in ``other_org``'s."""
+        ended = {"revoked_at": now_iso(), "end_reason": reason}
+        result = await conn.execute(
+            update(visas)
+            .where(visas.c.id == visa["id"], visas.c.revoked_at.is_(None))
+            .values(**ended)
+        )
+        if result.rowcount == 0:  # ended concurrently
+            raise NotFoundError("visa", visa["id"])
+        removed = await conn.execute(
+            members.delete().where(
+                members.c.team_id == visa["network_id"], members.c.org_id == visa["org_id"]
+            )
+        )
+        action = "network.visa_revoke" if reason == "revoked" else "network.leave"
+        data = {
+            "visa_id": visa["id"],
+            "org_id": visa["org_id"],
+            "members_removed": removed.rowcount,
+        }
+        await record(conn, principal, action, "network", visa["network_id"], data=data)
+        await record(
+            conn, principal, action, "network", visa["network_id"], org_id=other_org, data=data
+        )
+        return ended
+
     async def close_network(self, principal: Principal, network_id: str) -> dict[str, Any]:
         """Close a network (host only): no new threads, messages or members; history stays
         readable by every member org. Each thread gets a ``thread.closed`` envelope."""
@@ -462,6 +641,40 @@ class TeamService:
                     idempotency_key="network_closed",
                 )
         return await self.get(principal, "network", network_id)
+
+
+def _visa(row: Any, attached: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "network_id": row["network_id"],
+        "org_id": row["org_id"],
+        "org_name": row["org_name"],
+        "created_at": row["created_at"],
+        "revoked_at": row["revoked_at"],
+        "end_reason": row["end_reason"],
+        "members": attached,
+    }
+
+
+async def _visa_members(conn: AsyncConnection, network_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Members of ``network_id`` attached through a visa, by visa id (no scope check)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind, table in (("agent", agents), ("user", users)):
+        q = (
+            select(members.c.visa_id, members.c.member_id, members.c.role, table.c.name)
+            .join(table, table.c.id == members.c.member_id)
+            .where(
+                members.c.team_id == network_id,
+                members.c.member_kind == kind,
+                members.c.visa_id.is_not(None),
+            )
+            .order_by(members.c.created_at)
+        )
+        for r in (await conn.execute(q)).mappings():
+            out.setdefault(r["visa_id"], []).append(
+                {"kind": kind, "id": r["member_id"], "name": r["name"], "role": r["role"]}
+            )
+    return out
 
 
 async def member_list(conn: AsyncConnection, team_id: str) -> list[dict[str, Any]]:

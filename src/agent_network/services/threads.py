@@ -22,7 +22,7 @@ from agent_network.services.scope import (
     own_agent,
     own_user,
     require_org,
-    team_visible,
+    team_visible_to,
     visible_team,
     visible_thread,
 )
@@ -87,12 +87,11 @@ class ThreadService:
         self, principal: Principal, team_id: str | None = None
     ) -> list[dict[str, Any]]:
         """Threads visible to the caller, optionally of one team/network."""
-        org_id = require_org(principal)
         async with self.ctx.engine.connect() as conn:
             q = (
                 select(threads)
                 .join(teams, teams.c.id == threads.c.team_id)
-                .where(threads.c.deleted_at.is_(None), team_visible(org_id))
+                .where(threads.c.deleted_at.is_(None), team_visible_to(principal))
                 .order_by(threads.c.created_at)
             )
             if team_id is not None:
@@ -150,12 +149,13 @@ class ThreadService:
     ) -> dict[str, Any]:
         """Post a message as one of the caller's own agents or users who is a thread member.
 
-        Raises InvalidRequestError (empty/too long content, not exactly one sender),
-        NotFoundError (thread/sender outside scope), PermissionDeniedError (sender not a member),
+        An org key names the sender (``agent_id`` or ``user_id``); a user or agent token posts
+        as its own user/agent (naming anyone else is refused). Raises InvalidRequestError
+        (empty/too long content, not exactly one sender), NotFoundError (thread/sender outside
+        scope), PermissionDeniedError (sender not a member, or not the token's own subject),
         ThreadClosedError, RunawayBudgetError.
         """
-        if (agent_id is None) == (user_id is None):
-            raise InvalidRequestError("give exactly one of agent_id or user_id as the sender")
+        agent_id, user_id = _sender_for(principal, agent_id, user_id)
         if not content.strip():
             raise InvalidRequestError("message content must not be empty")
         if len(content) > MAX_CONTENT:
@@ -235,6 +235,24 @@ class ThreadService:
         async with self.ctx.engine.connect() as conn:
             await visible_thread(conn, principal, thread_id)
         return await self.ctx.hub.verify(thread_id)
+
+
+def _sender_for(
+    principal: Principal, agent_id: str | None, user_id: str | None
+) -> tuple[str | None, str | None]:
+    """The ``(agent_id, user_id)`` a post is sent as; tokens may only send as themselves."""
+    if principal.is_member_scoped:
+        named = agent_id if principal.kind == "agent" else user_id
+        other = user_id if principal.kind == "agent" else agent_id
+        if other is not None or (named is not None and named != principal.subject_id):
+            raise PermissionDeniedError(
+                f"a {principal.kind} token posts only as its own {principal.kind}"
+            )
+        subject = principal.subject_id
+        return (subject, None) if principal.kind == "agent" else (None, subject)
+    if (agent_id is None) == (user_id is None):
+        raise InvalidRequestError("give exactly one of agent_id or user_id as the sender")
+    return agent_id, user_id
 
 
 def _check_budget(budget: int) -> None:

@@ -48,14 +48,39 @@ orgs = Table(
     Column("created_at", String(32), nullable=False),
 )
 
-org_keys = Table(
-    "org_keys",
+credentials = Table(
+    "credentials",
     metadata,
     Column("id", String(40), primary_key=True),
     Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("kind", String(20), nullable=False),  # org_key | user_token | agent_token
+    Column("subject_id", String(40), nullable=False),  # the org, user or agent it acts as
+    Column("name", String(200), nullable=False, default=""),
     Column("key_hash", String(64), nullable=False, unique=True),
+    Column("scopes", JSON, nullable=False),  # ["read"] or ["read", "write"]
     Column("created_at", String(32), nullable=False),
     Column("revoked_at", String(32)),
+)
+
+agent_secrets = Table(
+    "agent_secrets",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
+    Column("agent_id", String(40), ForeignKey("agents.id"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("ciphertext", Text, nullable=False),  # Fernet token (AES-128-CBC + HMAC-SHA256)
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    UniqueConstraint("agent_id", "name", name="uq_agent_secrets_agent_name"),
+)
+
+org_policies = Table(
+    "org_policies",
+    metadata,
+    Column("org_id", String(40), ForeignKey("orgs.id"), primary_key=True),
+    Column("egress", JSON, nullable=False),  # {"rules": [...]} see services/policy.py
+    Column("updated_at", String(32), nullable=False),
 )
 
 users = Table(
@@ -132,6 +157,7 @@ visas = Table(
     Column("invite_id", String(40)),
     Column("created_at", String(32), nullable=False),
     Column("revoked_at", String(32)),
+    Column("end_reason", String(20)),  # revoked (by the host) | left (by the member org)
 )
 
 members = Table(
@@ -210,6 +236,8 @@ audit_log = Table(
     Column("data", JSON),
     Column("created_at", String(32), nullable=False),
 )
+
+Index("ix_audit_log_org_created", audit_log.c.org_id, audit_log.c.created_at)
 
 runner_cursors = Table(
     "runner_cursors",

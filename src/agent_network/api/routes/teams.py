@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from agent_network.api.deps import Call, get_call
 from agent_network.api.schemas import (
@@ -105,12 +105,55 @@ async def create_invite(
     )
 
 
+@networks_router.get("/{network_id}/invites")
+async def list_invites(network_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """The network's invites (host org only): use counts, expiry and revocation, never the code."""
+    return await call.services.teams.list_invites(call.principal, network_id)
+
+
+@networks_router.delete("/{network_id}/invites/{invite_id}", status_code=204)
+async def revoke_invite(
+    network_id: str, invite_id: str, call: Call = Depends(get_call)
+) -> Response:
+    """Revoke an invite (host org only): its code admits nobody any more; nobody is removed."""
+    await call.services.teams.revoke_invite(call.principal, network_id, invite_id)
+    return Response(status_code=204)
+
+
 @networks_router.post("/join")
-async def join(body: JoinRequest, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """Join a network with a code, attaching only the agents and users named."""
+async def join(
+    body: JoinRequest, request: Request, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Join a network with a code, attaching only the agents and users named.
+
+    Attempts are rate-limited per client address and per org (429 ``rate_limited``).
+    """
     return await call.services.teams.join(
-        call.principal, body.code, agent_ids=body.agent_ids, user_ids=body.user_ids
+        call.principal,
+        body.code,
+        agent_ids=body.agent_ids,
+        user_ids=body.user_ids,
+        client=request.client.host if request.client else None,
     )
+
+
+@networks_router.get("/{network_id}/visas")
+async def list_visas(network_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """Visas of the network: all of them for the host org, only its own for a member org."""
+    return await call.services.teams.list_visas(call.principal, network_id)
+
+
+@networks_router.delete("/{network_id}/visas/{visa_id}", status_code=204)
+async def revoke_visa(network_id: str, visa_id: str, call: Call = Depends(get_call)) -> Response:
+    """Revoke an org's visa (host org only): its agents and users leave the network at once."""
+    await call.services.teams.revoke_visa(call.principal, network_id, visa_id)
+    return Response(status_code=204)
+
+
+@networks_router.post("/{network_id}/leave")
+async def leave(network_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """The caller's org leaves a network it joined; returns the ended visa."""
+    return await call.services.teams.leave(call.principal, network_id)
 
 
 @networks_router.post("/{network_id}/close")
