@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     - ``agent_budget``: default budget of consecutive agent messages per thread.
     - ``history_limit``: how many recent thread messages go into an agent's prompt.
     - ``knowledge_chunks``: how many knowledge chunks go into an agent's prompt.
+    - ``secret_key``: Fernet key encrypting agent secrets (``AGENT_NETWORK_SECRET_KEY``); without
+      it a key file beside the SQLite database is used.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGENT_NETWORK_")
@@ -26,5 +28,6 @@ class Settings(BaseSettings):
     agent_budget: int = 4
     history_limit: int = 12
     knowledge_chunks: int = 3
+    secret_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8321

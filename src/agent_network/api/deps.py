@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -42,27 +43,29 @@ class Call:
 
 
 # What a user or agent token may do besides reading: post into its threads as itself.
-TOKEN_WRITES = frozenset({("POST", "/api/v1/threads/{thread_id}/messages")})
-# What it may not even read: its org's administration and private knowledge.
-TOKEN_HIDDEN = ("/api/v1/audit", "/api/v1/credentials", "/api/v1/policy", "/api/v1/knowledge")
+TOKEN_WRITES = (("POST", re.compile(r"^/api/v1/threads/[^/]+/messages$")),)
+# What it may not even read: its org's administration, secrets and knowledge.
+TOKEN_HIDDEN = re.compile(
+    r"^/api/v1/(audit|credentials|policy|knowledge)(/|$)|^/api/v1/agents/[^/]+/(secrets|knowledge)"
+)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def check_credential_may(principal: Principal, method: str, route: str) -> None:
-    """The one place that says what a credential may do at all, by HTTP method and route.
+def check_credential_may(principal: Principal, method: str, path: str) -> None:
+    """The one place that says what a credential may do at all, by HTTP method and URL path.
 
     Read-only credentials (scope ``read`` only) may only read. User and agent tokens may read
     what their subject is a member of and post messages as themselves, nothing else (no
-    administration, no audit log, no credentials, no knowledge). Raises PermissionDeniedError
-    otherwise; finer checks (which ids are in scope) happen in the services.
+    administration, no audit log, no credentials, no secrets, no knowledge). Raises
+    PermissionDeniedError otherwise; finer checks (which ids are in scope) happen in services.
     """
     if method not in READ_METHODS and WRITE not in principal.scopes:
         raise PermissionDeniedError("this credential is read-only")
     if principal.is_member_scoped:
         if method in READ_METHODS:
-            if route.startswith(TOKEN_HIDDEN) or "/secrets" in route or "/knowledge" in route:
+            if TOKEN_HIDDEN.match(path):
                 raise PermissionDeniedError(f"a {principal.kind} token cannot read this")
-        elif (method, route) not in TOKEN_WRITES:
+        elif not any(method == m and rx.match(path) for m, rx in TOKEN_WRITES):
             raise PermissionDeniedError(
                 f"a {principal.kind} token can only post messages as its {principal.kind}; "
                 "use an org key for this call"
@@ -71,7 +74,5 @@ def check_credential_may(principal: Principal, method: str, route: str) -> None:
 
 async def get_call(request: Request, principal: Principal = Depends(get_principal)) -> Call:
     """Services plus the authenticated principal, after :func:`check_credential_may`."""
-    route = request.scope.get("route")
-    path = str(getattr(route, "path", request.url.path))
-    check_credential_may(principal, request.method, path)
+    check_credential_may(principal, request.method, request.url.path)
     return Call(get_services(request), principal)

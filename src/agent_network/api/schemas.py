@@ -141,3 +141,14 @@ class Document(Body):
 
 class KnowledgeAdd(Body):
     documents: list[Document] = Field(min_length=1, max_length=200)
+
+
+class CredentialCreate(Body):
+    kind: Literal["org_key", "user_token", "agent_token"]
+    subject_id: str | None = Field(default=None, description="the user or agent a token acts as")
+    name: str = Field(default="", max_length=200)
+    scopes: list[Literal["read", "write"]] = Field(default=["read", "write"])
+
+
+class SecretPut(Body):
+    value: str = Field(min_length=1, max_length=16_384)

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from agent_network.services.agents import AgentService
 from agent_network.services.audit import AuditService
 from agent_network.services.base import ServiceContext
+from agent_network.services.credentials import CredentialService
 from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.orgs import OrgService, create_admin_key, has_admin_key
 from agent_network.services.principal import Principal
+from agent_network.services.secrets import SecretService
 from agent_network.services.teams import TeamService
 from agent_network.services.threads import ThreadService
 
@@ -25,6 +27,8 @@ class Services:
     threads: ThreadService
     knowledge: KnowledgeService
     audit: AuditService
+    credentials: CredentialService
+    secrets: SecretService
 
     @classmethod
     def create(cls, ctx: ServiceContext) -> Services:
@@ -37,6 +41,8 @@ class Services:
             ThreadService(ctx),
             KnowledgeService(ctx),
             AuditService(ctx),
+            CredentialService(ctx),
+            SecretService(ctx),
         )
 
 

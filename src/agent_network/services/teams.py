@@ -28,7 +28,7 @@ from agent_network.services.scope import (
     own_agent,
     own_user,
     require_org,
-    team_visible,
+    team_visible_to,
     visible_team,
 )
 from agent_network.store.tables import agents, invites, members, orgs, teams, threads, users, visas
@@ -96,11 +96,10 @@ class TeamService:
 
     async def list_teams(self, principal: Principal, kind: TeamKind) -> list[dict[str, Any]]:
         """Teams (or networks) visible to the caller."""
-        org_id = require_org(principal)
         async with self.ctx.engine.connect() as conn:
             q = (
                 select(teams)
-                .where(teams.c.kind == kind, team_visible(org_id))
+                .where(teams.c.kind == kind, team_visible_to(principal))
                 .order_by(teams.c.created_at)
             )
             return [_team(r) for r in (await conn.execute(q)).mappings()]
@@ -353,7 +352,7 @@ class TeamService:
                 )
             ).mappings()
             return [
-                {**{k: r[k] for k in INVITE_FIELDS}, "revoked": r["revoked_at"] is not None}
+                {**{k: r[k] for k in INVITE_FIELDS}, "revoked": r["revoked_at"] is not None, "h": r["code_hash"]}
                 for r in rows
             ]
 

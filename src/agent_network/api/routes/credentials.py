@@ -2,6 +2,56 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+
+from agent_network.api.deps import Call, get_call
+from agent_network.api.schemas import CredentialCreate, SecretPut
 
 router = APIRouter(tags=["credentials"])
+
+
+@router.post("/credentials", status_code=201)
+async def issue(body: CredentialCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Issue an org key, user token or agent token; ``secret`` is in this answer only."""
+    return await call.services.credentials.issue(call.principal, **body.model_dump())
+
+
+@router.get("/credentials")
+async def list_credentials(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """The org's credentials, without secrets."""
+    return await call.services.credentials.list_credentials(call.principal)
+
+
+@router.delete("/credentials/{credential_id}")
+async def revoke(credential_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Revoke a credential at once."""
+    return await call.services.credentials.revoke(call.principal, credential_id)
+
+
+@router.post("/credentials/{credential_id}/rotate", status_code=201)
+async def rotate(credential_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Replace a credential by a new secret and revoke the old one, atomically."""
+    return await call.services.credentials.rotate(call.principal, credential_id)
+
+
+@router.put("/agents/{agent_id}/secrets/{name}")
+async def put_secret(
+    agent_id: str, name: str, body: SecretPut, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Set an agent secret (encrypted at rest; the value is never returned)."""
+    return await call.services.secrets.put(call.principal, agent_id, name, body.value)
+
+
+@router.get("/agents/{agent_id}/secrets")
+async def list_secrets(agent_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """Names of an agent's secrets."""
+    return await call.services.secrets.list_names(call.principal, agent_id)
+
+
+@router.delete("/agents/{agent_id}/secrets/{name}", status_code=204)
+async def delete_secret(agent_id: str, name: str, call: Call = Depends(get_call)) -> Response:
+    """Delete an agent secret."""
+    await call.services.secrets.delete(call.principal, agent_id, name)
+    return Response(status_code=204)

@@ -1,0 +1,168 @@
+"""Credentials of an org: org keys, user tokens, agent tokens — issue, list, revoke, rotate.
+
+Secrets are 256-bit random bearer strings shown once at issue/rotation and stored only as
+SHA-256. Every act is audited. Only an org key may manage credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+
+from agent_network.errors import InvalidRequestError, NotFoundError
+from agent_network.model.ids import new_id, now_iso
+from agent_network.services.base import ServiceContext, record
+from agent_network.services.orgs import PREFIX_OF_KIND
+from agent_network.services.principal import ALL_SCOPES, Principal, hash_secret, new_secret
+from agent_network.services.scope import own_agent, own_user, require_org_key
+from agent_network.store.tables import credentials
+
+CREDENTIAL_FIELDS = (
+    "id",
+    "org_id",
+    "kind",
+    "subject_id",
+    "name",
+    "scopes",
+    "created_at",
+    "revoked_at",
+)
+
+
+def _public(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in CREDENTIAL_FIELDS}
+
+
+class CredentialService:
+    """Issue and manage the org's credentials (never returns a stored secret)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    async def issue(
+        self,
+        principal: Principal,
+        *,
+        kind: str,
+        subject_id: str | None = None,
+        name: str = "",
+        scopes: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Issue a credential. ``kind`` is ``org_key``, ``user_token`` (``subject_id`` = a user of
+        the org) or ``agent_token`` (``subject_id`` = an agent of the org); ``scopes`` is
+        ``["read"]`` or ``["read", "write"]`` (default). Returns ``{"credential", "secret"}``;
+        the secret is shown this once. NotFoundError for a subject outside the org."""
+        org_id = require_org_key(principal, "managing credentials")
+        if kind not in PREFIX_OF_KIND:
+            raise InvalidRequestError("kind must be org_key, user_token or agent_token")
+        wanted = set(scopes or ALL_SCOPES)
+        if not wanted <= ALL_SCOPES or "read" not in wanted:
+            raise InvalidRequestError('scopes must be ["read"] or ["read", "write"]')
+        async with self.ctx.engine.begin() as conn:
+            if kind == "org_key":
+                if subject_id not in (None, org_id):
+                    raise InvalidRequestError("an org key acts for its own org: omit subject_id")
+                subject_id = org_id
+            elif subject_id is None:
+                raise InvalidRequestError(f"a {kind} needs subject_id (the user or agent id)")
+            elif kind == "user_token":
+                await own_user(conn, principal, subject_id)
+            else:
+                await own_agent(conn, principal, subject_id)
+            secret = new_secret(PREFIX_OF_KIND[kind])
+            row = {
+                "id": new_id("cred"),
+                "org_id": org_id,
+                "kind": kind,
+                "subject_id": subject_id,
+                "name": name,
+                "key_hash": hash_secret(secret),
+                "scopes": sorted(wanted),
+                "created_at": now_iso(),
+                "revoked_at": None,
+            }
+            await conn.execute(credentials.insert().values(**row))
+            await record(
+                conn,
+                principal,
+                "credential.issue",
+                "credential",
+                str(row["id"]),
+                data={"kind": kind, "subject_id": subject_id, "scopes": row["scopes"]},
+            )
+        return {"credential": _public(row), "secret": secret}
+
+    async def list_credentials(self, principal: Principal) -> list[dict[str, Any]]:
+        """The org's credentials (live and revoked), without secrets or hashes."""
+        org_id = require_org_key(principal, "managing credentials")
+        async with self.ctx.engine.connect() as conn:
+            q = (
+                select(credentials)
+                .where(credentials.c.org_id == org_id)
+                .order_by(credentials.c.created_at)
+            )
+            return [_public(r) for r in (await conn.execute(q)).mappings()]
+
+    async def revoke(self, principal: Principal, credential_id: str) -> dict[str, Any]:
+        """Revoke a credential at once (idempotent). Revoking the key in use is allowed."""
+        org_id = require_org_key(principal, "managing credentials")
+        async with self.ctx.engine.begin() as conn:
+            row = await self._own(conn, org_id, credential_id)
+            if row["revoked_at"] is None:
+                await conn.execute(
+                    update(credentials)
+                    .where(credentials.c.id == credential_id)
+                    .values(revoked_at=now_iso())
+                )
+                await record(conn, principal, "credential.revoke", "credential", credential_id)
+            return _public(await self._own(conn, org_id, credential_id))
+
+    async def rotate(self, principal: Principal, credential_id: str) -> dict[str, Any]:
+        """Issue a replacement with the same kind, subject, name and scopes, and revoke the old
+        one in the same transaction. Returns ``{"credential", "secret"}``."""
+        org_id = require_org_key(principal, "managing credentials")
+        async with self.ctx.engine.begin() as conn:
+            old = await self._own(conn, org_id, credential_id)
+            if old["revoked_at"] is not None:
+                raise InvalidRequestError("the credential is revoked; issue a new one instead")
+            secret = new_secret(PREFIX_OF_KIND[old["kind"]])
+            row = {
+                **_public(old),
+                "id": new_id("cred"),
+                "key_hash": hash_secret(secret),
+                "created_at": now_iso(),
+                "revoked_at": None,
+            }
+            await conn.execute(credentials.insert().values(**row))
+            await conn.execute(
+                update(credentials)
+                .where(credentials.c.id == credential_id)
+                .values(revoked_at=now_iso())
+            )
+            await record(
+                conn,
+                principal,
+                "credential.rotate",
+                "credential",
+                credential_id,
+                data={"replacement": row["id"]},
+            )
+        return {"credential": _public(row), "secret": secret}
+
+    @staticmethod
+    async def _own(conn: Any, org_id: str, credential_id: str) -> Any:
+        row = (
+            (
+                await conn.execute(
+                    select(credentials).where(
+                        credentials.c.id == credential_id, credentials.c.org_id == org_id
+                    )
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise NotFoundError("credential", credential_id)
+        return row
