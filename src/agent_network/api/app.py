@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.services = Services.create(ctx)
                 app.state.runner = None
                 if settings.run_routines:
-                    runner = Runner(ctx)
+                    runner = Runner(ctx, rules=app.state.services.rules)
                     await tg.start(runner.run)
                     app.state.runner = runner
                 yield

@@ -21,20 +21,29 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 
 from agent_network.errors import AgentNetworkError, RunawayBudgetError, ThreadClosedError
 from agent_network.hub import EV_MESSAGE
 from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.rule import Rule
 from agent_network.runtime.cleaning import clean_reply
 from agent_network.runtime.models import build_model, resolve_model_name
 from agent_network.runtime.prompt import build_prompt
 from agent_network.services.base import ServiceContext
 from agent_network.services.knowledge import KnowledgeService
+from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.threads import sender_names
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.cursors import advance_cursor, all_cursors, ensure_cursor
-from agent_network.store.tables import agents, members, orgs, routines, threads
+from agent_network.store.tables import (
+    agents,
+    members,
+    orgs,
+    routines,
+    thread_participants,
+    threads,
+)
 from agent_network.store.wal import find_by_idempotency
 
 log = structlog.get_logger(__name__)
@@ -66,15 +75,19 @@ class Runner:
     ``jobs_done`` counts finished jobs (for tests and the demo's progress).
     """
 
-    def __init__(self, ctx: ServiceContext, *, workers: int = 2) -> None:
+    def __init__(
+        self, ctx: ServiceContext, *, workers: int = 2, rules: RuleService | None = None
+    ) -> None:
         self.ctx = ctx
         self.knowledge = KnowledgeService(ctx)
+        self.rules = rules or RuleService(ctx)
         self._workers = workers
         self._send: MemoryObjectSendStream[Job]
         self._recv: MemoryObjectReceiveStream[Job]
         self._send, self._recv = anyio.create_memory_object_stream[Job](math.inf)
         self.jobs_done = 0
         self._pending = 0
+        self._pending_by_agent: dict[str, int] = {}
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -104,7 +117,7 @@ class Runner:
     async def _dispatch(self, env: Envelope, only_agent: str | None = None) -> None:
         async with self.ctx.engine.begin() as conn:
             q = (
-                select(routines.c.id, routines.c.agent_id)
+                select(routines.c.id, routines.c.agent_id, agents.c.rule, agents.c.org_id)
                 .join(agents, agents.c.id == routines.c.agent_id)
                 .join(threads, threads.c.id == env.thread_id)
                 .join(
@@ -119,19 +132,61 @@ class Runner:
                     routines.c.event_type == "thread.message_added",
                     agents.c.deleted_at.is_(None),
                     routines.c.agent_id != env.sender_id,
+                    (threads.c.visibility == "members")
+                    | exists().where(
+                        (thread_participants.c.thread_id == threads.c.id)
+                        & (thread_participants.c.member_kind == "agent")
+                        & (thread_participants.c.member_id == routines.c.agent_id)
+                    ),
                 )
             )
             if only_agent is not None:
                 q = q.where(routines.c.agent_id == only_agent)
             jobs: dict[str, Job] = {}
-            for routine_id, agent_id in (await conn.execute(q)).all():
-                jobs.setdefault(agent_id, Job(agent_id, routine_id, env))
-            for job in jobs.values():
+            refusals: list[dict[str, Any]] = []
+            sender_name, sender_org = (await sender_names(conn, [env]))[env.sender_id]
+            for routine_id, agent_id, raw_rule, org_id in (await conn.execute(q)).all():
+                if agent_id in jobs:
+                    continue
+                job = Job(agent_id, routine_id, env)
+                reason = self._refuse_trigger(
+                    parse_rule(raw_rule), agent_id, sender_name, sender_org
+                )
+                if reason is not None:
+                    refusals.append(
+                        audit_row(
+                            org_id=org_id,
+                            principal_kind="agent",
+                            principal_id=agent_id,
+                            action="rule.refused",
+                            resource_kind="thread",
+                            resource_id=env.thread_id,
+                            outcome="refused",
+                            reason=f"{RuleViolationError.code}: {reason}",
+                            data={"trigger_id": env.id, "routine_id": routine_id},
+                        )
+                    )
+                    await advance_cursor(conn, agent_id, env.thread_id, env.seq)
+                    continue
+                jobs[agent_id] = job
                 await ensure_cursor(conn, job.agent_id, env.thread_id, env.seq - 1)
+            await insert_audit(conn, refusals)
         for job in jobs.values():
+            self._pending_by_agent[job.agent_id] = self._pending_by_agent.get(job.agent_id, 0) + 1
             self._pending += 1
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
             await self._send.send(job)
+
+    def _refuse_trigger(
+        self, rule: Rule | None, agent_id: str, sender_name: str, sender_org: str
+    ) -> str | None:
+        """Why the agent's rule drops this trigger (inbound_from, inbox_cap), or None."""
+        if not RuleService.inbound_allows(rule, sender_name, sender_org):
+            return f"inbound_from does not admit {sender_name!r} ({sender_org})"
+        cap = rule.inbox_cap if rule is not None else None
+        if cap is not None and self._pending_by_agent.get(agent_id, 0) >= cap:
+            return f"inbox_cap {cap} reached; trigger dropped"
+        return None
 
     async def _catch_up(self) -> None:
         """Dispatch every message an active participate routine has not handled yet.
@@ -189,6 +244,7 @@ class Runner:
                     await advance_cursor(conn, job.agent_id, job.trigger.thread_id, job.trigger.seq)
                 self.jobs_done += 1
                 self._pending -= 1
+                self._pending_by_agent[job.agent_id] -= 1
                 if self._pending == 0:
                     self._idle.set()
 
@@ -227,6 +283,21 @@ class Runner:
                     "messages spent; no model call made",
                     org_id=agent["org_id"],
                     outcome="refused",
+                )
+                return
+            try:
+                await self.rules.check_send(
+                    conn,
+                    agent,
+                    thread_id=trigger.thread_id,
+                    team_id=thread["team_id"],
+                    adapter=state.adapter,
+                    causation_id=trigger.id,
+                    consume_rate=False,
+                )
+            except RuleViolationError as err:
+                await self._audit(
+                    job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
                 )
                 return
             history_envs = [
@@ -286,6 +357,13 @@ class Runner:
                 "routine.skipped",
                 f"the model's reply was empty after cleaning ({REPLY_ATTEMPTS} attempts)",
                 org_id=agent["org_id"],
+            )
+            return
+        try:
+            self.rules.take_rate(agent)
+        except RuleViolationError as err:
+            await self._audit(
+                job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
             )
             return
         sender = Actor("agent", agent["id"], agent["org_id"], agent["name"])

@@ -11,6 +11,7 @@ from agent_network.services.credentials import CredentialService
 from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.orgs import OrgService, create_admin_key, has_admin_key
 from agent_network.services.principal import Principal
+from agent_network.services.rules import RuleService
 from agent_network.services.secrets import SecretService
 from agent_network.services.teams import TeamService
 from agent_network.services.threads import ThreadService
@@ -29,6 +30,7 @@ class Services:
     audit: AuditService
     credentials: CredentialService
     secrets: SecretService
+    rules: RuleService
 
     @classmethod
     def create(cls, ctx: ServiceContext) -> Services:
@@ -43,6 +45,7 @@ class Services:
             AuditService(ctx),
             CredentialService(ctx),
             SecretService(ctx),
+            RuleService(ctx),
         )
 
 

@@ -104,6 +104,7 @@ agents = Table(
     Column("identity", Text, nullable=False, default=""),
     Column("model", String(200)),
     Column("metadata", JSON, nullable=False, default=dict),
+    Column("rule", JSON),  # agent_network.model.rule.Rule as JSON; NULL: no restrictions
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     Column("deleted_at", String(32)),
@@ -196,9 +197,22 @@ threads = Table(
     Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
     Column("title", String(300), nullable=False),
     Column("adapter", String(40), nullable=False),
+    Column("visibility", String(12), nullable=False, default="members"),  # members | restricted
     Column("created_at", String(32), nullable=False),
     Column("deleted_at", String(32)),
 )
+
+thread_participants = Table(
+    "thread_participants",
+    metadata,
+    Column("thread_id", String(40), ForeignKey("threads.id"), nullable=False),
+    Column("member_kind", String(10), nullable=False),  # agent | user
+    Column("member_id", String(40), nullable=False),
+    Column("org_id", String(40), nullable=False),
+    Column("created_at", String(32), nullable=False),
+    PrimaryKeyConstraint("thread_id", "member_kind", "member_id"),
+)
+Index("ix_thread_participants_org", thread_participants.c.org_id)
 
 envelopes = Table(
     "envelopes",
@@ -238,6 +252,7 @@ audit_log = Table(
 )
 
 Index("ix_audit_log_org_created", audit_log.c.org_id, audit_log.c.created_at)
+Index("ix_envelopes_sender", envelopes.c.sender_id)
 
 runner_cursors = Table(
     "runner_cursors",

@@ -14,6 +14,7 @@ from agent_network.api.schemas import (
     RoutineCreate,
     RoutineUpdate,
 )
+from agent_network.model.rule import Rule
 
 router = APIRouter(tags=["agents"])
 
@@ -104,6 +105,18 @@ async def delete_routine(
     """Remove a routine."""
     await call.services.agents.delete_routine(call.principal, agent_id, routine_id)
     return Response(status_code=204)
+
+
+@router.get("/agents/{agent_id}/rule")
+async def get_rule(agent_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """The agent's rule (defaults when none was set)."""
+    return await call.services.rules.get(call.principal, agent_id)
+
+
+@router.put("/agents/{agent_id}/rule")
+async def put_rule(agent_id: str, body: Rule, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Replace the agent's rule; enforced on every message the agent sends or receives."""
+    return await call.services.rules.put(call.principal, agent_id, body)
 
 
 @router.post("/agents/{agent_id}/knowledge", status_code=201)

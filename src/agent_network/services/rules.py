@@ -1,0 +1,167 @@
+"""Agent rules: storage, and the checks every path that lets an agent speak goes through.
+
+``RuleService.check_send`` is called by the thread service (an agent posting over REST, with an
+org key or its agent token) and by the runner (before the model call, so no call is wasted);
+``inbound_allows`` and ``inbox_cap`` are applied by the runner when it dispatches triggers. A
+refusal is a :class:`RuleViolationError` (403) naming the rule, and is audited by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import distinct, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from agent_network.errors import PermissionDeniedError
+from agent_network.hub import EV_MESSAGE
+from agent_network.model.ids import now_iso
+from agent_network.model.rule import Rule, matches
+from agent_network.services.base import ServiceContext, record
+from agent_network.services.principal import Principal
+from agent_network.services.ratelimit import SlidingWindowLimiter
+from agent_network.services.scope import own_agent, require_org_key
+from agent_network.services.teams import member_list
+from agent_network.store.tables import agents, envelopes
+
+
+class RuleViolationError(PermissionDeniedError):
+    """The agent's rule forbids this; the message names the rule."""
+
+    code = "rule_violation"
+
+
+def parse_rule(raw: Any) -> Rule | None:
+    """The stored rule of an agent row (``None``: no rule, nothing restricted)."""
+    if raw is None:
+        return None
+    try:
+        return Rule.model_validate(raw)
+    except ValidationError:
+        return Rule(inbound_from=[], outbound_to=[])  # unreadable rule: deny rather than allow
+
+
+class RuleService:
+    """Get/set an agent's rule, and enforce it. Rate windows are kept per process."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self._rates: dict[float, SlidingWindowLimiter] = {}
+
+    async def get(self, principal: Principal, agent_id: str) -> dict[str, Any]:
+        """The agent's rule (all defaults when none is set)."""
+        async with self.ctx.engine.connect() as conn:
+            agent = await own_agent(conn, principal, agent_id)
+        rule = parse_rule(agent["rule"]) or Rule()
+        return rule.model_dump()
+
+    async def put(self, principal: Principal, agent_id: str, rule: Rule) -> dict[str, Any]:
+        """Replace the agent's rule (org key only); audited."""
+        require_org_key(principal, "setting an agent's rule")
+        async with self.ctx.engine.begin() as conn:
+            await own_agent(conn, principal, agent_id)
+            await conn.execute(
+                update(agents)
+                .where(agents.c.id == agent_id)
+                .values(rule=rule.model_dump(), updated_at=now_iso())
+            )
+            await record(
+                conn, principal, "agent.rule_set", "agent", agent_id, data=rule.model_dump()
+            )
+        return rule.model_dump()
+
+    # ------------------------------------------------------------ enforcement
+
+    @staticmethod
+    def inbound_allows(rule: Rule | None, sender_name: str, sender_org_name: str) -> bool:
+        """Whether a message from this sender may trigger the agent."""
+        return rule is None or matches(rule.inbound_from, sender_name, sender_org_name)
+
+    async def check_send(
+        self,
+        conn: AsyncConnection,
+        agent: RowMapping,
+        *,
+        thread_id: str,
+        team_id: str,
+        adapter: str,
+        causation_id: str | None = None,
+        consume_rate: bool = True,
+    ) -> None:
+        """Raise RuleViolationError when ``agent`` may not post into this thread now.
+
+        Checks, in order: allowed adapters, outbound_to (every other member of the thread's team
+        or network), delegation depth (with ``causation_id``), max concurrent threads, rate.
+        ``consume_rate=False`` checks everything but the rate (a pre-check before a model call);
+        :meth:`take_rate` then counts the message when it is actually sent.
+        """
+        rule = parse_rule(agent["rule"])
+        if rule is None:
+            return
+        name = agent["name"]
+        if rule.allowed_adapters is not None and adapter not in rule.allowed_adapters:
+            raise RuleViolationError(
+                f"rule of {name!r}: adapter {adapter!r} is not in allowed_adapters"
+            )
+        if rule.outbound_to != ["*"]:
+            for m in await member_list(conn, team_id):
+                if m["id"] != agent["id"] and not matches(
+                    rule.outbound_to, m["name"], m["org_name"]
+                ):
+                    raise RuleViolationError(
+                        f"rule of {name!r}: outbound_to does not admit {m['name']!r} "
+                        f"({m['org_name']}), a participant of this thread"
+                    )
+        if rule.delegation_depth is not None and causation_id is not None:
+            depth = await self._reply_depth(thread_id, causation_id)
+            if depth > rule.delegation_depth:
+                raise RuleViolationError(
+                    f"rule of {name!r}: this reply would be {depth} agent replies deep "
+                    f"(delegation_depth {rule.delegation_depth})"
+                )
+        if rule.max_concurrent_threads is not None:
+            await self._check_concurrency(conn, agent, thread_id, rule.max_concurrent_threads)
+        if consume_rate:
+            self.take_rate(agent)
+
+    def take_rate(self, agent: RowMapping) -> None:
+        """Count one message against the agent's rate; RuleViolationError when over it."""
+        rule = parse_rule(agent["rule"])
+        if rule is None or rule.rate is None:
+            return
+        limiter = self._rates.setdefault(
+            rule.rate.per_seconds, SlidingWindowLimiter(rule.rate.messages, rule.rate.per_seconds)
+        )
+        wait = limiter.acquire(agent["id"], limit=rule.rate.messages)
+        if wait > 0:
+            raise RuleViolationError(
+                f"rule of {agent['name']!r}: rate of {rule.rate.messages} messages per "
+                f"{rule.rate.per_seconds:g} s reached; next message possible in {wait:.1f} s"
+            )
+
+    async def _reply_depth(self, thread_id: str, causation_id: str) -> int:
+        """1 + the number of consecutive agent messages up the causation chain."""
+        by_id = {e.id: e for e in await self.ctx.hub.read(thread_id)}
+        depth, current = 1, by_id.get(causation_id)
+        while current is not None and current.sender_kind == "agent" and depth <= 1000:
+            depth += 1
+            current = by_id.get(current.causation_id or "")
+        return depth
+
+    async def _check_concurrency(
+        self, conn: AsyncConnection, agent: RowMapping, thread_id: str, cap: int
+    ) -> None:
+        q = select(distinct(envelopes.c.thread_id)).where(
+            envelopes.c.sender_id == agent["id"], envelopes.c.type == EV_MESSAGE
+        )
+        posted = {r[0] for r in await conn.execute(q)}
+        if thread_id in posted:
+            return
+        open_threads = [t for t in posted if (await self.ctx.hub.state(t)).status != "closed"]
+        if len(open_threads) >= cap:
+            raise RuleViolationError(
+                f"rule of {agent['name']!r}: already active in {len(open_threads)} open threads "
+                f"(max_concurrent_threads {cap})"
+            )
