@@ -210,3 +210,28 @@ def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServ
         yield srv
     finally:
         srv.stop()
+
+
+def open_network(
+    host: Org,
+    guests: dict[Org, list[tuple[str, str]]],
+    *host_members: tuple[str, str],
+    name: str = "Net",
+) -> dict[str, Any]:
+    """A network hosted by ``host`` with ``host_members`` (``(kind, id)``), joined by each guest
+    org with the members listed for it. Returns the network."""
+    net = dict(host.ok("POST", "/networks", json={"name": name}))
+    for kind, mid in host_members:
+        host.ok("POST", f"/networks/{net['id']}/members", json={f"{kind}_id": mid})
+    for guest, picks in guests.items():
+        code = host.ok("POST", f"/networks/{net['id']}/invites", json={})["join_code"]
+        guest.ok(
+            "POST",
+            "/networks/join",
+            json={
+                "code": code,
+                "agent_ids": [i for k, i in picks if k == "agent"],
+                "user_ids": [i for k, i in picks if k == "user"],
+            },
+        )
+    return net

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -76,7 +77,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(AgentNetworkError)
     async def _domain_error(_: Request, exc: AgentNetworkError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, exc.details)
+        response = _error(exc.status, exc.code, exc.message, exc.details)
+        retry_after = exc.details.get("retry_after")
+        if isinstance(retry_after, int | float):
+            response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -46,7 +46,9 @@ class Call:
 TOKEN_WRITES = (("POST", re.compile(r"^/api/v1/threads/[^/]+/messages$")),)
 # What it may not even read: its org's administration, secrets and knowledge.
 TOKEN_HIDDEN = re.compile(
-    r"^/api/v1/(audit|credentials|policy|knowledge)(/|$)|^/api/v1/agents/[^/]+/(secrets|knowledge)"
+    r"^/api/v1/(audit|credentials|policy|knowledge)(/|$)"
+    r"|^/api/v1/agents/[^/]+/(secrets|knowledge|rule)"
+    r"|^/api/v1/networks/[^/]+/(invites|visas)"
 )
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

@@ -113,13 +113,34 @@ class JoinRequest(Body):
     user_ids: list[str] = Field(default_factory=list, max_length=100)
 
 
+class Participant(Body):
+    kind: Literal["agent", "user"]
+    id: str = Field(min_length=1, max_length=40)
+
+
 class ThreadCreate(Body):
     title: str = Field(min_length=1, max_length=300)
     agent_budget: int | None = Field(default=None, ge=0, le=1000)
+    visibility: Literal["members", "restricted"] = "members"
+    participants: list[Participant] = Field(default_factory=list, max_length=200)
+
+    def participant_pairs(self) -> list[tuple[str, str]]:
+        return [(str(p.kind), p.id) for p in self.participants]
 
 
-class ThreadUpdate(Body):
-    agent_budget: int = Field(ge=0, le=1000)
+class ThreadUpdate(PatchBody):
+    agent_budget: int | None = Field(default=None, ge=0, le=1000)
+    visibility: Literal["members", "restricted"] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> ThreadUpdate:
+        if not self.model_fields_set:
+            raise ValueError("give agent_budget and/or visibility")
+        return self
+
+
+class ParticipantsAdd(Body):
+    participants: list[Participant] = Field(min_length=1, max_length=200)
 
 
 class MessageCreate(Body):
@@ -152,3 +173,14 @@ class CredentialCreate(Body):
 
 class SecretPut(Body):
     value: str = Field(min_length=1, max_length=16_384)
+
+
+class EgressRuleBody(Body):
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["email", "card_number", "secret", "regex"]
+    pattern: str | None = Field(default=None, description="a Python regex, for kind 'regex' only")
+    action: Literal["refuse", "redact"]
+
+
+class EgressPolicyBody(Body):
+    rules: list[EgressRuleBody] = Field(max_length=50)

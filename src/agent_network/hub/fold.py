@@ -18,6 +18,8 @@ EV_THREAD_CREATED = "thread.created"
 EV_MESSAGE = "message"
 EV_BUDGET_SET = "thread.budget_set"
 EV_THREAD_CLOSED = "thread.closed"
+EV_PARTICIPANTS_ADDED = "thread.participants_added"  # restricted thread widened (no state change)
+EV_VISIBILITY_SET = "thread.visibility_set"  # restricted thread opened to all members
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.settings import ModelSettings
 from sqlalchemy import exists, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import AgentNetworkError, RunawayBudgetError, ThreadClosedError
 from agent_network.hub import EV_MESSAGE
@@ -32,6 +33,7 @@ from agent_network.runtime.models import build_model, resolve_model_name
 from agent_network.runtime.prompt import build_prompt
 from agent_network.services.base import ServiceContext
 from agent_network.services.knowledge import KnowledgeService
+from agent_network.services.policy import EgressRefusedError, apply_egress, load_egress_policy
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.threads import sender_names
 from agent_network.store.audit import audit_row, insert_audit
@@ -272,6 +274,8 @@ class Runner:
             )
             if agent is None or thread is None:
                 return
+            if not await _still_member(conn, agent["id"], thread):
+                return  # removed (visa revoked, left, deleted) after the trigger was queued
             state = await self.ctx.hub.state(trigger.thread_id)
             if state.status == "closed":
                 return
@@ -359,6 +363,20 @@ class Runner:
                 org_id=agent["org_id"],
             )
             return
+        policy = await load_egress_policy(self.ctx.engine, agent["org_id"], trigger.thread_id)
+        try:
+            reply, redacted = apply_egress(policy, reply)
+        except EgressRefusedError as err:
+            await self._audit(job, "egress.refused", ", ".join(err.rules), org_id=agent["org_id"])
+            return
+        if redacted:
+            await self._audit(
+                job,
+                "egress.redacted",
+                ", ".join(redacted),
+                org_id=agent["org_id"],
+                outcome="accepted",
+            )
         try:
             self.rules.take_rate(agent)
         except RuleViolationError as err:
@@ -406,3 +424,23 @@ class Runner:
         )
         async with self.ctx.engine.begin() as conn:
             await insert_audit(conn, [row])
+
+
+async def _still_member(conn: AsyncConnection, agent_id: str, thread: Any) -> bool:
+    """The agent is (still) a member of the thread's team or network, and a participant if the
+    thread is restricted."""
+    q = select(members.c.member_id).where(
+        members.c.team_id == thread["team_id"],
+        members.c.member_kind == "agent",
+        members.c.member_id == agent_id,
+    )
+    if (await conn.execute(q)).first() is None:
+        return False
+    if thread["visibility"] != "restricted":
+        return True
+    q = select(thread_participants.c.member_id).where(
+        thread_participants.c.thread_id == thread["id"],
+        thread_participants.c.member_kind == "agent",
+        thread_participants.c.member_id == agent_id,
+    )
+    return (await conn.execute(q)).first() is not None

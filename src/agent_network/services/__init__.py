@@ -10,6 +10,7 @@ from agent_network.services.base import ServiceContext
 from agent_network.services.credentials import CredentialService
 from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.orgs import OrgService, create_admin_key, has_admin_key
+from agent_network.services.policy import PolicyService
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService
 from agent_network.services.secrets import SecretService
@@ -31,21 +32,24 @@ class Services:
     credentials: CredentialService
     secrets: SecretService
     rules: RuleService
+    policy: PolicyService
 
     @classmethod
     def create(cls, ctx: ServiceContext) -> Services:
-        """Build every service over ``ctx``."""
+        """Build every service over ``ctx`` (one RuleService: its rate windows are shared)."""
+        rules = RuleService(ctx)
         return cls(
             ctx,
             OrgService(ctx),
             AgentService(ctx),
             TeamService(ctx),
-            ThreadService(ctx),
+            ThreadService(ctx, rules=rules),
             KnowledgeService(ctx),
             AuditService(ctx),
             CredentialService(ctx),
             SecretService(ctx),
-            RuleService(ctx),
+            rules,
+            policy=PolicyService(ctx),
         )
 
 

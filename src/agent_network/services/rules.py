@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import distinct, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -153,8 +153,10 @@ class RuleService:
     async def _check_concurrency(
         self, conn: AsyncConnection, agent: RowMapping, thread_id: str, cap: int
     ) -> None:
-        q = select(distinct(envelopes.c.thread_id)).where(
-            envelopes.c.sender_id == agent["id"], envelopes.c.type == EV_MESSAGE
+        q = (
+            select(envelopes.c.thread_id)
+            .distinct()
+            .where(envelopes.c.sender_id == agent["id"], envelopes.c.type == EV_MESSAGE)
         )
         posted = {r[0] for r in await conn.execute(q)}
         if thread_id in posted:

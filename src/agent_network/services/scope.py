@@ -20,7 +20,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import NotFoundError, PermissionDeniedError
 from agent_network.services.principal import Principal
-from agent_network.store.tables import agents, members, teams, threads, users, visas
+from agent_network.store.tables import (
+    agents,
+    members,
+    teams,
+    thread_participants,
+    threads,
+    users,
+    visas,
+)
 
 
 def require_org(principal: Principal) -> str:
@@ -63,6 +71,28 @@ def team_visible_to(principal: Principal) -> Any:
             ),
         )
     return cond
+
+
+def thread_readable(principal: Principal) -> Any:
+    """SQL condition over ``threads``: a ``members`` thread, or a ``restricted`` thread the
+    principal takes part in (an org: one of its agents/users is a participant, or it created
+    the thread; a token: its own user/agent is a participant)."""
+    tp = thread_participants
+    part: Any
+    if principal.is_member_scoped:
+        part = exists().where(
+            and_(
+                tp.c.thread_id == threads.c.id,
+                tp.c.member_kind == principal.kind,
+                tp.c.member_id == principal.subject_id,
+            )
+        )
+    else:
+        org_id = require_org(principal)
+        part = (threads.c.org_id == org_id) | exists().where(
+            and_(tp.c.thread_id == threads.c.id, tp.c.org_id == org_id)
+        )
+    return (threads.c.visibility == "members") | part
 
 
 def require_org_key(principal: Principal, what: str = "this call") -> str:
@@ -132,7 +162,11 @@ async def visible_thread(
     row = (
         (
             await conn.execute(
-                select(threads).where(threads.c.id == thread_id, threads.c.deleted_at.is_(None))
+                select(threads).where(
+                    threads.c.id == thread_id,
+                    threads.c.deleted_at.is_(None),
+                    thread_readable(principal),
+                )
             )
         )
         .mappings()

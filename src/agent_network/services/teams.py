@@ -352,7 +352,7 @@ class TeamService:
                 )
             ).mappings()
             return [
-                {**{k: r[k] for k in INVITE_FIELDS}, "revoked": r["revoked_at"] is not None, "h": r["code_hash"]}
+                {**{k: r[k] for k in INVITE_FIELDS}, "revoked": r["revoked_at"] is not None}
                 for r in rows
             ]
 

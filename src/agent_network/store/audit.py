@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.model.ids import now_iso
@@ -50,18 +50,44 @@ async def read_audit(
     org_id: str,
     *,
     action: str | None = None,
+    action_prefix: str | None = None,
+    principal_id: str | None = None,
     resource_id: str | None = None,
     outcome: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
     after_id: int = 0,
+    upto_id: int | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
-    """Audit records of ``org_id`` (only), oldest first, optionally filtered."""
+    """Audit records of ``org_id`` (only), oldest first, optionally filtered.
+
+    ``action`` is exact, ``action_prefix`` a prefix (``"network."``); ``since`` (inclusive) and
+    ``until`` (exclusive) are timestamps in the stored format (:func:`now_iso`, UTC, so they
+    compare as text); ``after_id < id <= upto_id`` pages.
+    """
     q = select(audit_log).where(audit_log.c.org_id == org_id, audit_log.c.id > after_id)
+    if upto_id is not None:
+        q = q.where(audit_log.c.id <= upto_id)
     if action:
         q = q.where(audit_log.c.action == action)
+    if action_prefix:
+        q = q.where(audit_log.c.action.startswith(action_prefix, autoescape=True))
+    if principal_id:
+        q = q.where(audit_log.c.principal_id == principal_id)
     if resource_id:
         q = q.where(audit_log.c.resource_id == resource_id)
     if outcome:
         q = q.where(audit_log.c.outcome == outcome)
+    if since:
+        q = q.where(audit_log.c.created_at >= since)
+    if until:
+        q = q.where(audit_log.c.created_at < until)
     q = q.order_by(audit_log.c.id).limit(limit)
     return [dict(r._mapping) for r in (await conn.execute(q)).all()]
+
+
+async def last_audit_id(conn: AsyncConnection, org_id: str) -> int:
+    """The id of ``org_id``'s newest audit record (0 if none)."""
+    q = select(func.max(audit_log.c.id)).where(audit_log.c.org_id == org_id)
+    return int((await conn.execute(q)).scalar_one_or_none() or 0)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import StreamingResponse
 
 from agent_network.api.deps import Call, get_call
 from agent_network.api.schemas import Cursor, Limit, OrgCreate, UserCreate, UserUpdate
@@ -59,21 +63,63 @@ async def delete_user(user_id: str, call: Call = Depends(get_call)) -> Response:
     return Response(status_code=204)
 
 
+@dataclass
+class AuditQuery:
+    """The filters shared by ``/audit`` and ``/audit/export`` (validated by the service)."""
+
+    since: str | None = Query(None, max_length=64, description="ISO-8601, inclusive")
+    until: str | None = Query(None, max_length=64, description="ISO-8601, exclusive")
+    action: str | None = Query(
+        None, max_length=100, description="exact, or a prefix ending in '*' (network.*)"
+    )
+    principal_id: str | None = Query(None, max_length=100)
+    resource_id: str | None = Query(None, max_length=100)
+    outcome: str | None = Query(None, max_length=20, description="accepted or refused")
+
+    def filters(self) -> dict[str, Any]:
+        return {
+            "since": self.since,
+            "until": self.until,
+            "action": self.action,
+            "principal_id": self.principal_id,
+            "resource_id": self.resource_id,
+            "outcome": self.outcome,
+        }
+
+
 @router.get("/audit")
 async def audit(
-    action: str | None = None,
-    resource_id: str | None = None,
-    outcome: str | None = None,
+    q: AuditQuery = Depends(),
     after_id: Cursor = 0,
     limit: Limit = 100,
     call: Call = Depends(get_call),
 ) -> list[dict[str, Any]]:
-    """The caller org's own audit records, oldest first (``after_id`` to page)."""
+    """The caller org's own audit records, oldest first (``after_id`` to page).
+
+    Filters: ``since``/``until`` (ISO-8601 timestamps), ``action`` (exact or ``prefix*``),
+    ``principal_id``, ``resource_id``, ``outcome``.
+    """
     return await call.services.audit.list_records(
-        call.principal,
-        action=action,
-        resource_id=resource_id,
-        outcome=outcome,
-        after_id=after_id,
-        limit=limit,
+        call.principal, **q.filters(), after_id=after_id, limit=limit
+    )
+
+
+@router.get("/audit/export", response_class=StreamingResponse)
+async def export_audit(
+    q: AuditQuery = Depends(),
+    after_id: Cursor = 0,
+    call: Call = Depends(get_call),
+) -> StreamingResponse:
+    """Every matching audit record of the caller's org as JSON Lines (``application/x-ndjson``,
+    one record per line, oldest first), streamed; same filters as ``/audit``."""
+    records = call.services.audit.export_records(call.principal, **q.filters(), after_id=after_id)
+
+    async def lines() -> AsyncIterator[str]:
+        async for row in records:
+            yield json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": 'attachment; filename="audit.jsonl"'},
     )

@@ -73,7 +73,13 @@ def _router(kind: TeamKind) -> APIRouter:
         team_id: str, body: ThreadCreate, call: Call = Depends(get_call)
     ) -> dict[str, Any]:
         return await call.services.threads.create(
-            call.principal, team_id, body.title, kind=kind, agent_budget=body.agent_budget
+            call.principal,
+            team_id,
+            body.title,
+            kind=kind,
+            agent_budget=body.agent_budget,
+            visibility=body.visibility,
+            participants=body.participant_pairs(),
         )
 
     @router.get("/{team_id}/threads")

@@ -7,7 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from agent_network.api.deps import Call, get_call
-from agent_network.api.schemas import Cursor, Limit, MessageCreate, ThreadUpdate, Wait
+from agent_network.api.schemas import (
+    Cursor,
+    Limit,
+    MessageCreate,
+    ParticipantsAdd,
+    ThreadUpdate,
+    Wait,
+)
 
 router = APIRouter(prefix="/threads", tags=["threads"])
 
@@ -28,8 +35,21 @@ async def get_thread(thread_id: str, call: Call = Depends(get_call)) -> dict[str
 async def update_thread(
     thread_id: str, body: ThreadUpdate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
-    """Set the thread's budget of consecutive agent messages."""
-    return await call.services.threads.set_budget(call.principal, thread_id, body.agent_budget)
+    """Set the budget of consecutive agent messages and/or widen visibility to ``members``."""
+    if body.visibility is not None:
+        await call.services.threads.widen(call.principal, thread_id, visibility=body.visibility)
+    if body.agent_budget is not None:
+        await call.services.threads.set_budget(call.principal, thread_id, body.agent_budget)
+    return await call.services.threads.get(call.principal, thread_id)
+
+
+@router.post("/{thread_id}/participants")
+async def add_participants(
+    thread_id: str, body: ParticipantsAdd, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Add participants to a restricted thread (members of its team or network)."""
+    pairs: list[tuple[str, str]] = [(p.kind, p.id) for p in body.participants]
+    return await call.services.threads.widen(call.principal, thread_id, participants=pairs)
 
 
 @router.post("/{thread_id}/messages", status_code=201)

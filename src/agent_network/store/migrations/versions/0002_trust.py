@@ -38,7 +38,7 @@ def upgrade() -> None:
     op.execute(
         "INSERT INTO credentials (id, org_id, kind, subject_id, name, key_hash, scopes, "
         "created_at, revoked_at) SELECT id, org_id, 'org_key', org_id, 'initial key', key_hash, "
-        "'[\"read\", \"write\"]', created_at, revoked_at FROM org_keys"
+        '\'["read", "write"]\', created_at, revoked_at FROM org_keys'
     )
     with op.batch_alter_table("org_keys", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_org_keys_org_id"))
