@@ -34,14 +34,19 @@ async def record(
     reason: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> None:
-    """Append an audit record for an administrative act, in the caller's transaction."""
+    """Append an audit record for an administrative act, in the caller's transaction.
+
+    With ``org_id`` of another org (a cross-org act such as a join, recorded in both logs) the
+    record names the acting org, not its credential: credential ids stay private to their org.
+    """
+    foreign = org_id is not None and org_id != principal.audit_org
     await insert_audit(
         conn,
         [
             audit_row(
                 org_id=org_id or principal.audit_org,
-                principal_kind=principal.kind,
-                principal_id=principal.key_id,
+                principal_kind="org" if foreign and principal.kind != "admin" else principal.kind,
+                principal_id=principal.audit_org if foreign else principal.key_id,
                 action=action,
                 resource_kind=resource_kind,
                 resource_id=resource_id or "",

@@ -19,6 +19,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import NotFoundError, PermissionDeniedError
+from agent_network.model.envelope import Actor
 from agent_network.services.principal import Principal
 from agent_network.store.tables import (
     agents,
@@ -93,6 +94,13 @@ def thread_readable(principal: Principal) -> Any:
             and_(tp.c.thread_id == threads.c.id, tp.c.org_id == org_id)
         )
     return (threads.c.visibility == "members") | part
+
+
+def system_actor(principal: Principal) -> Actor:
+    """The sender of thread lifecycle envelopes the caller causes: its org, never the credential
+    (envelopes are read by other orgs; credential ids are private to their org)."""
+    org_id = require_org(principal)
+    return Actor("system", org_id, org_id)
 
 
 def require_org_key(principal: Principal, what: str = "this call") -> str:

@@ -19,7 +19,6 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub import EV_THREAD_CLOSED
-from agent_network.model.envelope import Actor
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal, hash_secret
@@ -28,6 +27,7 @@ from agent_network.services.scope import (
     own_agent,
     own_user,
     require_org,
+    system_actor,
     team_visible_to,
     visible_team,
 )
@@ -629,7 +629,7 @@ class TeamService:
                     select(threads.c.id).where(threads.c.team_id == network_id)
                 )
             ]
-        system = Actor("system", principal.key_id, require_org(principal))
+        system = system_actor(principal)
         for tid in thread_ids:
             if (await self.ctx.hub.state(tid)).status != "closed":
                 await self.ctx.hub.append(

@@ -38,6 +38,7 @@ from agent_network.services.scope import (
     own_agent,
     own_user,
     require_org,
+    system_actor,
     team_visible_to,
     thread_readable,
     visible_team,
@@ -108,7 +109,7 @@ class ThreadService:
                 "adapter": "open",
                 "agent_budget": budget,
             },
-            sender=Actor("system", principal.key_id, org_id),
+            sender=system_actor(principal),
         )
         row = {
             "id": thread_id,
@@ -172,7 +173,7 @@ class ThreadService:
             raise InvalidRequestError("visibility can be widened, never narrowed")
         if visibility not in (None, "members", "restricted"):
             raise InvalidRequestError("visibility must be 'members' or 'restricted'")
-        system = Actor("system", principal.key_id, require_org(principal))
+        system = system_actor(principal)
         if people and row["visibility"] == "restricted":
             await self.ctx.hub.append(
                 thread_id,
@@ -248,7 +249,7 @@ class ThreadService:
             thread_id,
             type=EV_BUDGET_SET,
             data={"agent_budget": budget},
-            sender=Actor("system", principal.key_id, require_org(principal)),
+            sender=system_actor(principal),
         )
         return await self.get(principal, thread_id)
 
