@@ -108,30 +108,18 @@ class AuditService:
         self,
         principal: Principal,
         *,
-        action: str | None = None,
-        principal_id: str | None = None,
-        resource_id: str | None = None,
-        outcome: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
         after_id: int = 0,
         limit: int = 100,
+        **filters: str | None,
     ) -> list[dict[str, Any]]:
-        """The caller org's audit records, oldest first, filtered (see :func:`audit_filter`);
-        ``after_id`` pages, ``limit`` 1-1000."""
+        """The caller org's audit records, oldest first, filtered by ``filters`` (the keyword
+        arguments of :func:`audit_filter`); ``after_id`` pages, ``limit`` 1-1000."""
         org_id = require_org(principal)
         if not 1 <= limit <= 1000:
             raise InvalidRequestError("limit must be between 1 and 1000")
         if after_id < 0:
             raise InvalidRequestError("after_id must be >= 0")
-        where = audit_filter(
-            action=action,
-            principal_id=principal_id,
-            resource_id=resource_id,
-            outcome=outcome,
-            since=since,
-            until=until,
-        )
+        where = audit_filter(**filters)
         async with self.ctx.engine.connect() as conn:
             return await read_audit(conn, org_id, **where.query(), after_id=after_id, limit=limit)
 
@@ -139,13 +127,8 @@ class AuditService:
         self,
         principal: Principal,
         *,
-        action: str | None = None,
-        principal_id: str | None = None,
-        resource_id: str | None = None,
-        outcome: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
         after_id: int = 0,
+        **filters: str | None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Every record of the caller's org matching the filters, oldest first, as it stood when
         the export began (records added meanwhile are left out). Arguments are validated now
@@ -154,14 +137,7 @@ class AuditService:
         org_id = require_org(principal)
         if after_id < 0:
             raise InvalidRequestError("after_id must be >= 0")
-        where = audit_filter(
-            action=action,
-            principal_id=principal_id,
-            resource_id=resource_id,
-            outcome=outcome,
-            since=since,
-            until=until,
-        )
+        where = audit_filter(**filters)
         return self._export(org_id, where, after_id)
 
     async def _export(
