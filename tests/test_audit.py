@@ -96,7 +96,7 @@ def test_refused_posts_are_audited_in_the_callers_org_only(
     assert b.ok("GET", f"/threads/{ids['b_thread']}")["last_seq"] == 1
 
 
-def test_token_refusals_name_the_token_and_accepted_posts_add_no_refusal(
+def test_token_acts_are_recorded_accepted_and_refused_naming_the_token(
     pair: tuple[Org, Org, dict[str, str]], server: LiveServer
 ) -> None:
     a, _b, ids = pair
@@ -114,9 +114,19 @@ def test_token_refusals_name_the_token_and_accepted_posts_add_no_refusal(
         # a token cannot read the audit log or its export
         assert_error(ann.get("/audit"), 403, "permission_denied")
         assert_error(ann.get("/audit/export"), 403, "permission_denied")
-    (rec,) = audit(a, action="envelope.message")
+    ok, rec = audit(a, action="envelope.message")
     assert rec["outcome"] == "refused" and rec["principal_kind"] == "user"
     assert rec["principal_id"] == token["credential"]["id"]
+    # the accepted post is recorded too, naming the token and the stored envelope
+    assert ok["outcome"] == "accepted" and ok["principal_kind"] == "user"
+    assert ok["principal_id"] == token["credential"]["id"]
+    assert ok["resource_id"] == ids["a_thread"] and ok["data"]["sender_id"] == ids["ann"]
+    (env,) = [
+        e
+        for e in a.ok("GET", f"/threads/{ids['a_thread']}/envelopes")["items"]
+        if e["id"] == ok["data"]["envelope_id"]
+    ]
+    assert env["seq"] == ok["data"]["seq"] and env["created_at"] == ok["created_at"]
 
 
 # --------------------------------------------------------------------------- filters
@@ -158,12 +168,17 @@ def test_filters(pair: tuple[Org, Org, dict[str, str]], server: LiveServer) -> N
 
     # resource and outcome
     on_thread = audit(a, resource_id=ids["a_thread"])
-    assert {r["action"] for r in on_thread} == {"thread.create", "envelope.message"}
+    assert {r["action"] for r in on_thread} == {
+        "thread.create",  # the administrative act
+        "envelope.thread.created",  # the envelope it appended
+        "envelope.message",
+    }
     assert audit(a, outcome="refused") == by_token
     assert audit(a, outcome="accepted") == [r for r in everything if r["outcome"] == "accepted"]
-    assert audit(a, resource_id=ids["a_thread"], outcome="accepted")[0]["action"] == (
-        "thread.create"
-    )
+    assert [r["action"] for r in audit(a, resource_id=ids["a_thread"], outcome="accepted")][:2] == [
+        "envelope.thread.created",
+        "thread.create",
+    ]
 
     # time window: since inclusive, until exclusive; 'Z', offsets and naive (= UTC) all work
     middle = everything[len(everything) // 2]

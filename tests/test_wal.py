@@ -518,7 +518,8 @@ def test_runaway_budget_refuses_the_fifth_agent_message(make_org) -> None:
     for rec, who in zip(refused, (bot, bot2), strict=True):
         assert rec["action"] == "envelope.message"
         assert rec["resource_kind"] == "thread" and rec["resource_id"] == tid
-        assert rec["principal_kind"] == "agent" and rec["principal_id"] == who["id"]
+        # the org key acted (principal); the agent it posted as is the sender
+        assert rec["principal_kind"] == "org" and rec["data"]["sender_id"] == who["id"]
         assert rec["reason"].startswith("agent_budget_exhausted")
         assert rec["org_id"] == a.id
     assert a.ok("GET", "/audit", params={"outcome": "refused", "resource_id": other}) == []

@@ -62,6 +62,7 @@ class _Pending:
     proposal: Proposal
     causation_id: str | None
     idempotency_key: str | None
+    acted_by: tuple[str, str] | None
     future: asyncio.Future[Envelope]
 
 
@@ -170,8 +171,13 @@ class Hub:
         audience: list[str] | None = None,
         causation_id: str | None = None,
         idempotency_key: str | None = None,
+        acted_by: tuple[str, str] | None = None,
     ) -> Envelope:
         """Append one envelope and return it once it is durably committed.
+
+        Every accepted or refused envelope is recorded in the sender org's audit log in the same
+        transaction (action ``envelope.<type>``); ``acted_by`` = (principal kind, principal id)
+        names the credential that acted when it is not the sender itself (default: the sender).
 
         If ``idempotency_key`` was already accepted in this thread, the original envelope is
         returned and nothing is written. Raises NotFoundError (no such thread), ThreadClosedError,
@@ -186,6 +192,7 @@ class Hub:
             Proposal(type=type, data=data, sender=sender, audience=audience),
             causation_id,
             idempotency_key,
+            acted_by,
             fut,
         )
         if len(self._queue) >= self._max_queue:
@@ -280,7 +287,9 @@ class Hub:
         if not batch:
             return
         try:
-            result = await writer.transaction(lambda session: self._prepare(session, batch))
+            await writer.transaction(
+                lambda session: self._prepare(session, batch), then=self._committed
+            )
         except Exception as exc:
             log.error("hub.commit_failed", error=repr(exc))
             for p in batch:
@@ -289,7 +298,10 @@ class Hub:
                     p.future.set_exception(
                         HubClosedError(f"the envelope was not stored ({type(exc).__name__})")
                     )
-            return
+
+    def _committed(self, result: _BatchResult) -> None:
+        """Everything after a durable commit, run on the event loop as soon as it is known:
+        new states, acknowledgements, long-poll wake-ups, fan-out (all synchronous)."""
         if result.accepted:
             self.batches += 1
         self._states.update(result.states)
@@ -335,6 +347,7 @@ class Hub:
             env = _stamp(state, p)
             work[p.thread_id] = step(state, env)
             result.accepted.append((p, env))
+            audits.append(_accepted_audit(p, env))
             if p.idempotency_key:
                 existing[(p.thread_id, p.idempotency_key)] = env
         session.insert_envelopes([env for _, env in result.accepted])
@@ -404,16 +417,31 @@ def _stamp(state: ThreadState, p: _Pending) -> Envelope:
     return Envelope(**fields, hash=envelope_hash(**fields))
 
 
+def _accepted_audit(p: _Pending, env: Envelope) -> dict[str, Any]:
+    kind, principal = p.acted_by or (env.sender_kind, env.sender_id)
+    return audit_row(
+        org_id=env.sender_org_id,
+        principal_kind=kind,
+        principal_id=principal,
+        action=f"envelope.{env.type}",
+        resource_kind="thread",
+        resource_id=env.thread_id,
+        data={"seq": env.seq, "envelope_id": env.id, "sender_id": env.sender_id},
+        created_at=env.created_at,
+    )
+
+
 def _refusal_audit(p: _Pending, err: AgentNetworkError) -> dict[str, Any]:
     sender = p.proposal.sender
+    kind, principal = p.acted_by or (sender.kind, sender.id)
     return audit_row(
         org_id=sender.org_id,
-        principal_kind=sender.kind,
-        principal_id=sender.id,
+        principal_kind=kind,
+        principal_id=principal,
         action=f"envelope.{p.proposal.type}",
         resource_kind="thread",
         resource_id=p.thread_id,
         outcome="refused",
         reason=f"{err.code}: {err.message}",
-        data={"causation_id": p.causation_id},
+        data={"causation_id": p.causation_id, "sender_id": sender.id},
     )

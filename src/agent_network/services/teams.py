@@ -638,6 +638,7 @@ class TeamService:
                     data={"reason": "network_closed"},
                     sender=system,
                     idempotency_key="network_closed",
+                    acted_by=(principal.kind, principal.key_id),
                 )
         return await self.get(principal, "network", network_id)
 

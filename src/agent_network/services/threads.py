@@ -110,6 +110,7 @@ class ThreadService:
                 "agent_budget": budget,
             },
             sender=system_actor(principal),
+            acted_by=(principal.kind, principal.key_id),
         )
         row = {
             "id": thread_id,
@@ -180,13 +181,18 @@ class ThreadService:
                 type=EV_PARTICIPANTS_ADDED,
                 sender=system,
                 data={"participants": [[p["member_kind"], p["member_id"]] for p in people]},
+                acted_by=(principal.kind, principal.key_id),
             )
             async with self.ctx.engine.begin() as conn:
                 await _add_participants(conn, thread_id, people)
                 await record(conn, principal, "thread.participants_add", "thread", thread_id)
         if visibility == "members" and row["visibility"] == "restricted":
             await self.ctx.hub.append(
-                thread_id, type=EV_VISIBILITY_SET, data={"visibility": "members"}, sender=system
+                thread_id,
+                type=EV_VISIBILITY_SET,
+                data={"visibility": "members"},
+                sender=system,
+                acted_by=(principal.kind, principal.key_id),
             )
             async with self.ctx.engine.begin() as conn:
                 await conn.execute(
@@ -250,6 +256,7 @@ class ThreadService:
             type=EV_BUDGET_SET,
             data={"agent_budget": budget},
             sender=system_actor(principal),
+            acted_by=(principal.kind, principal.key_id),
         )
         return await self.get(principal, thread_id)
 
@@ -300,6 +307,7 @@ class ThreadService:
             if idempotency_key
             else None,
             causation_id=causation_id,
+            acted_by=(principal.kind, principal.key_id),
         )
         if redactions:
             async with self.ctx.engine.begin() as conn:

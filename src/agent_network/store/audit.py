@@ -23,8 +23,9 @@ def audit_row(
     outcome: str = "accepted",
     reason: str | None = None,
     data: dict[str, Any] | None = None,
+    created_at: str | None = None,
 ) -> dict[str, Any]:
-    """One audit record as a row dict, time-stamped now (UTC)."""
+    """One audit record as a row dict, time-stamped ``created_at`` (default now, UTC)."""
     return {
         "org_id": org_id,
         "principal_kind": principal_kind,
@@ -35,7 +36,7 @@ def audit_row(
         "outcome": outcome,
         "reason": reason,
         "data": data,
-        "created_at": now_iso(),
+        "created_at": created_at or now_iso(),
     }
 
 

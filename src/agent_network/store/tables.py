@@ -239,7 +239,7 @@ audit_log = Table(
     "audit_log",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("org_id", String(40), nullable=False, index=True),
+    Column("org_id", String(40), nullable=False),
     Column("principal_kind", String(20), nullable=False),
     Column("principal_id", String(40), nullable=False),
     Column("action", String(60), nullable=False),

@@ -78,9 +78,15 @@ class WalSession(Protocol):
 
 
 class WalWriter(Protocol):
-    """Runs ``fn(session)`` in one durable transaction; rolls back if ``fn`` raises."""
+    """Runs ``fn(session)`` in one durable transaction; rolls back if ``fn`` raises.
 
-    async def transaction(self, fn: Callable[[WalSession], T]) -> T: ...
+    ``then`` (optional) is called on the event loop with ``fn``'s result right after the commit,
+    before the awaiting coroutine resumes (one loop iteration sooner than code after the await).
+    """
+
+    async def transaction(
+        self, fn: Callable[[WalSession], T], then: Callable[[T], None] | None = None
+    ) -> T: ...
 
     async def aclose(self) -> None: ...
 
@@ -188,7 +194,8 @@ class SqliteWalWriter:
     def __init__(self, path: str) -> None:
         self._path = path
         self._jobs: queue.SimpleQueue[
-            tuple[Callable[[WalSession], Any], asyncio.Future[Any]] | None
+            tuple[Callable[[WalSession], Any], Callable[[Any], None] | None, asyncio.Future[Any]]
+            | None
         ]
         self._jobs = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="wal-writer", daemon=True)
@@ -220,7 +227,7 @@ class SqliteWalWriter:
         session = _SqliteSession(conn)
         try:
             while (job := self._jobs.get()) is not None:
-                fn, fut = job
+                fn, then, fut = job
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
@@ -230,20 +237,23 @@ class SqliteWalWriter:
                         raise
                     conn.execute("COMMIT")
                 except BaseException as exc:  # handed to the awaiting coroutine
-                    fut.get_loop().call_soon_threadsafe(_settle, fut, None, exc)
+                    fut.get_loop().call_soon_threadsafe(_settle, fut, None, exc, None)
                 else:
-                    fut.get_loop().call_soon_threadsafe(_settle, fut, result, None)
+                    fut.get_loop().call_soon_threadsafe(_settle, fut, result, None, then)
         finally:
             conn.close()
 
-    async def transaction(self, fn: Callable[[WalSession], T]) -> T:
-        """Run ``fn`` and commit in the writer thread; returns ``fn``'s result.
+    async def transaction(
+        self, fn: Callable[[WalSession], T], then: Callable[[T], None] | None = None
+    ) -> T:
+        """Run ``fn`` and commit in the writer thread; returns ``fn``'s result (``then``: see
+        :class:`WalWriter`).
 
         Cancelling the caller does not stop a transaction already handed over; callers that must
         know its outcome shield the await (the hub does).
         """
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((fn, fut))
+        self._jobs.put((fn, then, fut))
         return await fut
 
     async def aclose(self) -> None:
@@ -253,7 +263,17 @@ class SqliteWalWriter:
             await anyio.to_thread.run_sync(self._thread.join)
 
 
-def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+def _settle(
+    fut: asyncio.Future[Any],
+    result: Any,
+    exc: BaseException | None,
+    then: Callable[[Any], None] | None,
+) -> None:
+    if exc is None and then is not None:
+        try:
+            then(result)
+        except BaseException as err:  # reported to the awaiting coroutine
+            exc = err
     if fut.done():
         return
     if exc is not None:
@@ -305,10 +325,15 @@ class SqlAlchemyWalWriter:
         """Open the writer's dedicated connection."""
         return cls(await engine.connect())
 
-    async def transaction(self, fn: Callable[[WalSession], T]) -> T:
-        """Run ``fn`` on the sync facade of the connection inside one transaction."""
+    async def transaction(
+        self, fn: Callable[[WalSession], T], then: Callable[[T], None] | None = None
+    ) -> T:
+        """Run ``fn`` on the sync facade of the connection inside one transaction, then ``then``."""
         async with self._conn.begin():
-            return await self._conn.run_sync(lambda c: fn(_SqlAlchemySession(c)))
+            result = await self._conn.run_sync(lambda c: fn(_SqlAlchemySession(c)))
+        if then is not None:
+            then(result)
+        return result
 
     async def aclose(self) -> None:
         """Close the connection."""
