@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -105,6 +107,7 @@ agents = Table(
     Column("model", String(200)),
     Column("metadata", JSON, nullable=False, default=dict),
     Column("rule", JSON),  # agent_network.model.rule.Rule as JSON; NULL: no restrictions
+    Column("resume", JSON),  # {"capabilities": [...], "domains": [...], "summary": "..."}
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     Column("deleted_at", String(32)),
@@ -261,6 +264,35 @@ runner_cursors = Table(
     Column("thread_id", String(40), nullable=False),
     Column("seq", Integer, nullable=False),
     PrimaryKeyConstraint("agent_id", "thread_id"),
+)
+
+# Durable delivery cursors of realtime subscribers (WebSocket and SDK): the last seq a named
+# consumer acknowledged in a thread. ``subscriber_id`` is the principal's subject (the user or
+# agent of a token, the org of an org key); ``name`` tells a subject's consumers apart.
+delivery_cursors = Table(
+    "delivery_cursors",
+    metadata,
+    Column("subscriber_id", String(40), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("thread_id", String(40), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    PrimaryKeyConstraint("subscriber_id", "name", "thread_id"),
+)
+
+# Work claims of runners: who is answering which trigger for which agent, until when. A claim
+# whose lease expired (``expires_at`` in epoch seconds) may be taken over; ``done`` marks a
+# trigger answered (or deliberately skipped) so no runner takes it again.
+runner_claims = Table(
+    "runner_claims",
+    metadata,
+    Column("agent_id", String(40), nullable=False),
+    Column("thread_id", String(40), nullable=False),
+    Column("trigger_seq", Integer, nullable=False),
+    Column("runner_id", String(100), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("done", Boolean, nullable=False, default=False),
+    PrimaryKeyConstraint("agent_id", "thread_id", "trigger_seq"),
 )
 
 knowledge_documents = Table(
