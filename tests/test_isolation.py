@@ -277,7 +277,12 @@ def test_a_visa_to_one_network_reveals_nothing_else(make_org) -> None:
         e for e in a_audit if (e["action"], e["outcome"]) == ("envelope.message", "refused")
     ]
     assert own_refusals  # A's attempts on B's thread are in A's log, as A sent them
-    rest = [e for e in a_audit if e not in own_refusals]
+    # A's own accepted post into the shared thread is A's act, recorded in A's log
+    own_posts = [e for e in a_audit if e["action"] == "envelope.message" and e not in own_refusals]
+    assert [(e["resource_id"], e["data"]["sender_id"]) for e in own_posts] == [
+        (sth["id"], mine["agent"])
+    ]
+    rest = [e for e in a_audit if e not in own_refusals and e not in own_posts]
     assert ids["thread"] not in str(rest) and sth["id"] not in str(rest)
     b_joins = b.ok("GET", "/audit", params={"action": "network.join"})
     assert [e["resource_id"] for e in b_joins] == [shared["id"]]

@@ -4,6 +4,7 @@
 - ``admin-key``: create another platform admin key.
 - ``demo``: the two-company demo (see :mod:`agent_network.demo`).
 - ``thread show`` / ``thread verify`` / ``thread list``: inspect a database file offline.
+- ``runner``: run the routines of a credential's agents in a separate process (remote runner).
 """
 
 from __future__ import annotations
@@ -52,9 +53,8 @@ def serve(
     ] = None,
 ) -> None:
     """Run the API server on the embedded database (REST under /api/v1)."""
-    import uvicorn
-
     from agent_network.api import create_app
+    from agent_network.api.server import serve as serve_app
     from agent_network.services import create_admin_key, has_admin_key
     from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
@@ -78,7 +78,7 @@ def serve(
     )
     if key:
         console.print(f"Platform admin key (shown once, keep it): [bold yellow]{key}[/]")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    serve_app(create_app(settings), host=settings.host, port=settings.port)
 
 
 @app.command("admin-key")
@@ -245,3 +245,104 @@ def knowledge_add(
         raise typer.Exit(1)
     for doc in r.json():
         console.print(f"{doc['id']}  {doc['name']}  ({doc['chunks']} chunks)")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+@app.command()
+def runner(
+    url: Annotated[str, typer.Option(help="server URL")] = "http://127.0.0.1:8321",
+    token: Annotated[
+        str,
+        typer.Option(
+            help="org key (runs every agent of the org) or agent token (runs that agent)",
+            envvar="AGENT_NETWORK_TOKEN",
+            show_default=False,
+        ),
+    ] = "",
+    runner_id: Annotated[
+        str | None, typer.Option(help="name in claims (default: unique per process)")
+    ] = None,
+    lease: Annotated[
+        float, typer.Option(min=0.1, max=3600, help="claim lease in seconds (renewed while busy)")
+    ] = 30.0,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="triggers answered at once")] = 2,
+    relist: Annotated[
+        float, typer.Option(min=0.1, help="seconds between re-reading agents and threads")
+    ] = 10.0,
+    poll_wait: Annotated[
+        float, typer.Option(min=0, max=60, help="long-poll seconds per request")
+    ] = 20.0,
+    model: Annotated[
+        str | None,
+        typer.Option(help="model for agents without one [env AGENT_NETWORK_MODEL], e.g. 'test'"),
+    ] = None,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--import",
+            help="Python module to import first (e.g. one calling register_model); repeatable",
+        ),
+    ] = None,
+) -> None:
+    """Run the participate routines of the agents a credential owns, in this process.
+
+    Follows their threads over REST (long-poll), claims each trigger with a lease so that
+    several runners (and the server's in-process runner) share the work, and posts each reply
+    once. Stops cleanly on SIGTERM / SIGINT; a crashed runner's claims expire after the lease.
+    """
+    import importlib
+    import signal
+
+    from agent_network.client import ApiError, AsyncClient
+    from agent_network.runtime.remote import RemoteRunner
+
+    if not token:
+        console.print("[red]give the credential with --token or AGENT_NETWORK_TOKEN[/]")
+        raise typer.Exit(2)
+    for name in plugin or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            console.print(f"[red]cannot import {name!r}: {exc}[/]")
+            raise typer.Exit(2) from None
+    default_model = model or Settings().model
+
+    async def run() -> int:
+        refused: list[BaseException] = []
+        try:
+            async with AsyncClient(url, token) as client, anyio.create_task_group() as tg:
+                remote = RemoteRunner(
+                    client,
+                    runner_id=runner_id,
+                    lease_seconds=lease,
+                    workers=workers,
+                    relist_seconds=relist,
+                    poll_wait=poll_wait,
+                    default_model=default_model,
+                )
+
+                async def stop_on_signal() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for _ in signals:
+                            typer.echo(f"runner {remote.runner_id} stopping")
+                            tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(stop_on_signal)
+                await tg.start(remote.run)
+                typer.echo(f"runner {remote.runner_id} running against {url}")
+        except* ApiError as group:
+            refused.extend(_leaves(group))
+        if refused:
+            typer.echo(f"runner stopped: the server refused it: {refused[0]}", err=True)
+            return 1
+        typer.echo("runner stopped")
+        return 0
+
+    raise typer.Exit(anyio.run(run))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +19,10 @@ class Settings(BaseSettings):
     - ``knowledge_chunks``: how many knowledge chunks go into an agent's prompt.
     - ``secret_key``: Fernet key encrypting agent secrets (``AGENT_NETWORK_SECRET_KEY``); without
       it a key file beside the SQLite database is used.
+    - ``ws_heartbeat``: seconds between the server's ``ping`` frames on a WebSocket
+      (``docs/protocol.md``); a client silent for 3 heartbeats is closed.
+    - ``ws_buffer``: frames a WebSocket connection may have waiting to be written before it is
+      disconnected as ``lagged``.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGENT_NETWORK_")
@@ -31,3 +36,5 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8321
+    ws_heartbeat: float = Field(default=20.0, gt=0)
+    ws_buffer: int = Field(default=1000, ge=8)

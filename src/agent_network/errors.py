@@ -87,3 +87,24 @@ class ModelUnavailableError(AgentNetworkError):
 
     code = "model_unavailable"
     status = 422
+
+
+class NotYourTurnError(AgentNetworkError):
+    """The thread's adapter expects someone else to speak now (turn order of the protocol)."""
+
+    code = "not_your_turn"
+    status = 409
+
+
+class ProtocolViolationError(AgentNetworkError):
+    """The envelope breaks the thread's protocol: not a participant, not acked yet, a second
+    question in a consulting thread, an envelope type the adapter does not accept..."""
+
+    code = "protocol_violation"
+    status = 409
+
+
+class InvalidAudienceError(InvalidRequestError):
+    """An envelope's ``audience`` names someone who is not a participant of the thread."""
+
+    code = "invalid_audience"

@@ -1,10 +1,125 @@
 """Thread adapters: the protocol of a thread (who may send what, when it closes).
 
 An adapter is pure: it sees the thread's folded state and the proposed envelope and either
-returns or raises a typed error. Only ``open`` exists so far; the registry lets more be added.
+returns or raises a typed error before anything is written; its own state is a fold of the
+thread's WAL. Built in: ``open`` (the default), ``conversation``, ``consulting``,
+``discussion`` and ``workflow`` (driven by a :class:`TransitionGraph`). Add your own with
+:func:`register_adapter` (see its docstring for an example).
 """
 
-from agent_network.adapters.base import Adapter, Proposal, get_adapter, register_adapter
+from agent_network.adapters.base import (
+    Adapter,
+    BaseAdapter,
+    Proposal,
+    adapter_names,
+    get_adapter,
+    register_adapter,
+)
+from agent_network.adapters.consulting import ConsultingAdapter, ConsultingState
+from agent_network.adapters.conversation import ConversationAdapter
+from agent_network.adapters.discussion import DiscussionAdapter, DiscussionState
+from agent_network.adapters.graph import (
+    AgentTarget,
+    Always,
+    Condition,
+    ContextEquals,
+    Finish,
+    FromSpeaker,
+    GraphError,
+    Handoff,
+    RevertToInitiatorTarget,
+    RoundRobinTarget,
+    StayTarget,
+    Target,
+    Terminated,
+    TerminateTarget,
+    ToolCalled,
+    ToolSpec,
+    Transition,
+    TransitionGraph,
+    Turn,
+    parse_tool_calls,
+    register_condition,
+    register_target,
+    tool_call,
+)
+from agent_network.adapters.lifecycle import admit, check_created, may_speak, thread_created_data
+from agent_network.adapters.model import (
+    EXPECTATION_KINDS,
+    HANDLERS,
+    STATUS_ACTIVE,
+    STATUS_CLOSED,
+    STATUS_CLOSING,
+    STATUS_INVITED,
+    STATUS_OPEN,
+    Expectation,
+    Knobs,
+    Mark,
+    OpenRequest,
+    acks_within,
+    max_silence,
+    reply_within,
+    turn_within,
+)
 from agent_network.adapters.open import OpenAdapter
+from agent_network.adapters.workflow import WorkflowAdapter, WorkflowState, tools_for
 
-__all__ = ["Adapter", "OpenAdapter", "Proposal", "get_adapter", "register_adapter"]
+__all__ = [
+    "EXPECTATION_KINDS",
+    "HANDLERS",
+    "STATUS_ACTIVE",
+    "STATUS_CLOSED",
+    "STATUS_CLOSING",
+    "STATUS_INVITED",
+    "STATUS_OPEN",
+    "Adapter",
+    "AgentTarget",
+    "Always",
+    "BaseAdapter",
+    "Condition",
+    "ConsultingAdapter",
+    "ConsultingState",
+    "ContextEquals",
+    "ConversationAdapter",
+    "DiscussionAdapter",
+    "DiscussionState",
+    "Expectation",
+    "Finish",
+    "FromSpeaker",
+    "GraphError",
+    "Handoff",
+    "Knobs",
+    "Mark",
+    "OpenAdapter",
+    "OpenRequest",
+    "Proposal",
+    "RevertToInitiatorTarget",
+    "RoundRobinTarget",
+    "StayTarget",
+    "Target",
+    "TerminateTarget",
+    "Terminated",
+    "ToolCalled",
+    "ToolSpec",
+    "Transition",
+    "TransitionGraph",
+    "Turn",
+    "WorkflowAdapter",
+    "WorkflowState",
+    "acks_within",
+    "adapter_names",
+    "admit",
+    "check_created",
+    "get_adapter",
+    "max_silence",
+    "may_speak",
+    "parse_tool_calls",
+    "register_adapter",
+    "register_condition",
+    "register_target",
+    "reply_within",
+    "thread_created_data",
+    "tool_call",
+    "tools_for",
+    "turn_within",
+]

@@ -20,6 +20,8 @@ from agent_network.api.routes import (
     knowledge,
     orgs,
     policy,
+    realtime,
+    runners,
     teams,
     threads,
 )
@@ -57,12 +59,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with Hub.open(engine) as hub, anyio.create_task_group() as tg:
                 ctx = ServiceContext(engine, hub, settings)
                 app.state.services = Services.create(ctx)
+                await tg.start(app.state.services.realtime.run)
                 app.state.runner = None
                 if settings.run_routines:
                     runner = Runner(ctx, rules=app.state.services.rules)
                     await tg.start(runner.run)
                     app.state.runner = runner
                 yield
+                await app.state.services.realtime.shutdown()
                 tg.cancel_scope.cancel()
         finally:
             await engine.dispose()
@@ -113,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         teams.teams_router,
         teams.networks_router,
         threads.router,
+        runners.router,
+        realtime.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
     return app

@@ -43,7 +43,10 @@ class Call:
 
 
 # What a user or agent token may do besides reading: post into its threads as itself.
-TOKEN_WRITES = (("POST", re.compile(r"^/api/v1/threads/[^/]+/messages$")),)
+TOKEN_WRITES = (
+    ("POST", re.compile(r"^/api/v1/threads/[^/]+/messages$")),
+    ("POST", re.compile(r"^/api/v1/claims(/complete)?$")),  # an agent token runs its agent
+)
 # What it may not even read: its org's administration, secrets and knowledge.
 TOKEN_HIDDEN = re.compile(
     r"^/api/v1/(audit|credentials|policy|knowledge)(/|$)"

@@ -153,6 +153,12 @@ class MessageCreate(Body):
         max_length=150,
         description="scoped to the sender: the same key from the same sender returns the original",
     )
+    causation_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=40,
+        description="id of the envelope of this thread this message answers (a runner's trigger)",
+    )
 
 
 class Document(Body):

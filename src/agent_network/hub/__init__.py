@@ -1,12 +1,19 @@
-"""The hub: append path, fold, subscriptions."""
+"""The hub: append path, fold, subscriptions, deadline sweeper."""
 
+from agent_network.hub.expectations import HUB_SENDER_ID, Due, Sweeper, due_now, next_due
 from agent_network.hub.fold import (
     DEFAULT_AGENT_BUDGET,
     EV_BUDGET_SET,
+    EV_CONTEXT_SET,
+    EV_EXPECTATION_VIOLATED,
     EV_MESSAGE,
+    EV_NOTIFY,
     EV_PARTICIPANTS_ADDED,
+    EV_THREAD_ACK,
     EV_THREAD_CLOSED,
+    EV_THREAD_CLOSING,
     EV_THREAD_CREATED,
+    EV_THREAD_REJECT,
     EV_VISIBILITY_SET,
     ThreadState,
     fold,
@@ -17,16 +24,27 @@ from agent_network.hub.hub import Hub, HubClosedError, Subscription, VerifyRepor
 __all__ = [
     "DEFAULT_AGENT_BUDGET",
     "EV_BUDGET_SET",
+    "EV_CONTEXT_SET",
+    "EV_EXPECTATION_VIOLATED",
     "EV_MESSAGE",
+    "EV_NOTIFY",
     "EV_PARTICIPANTS_ADDED",
+    "EV_THREAD_ACK",
     "EV_THREAD_CLOSED",
+    "EV_THREAD_CLOSING",
     "EV_THREAD_CREATED",
+    "EV_THREAD_REJECT",
     "EV_VISIBILITY_SET",
+    "HUB_SENDER_ID",
+    "Due",
     "Hub",
     "HubClosedError",
     "Subscription",
+    "Sweeper",
     "ThreadState",
     "VerifyReport",
+    "due_now",
     "fold",
+    "next_due",
     "step",
 ]

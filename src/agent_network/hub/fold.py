@@ -1,25 +1,69 @@
 """Thread state as a pure function of its envelopes (the fold).
 
 ``fold(envelopes)`` and ``step(state, envelope)`` never touch the store, the clock or anything
-else; a restart that replays the same WAL therefore rebuilds exactly the same state.
+else; a restart that replays the same WAL therefore rebuilds exactly the same state. The
+lifecycle (invited -> active/open -> closing -> closed), the adapter's own state and the
+bookkeeping the sweeper needs for deadlines (marks of the envelopes that start them, the
+violations already fired) are all part of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
+from agent_network.adapters import get_adapter
+from agent_network.adapters.model import (
+    EV_BUDGET_SET,
+    EV_CONTEXT_SET,
+    EV_EXPECTATION_VIOLATED,
+    EV_MESSAGE,
+    EV_NOTIFY,
+    EV_PARTICIPANTS_ADDED,
+    EV_THREAD_ACK,
+    EV_THREAD_CLOSED,
+    EV_THREAD_CLOSING,
+    EV_THREAD_CREATED,
+    EV_THREAD_REJECT,
+    EV_VISIBILITY_SET,
+    EXPECTATION_REASON_PREFIX,
+    LIVE_STATUSES,
+    REASON_CLOSED,
+    REASON_INVITE_REJECTED,
+    STATUS_ACTIVE,
+    STATUS_CLOSED,
+    STATUS_INVITED,
+    STATUS_OPEN,
+    Knobs,
+    Mark,
+    Participant,
+    begin_closing,
+    parse_open,
+)
 from agent_network.model.envelope import GENESIS_HASH, Envelope
 
 DEFAULT_AGENT_BUDGET = 4
+NO_KNOBS = Knobs()
 
-# Envelope types written by the hub and services.
-EV_THREAD_CREATED = "thread.created"
-EV_MESSAGE = "message"
-EV_BUDGET_SET = "thread.budget_set"
-EV_THREAD_CLOSED = "thread.closed"
-EV_PARTICIPANTS_ADDED = "thread.participants_added"  # restricted thread widened (no state change)
-EV_VISIBILITY_SET = "thread.visibility_set"  # restricted thread opened to all members
+__all__ = [
+    "DEFAULT_AGENT_BUDGET",
+    "EV_BUDGET_SET",
+    "EV_CONTEXT_SET",
+    "EV_EXPECTATION_VIOLATED",
+    "EV_MESSAGE",
+    "EV_NOTIFY",
+    "EV_PARTICIPANTS_ADDED",
+    "EV_THREAD_ACK",
+    "EV_THREAD_CLOSED",
+    "EV_THREAD_CLOSING",
+    "EV_THREAD_CREATED",
+    "EV_THREAD_REJECT",
+    "EV_VISIBILITY_SET",
+    "ThreadState",
+    "fold",
+    "step",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,35 +72,139 @@ class ThreadState:
 
     ``consecutive_agent`` counts agent messages since the last message from a person;
     ``agent_budget`` is how many such messages the thread accepts (the runaway guard).
+
+    Protocol fields (defaults = an ``open`` thread as before protocols): ``org_id`` of the
+    thread's creator (the hub's own envelopes are sent in its name); ``created`` marks
+    ``thread.created``; ``participants``/``initiator`` as ``(kind, id)``; ``pending_acks`` the
+    invitees still to ack; ``knobs`` (ttl, ack_timeout, expectations, names); ``active_since``
+    marks the envelope that made the thread live; ``last_message``, ``awaiting_reply`` (the
+    first message of the latest speaker, waiting for someone else to answer) and
+    ``turn_started`` mark what the sweeper's deadlines run from (kept up to date only in
+    threads with expectations, the only ones that use them); ``expected_speaker`` is whose
+    turn it is (None = anyone, or nobody when not live); ``close_reason`` and ``closing`` (mark
+    of the envelope that started closing); ``fired`` the idempotency keys of expectation
+    violations and notices already written; ``protocol`` the adapter's own (hashable) state.
+    Every field is immutable, so states compare and hash: live state == fold(stored WAL).
     """
 
     thread_id: str
     last_seq: int = 0
     head_hash: str = GENESIS_HASH
-    status: str = "open"
+    status: str = STATUS_OPEN
     adapter: str = "open"
     agent_budget: int = DEFAULT_AGENT_BUDGET
     consecutive_agent: int = 0
     messages: int = 0
+    org_id: str = ""
+    created: Mark | None = None
+    participants: tuple[Participant, ...] = ()
+    initiator: Participant | None = None
+    pending_acks: tuple[Participant, ...] = ()
+    knobs: Knobs = NO_KNOBS
+    active_since: Mark | None = None
+    last_message: Mark | None = None
+    awaiting_reply: Mark | None = None
+    turn_started: Mark | None = None
+    expected_speaker: str | None = None
+    close_reason: str | None = None
+    closing: Mark | None = None
+    fired: frozenset[str] = frozenset()
+    protocol: object = None
+
+    @property
+    def participant_ids(self) -> tuple[str, ...]:
+        """Ids of the participants, in order (empty for an open thread without a list)."""
+        return tuple(pid for _, pid in self.participants)
+
+    @property
+    def live(self) -> bool:
+        """True when messages may be sent (status ``open`` or ``active``)."""
+        return self.status in LIVE_STATUSES
 
 
 def step(state: ThreadState, env: Envelope) -> ThreadState:
     """Apply one envelope to ``state`` and return the new state (``state`` is unchanged)."""
-    changes: dict[str, object] = {"last_seq": env.seq, "head_hash": env.hash}
-    if env.type == EV_THREAD_CREATED:
-        changes["adapter"] = str(env.data.get("adapter", "open"))
-        changes["agent_budget"] = int(env.data.get("agent_budget", DEFAULT_AGENT_BUDGET))
-    elif env.type == EV_MESSAGE:
-        changes["messages"] = state.messages + 1
-        if env.sender_kind == "agent":
-            changes["consecutive_agent"] = state.consecutive_agent + 1
-        elif env.sender_kind == "user":
-            changes["consecutive_agent"] = 0
-    elif env.type == EV_BUDGET_SET:
-        changes["agent_budget"] = int(env.data["agent_budget"])
-    elif env.type == EV_THREAD_CLOSED:
-        changes["status"] = "closed"
-    return replace(state, **changes)  # type: ignore[arg-type]
+    kind = env.type
+    changes: dict[str, Any] = {"last_seq": env.seq, "head_hash": env.hash}
+    if kind == EV_MESSAGE:  # the hot path: one copy of the state for an open thread
+        _message(state, env, changes)
+        s = replace(state, **changes)
+    elif kind == EV_THREAD_CREATED:
+        s = _created(replace(state, **changes), env)
+    else:
+        s = replace(state, **changes)
+        if kind == EV_BUDGET_SET:
+            s = replace(s, agent_budget=int(env.data["agent_budget"]))
+        elif kind == EV_THREAD_ACK:
+            s = _ack(s, env)
+        elif kind == EV_THREAD_REJECT:
+            s = begin_closing(s, REASON_INVITE_REJECTED, env)
+        elif kind == EV_THREAD_CLOSING:
+            s = begin_closing(s, str(env.data.get("reason") or REASON_CLOSED), env)
+        elif kind == EV_THREAD_CLOSED:
+            reason = env.data.get("reason")
+            s = replace(
+                s, status=STATUS_CLOSED, close_reason=str(reason) if reason else s.close_reason
+            )
+        elif kind == EV_EXPECTATION_VIOLATED:
+            s = replace(s, fired=s.fired | {str(env.data["key"])})
+            if env.data.get("handler") == "auto_close":
+                s = begin_closing(s, f"{EXPECTATION_REASON_PREFIX}{env.data['name']}", env)
+        elif kind == EV_NOTIFY and isinstance(env.data.get("key"), str):
+            s = replace(s, fired=s.fired | {env.data["key"]})
+    adapter = get_adapter(s.adapter)
+    if kind != EV_THREAD_CREATED:
+        s = adapter.apply(s, env)
+    expected = adapter.expected_speaker(s) if s.status in LIVE_STATUSES else None
+    return s if expected == s.expected_speaker else replace(s, expected_speaker=expected)
+
+
+def _created(s: ThreadState, env: Envelope) -> ThreadState:
+    request = parse_open(env.data)
+    adapter = get_adapter(request.adapter)
+    mark = Mark.of(env)
+    live = STATUS_OPEN if request.adapter == "open" else STATUS_ACTIVE
+    s = replace(
+        s,
+        adapter=request.adapter,
+        agent_budget=int(env.data.get("agent_budget", DEFAULT_AGENT_BUDGET)),
+        org_id=env.sender_org_id,
+        created=mark,
+        participants=request.participants,
+        initiator=request.initiator,
+        pending_acks=request.invitees,
+        knobs=request.knobs,
+        status=STATUS_INVITED if request.invitees else live,
+        active_since=None if request.invitees else mark,
+        turn_started=None if request.invitees else mark,
+    )
+    return adapter.opened(s, env)
+
+
+def _message(s: ThreadState, env: Envelope, changes: dict[str, Any]) -> None:
+    changes["messages"] = s.messages + 1
+    if env.sender_kind == "agent":
+        changes["consecutive_agent"] = s.consecutive_agent + 1
+    elif env.sender_kind == "user":
+        changes["consecutive_agent"] = 0
+    if not s.knobs.expectations:
+        return  # the marks below only feed expectation deadlines
+    mark = Mark.of(env)
+    awaiting = s.awaiting_reply
+    if awaiting is None or awaiting.sender != env.sender_id:
+        awaiting = mark  # a new speaker: this message now waits for someone else's answer
+    changes["last_message"] = mark
+    changes["awaiting_reply"] = awaiting
+    changes["turn_started"] = mark
+
+
+def _ack(s: ThreadState, env: Envelope) -> ThreadState:
+    pending = tuple(p for p in s.pending_acks if p != (env.sender_kind, env.sender_id))
+    if pending or s.status != STATUS_INVITED:
+        return replace(s, pending_acks=pending)
+    mark = Mark.of(env)
+    live = STATUS_OPEN if s.adapter == "open" else STATUS_ACTIVE
+    return replace(s, pending_acks=(), status=live, active_since=mark, turn_started=mark)
 
 
 def fold(thread_id: str, envelopes: Iterable[Envelope]) -> ThreadState:

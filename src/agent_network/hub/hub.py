@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,14 +25,15 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agent_network.adapters import Proposal, get_adapter
+from agent_network.adapters import Proposal
+from agent_network.adapters.lifecycle import admit
 from agent_network.errors import (
     AgentNetworkError,
     NotFoundError,
-    RunawayBudgetError,
     ThreadClosedError,
 )
-from agent_network.hub.fold import EV_MESSAGE, EV_THREAD_CREATED, ThreadState, fold, step
+from agent_network.hub.expectations import Sweeper
+from agent_network.hub.fold import EV_THREAD_CREATED, ThreadState, fold, step
 from agent_network.model.envelope import Actor, Envelope, envelope_hash
 from agent_network.model.ids import new_id, now_iso
 from agent_network.store.audit import audit_row
@@ -91,27 +92,75 @@ class VerifyReport:
 
 @dataclass(eq=False)
 class Subscription:
-    """A live feed of committed envelopes (all threads, or ``thread_ids`` only).
+    """A live feed of committed envelopes: of every thread, or of a set of threads that may
+    change while it runs (:meth:`add_thread`, :meth:`discard_thread`).
 
-    Iterate it with ``async for``. The buffer is bounded: a subscriber that falls further behind
-    than ``buffer`` envelopes is dropped and ``lagged`` becomes True; it must then catch up from
-    the store with its own cursor (the log is the truth, the feed only a hint).
+    Iterate it with ``async for`` (or take what is waiting with :meth:`receive_batch`). The
+    buffer is bounded: a subscriber that falls further behind than ``buffer`` envelopes is
+    dropped and ``lagged`` becomes True; it must then catch up from the store with its own
+    cursor (the log is the truth, the feed only a hint).
     """
 
-    thread_ids: frozenset[str] | None
+    _threads: set[str] | None
     _send: MemoryObjectSendStream[Envelope]
     _recv: MemoryObjectReceiveStream[Envelope]
     lagged: bool = False
     _hub: Hub | None = field(default=None, repr=False)
 
+    @property
+    def thread_ids(self) -> frozenset[str] | None:
+        """The threads followed now (None: every thread)."""
+        return None if self._threads is None else frozenset(self._threads)
+
+    @property
+    def closed(self) -> bool:
+        """True once the subscription stopped (closed, or dropped for lagging)."""
+        return self._hub is None
+
+    def add_thread(self, thread_id: str) -> None:
+        """Also receive envelopes of ``thread_id`` from now on (those committed after this call).
+
+        ValueError on a subscription to every thread. No effect once closed.
+        """
+        if self._threads is None:
+            raise ValueError("this subscription already follows every thread")
+        if self._hub is not None and thread_id not in self._threads:
+            self._threads.add(thread_id)
+            self._hub._by_thread.setdefault(thread_id, set()).add(self)
+
+    def discard_thread(self, thread_id: str) -> None:
+        """Stop receiving envelopes of ``thread_id`` (no error if it was not followed)."""
+        if self._threads is None or thread_id not in self._threads:
+            return
+        self._threads.discard(thread_id)
+        if self._hub is not None:
+            self._hub._unindex(self, thread_id)
+
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self._recv.__aiter__()
 
+    async def receive_batch(self, limit: int = 1000) -> list[Envelope]:
+        """Wait for the next envelope; return it with those already waiting (at most ``limit``,
+        in commit order). Returns ``[]`` once the subscription is closed (check ``lagged``)."""
+        try:
+            out = [await self._recv.receive()]
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return []
+        while len(out) < limit:
+            try:
+                out.append(self._recv.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+        return out
+
     def close(self) -> None:
         """Stop receiving; safe to call more than once."""
-        if self._hub is not None:
-            self._hub._subscribers.discard(self)
-            self._hub = None
+        hub, self._hub = self._hub, None
+        if hub is not None:
+            hub._subscribers.discard(self)
+            hub._everything.discard(self)
+            for thread_id in self._threads or ():
+                hub._unindex(self, thread_id)
         self._send.close()
         self._recv.close()
 
@@ -133,6 +182,10 @@ class Hub:
         self._wakeup = asyncio.Event()
         self._max_queue = max_queue
         self._subscribers: set[Subscription] = set()
+        # Fan-out index: subscriptions to every thread, and per thread id the subscriptions
+        # following it, so a batch costs O(subscribers of its threads), not O(all subscribers).
+        self._everything: set[Subscription] = set()
+        self._by_thread: dict[str, set[Subscription]] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._closed = False
         self.batches = 0  # number of committed transactions (exposed for benchmarks)
@@ -140,12 +193,22 @@ class Hub:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, engine: AsyncEngine, *, max_batch: int = 1000, max_queue: int = 100_000
+        cls,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = 1000,
+        max_queue: int = 100_000,
+        sweep_interval: float | None = 1.0,
     ) -> AsyncIterator[Hub]:
-        """Start the committer task; on exit, stop it and fail whatever was still queued."""
+        """Start the committer task; on exit, stop it and fail whatever was still queued.
+
+        ``sweep_interval`` (seconds) runs the deadline sweeper (TTL, ack timeouts,
+        expectations, closing -> closed) with the wall clock; None or 0 disables the task
+        (``sweep(now)`` still works, e.g. for tests that drive time themselves).
+        """
         hub = cls(engine, max_batch=max_batch, max_queue=max_queue)
         async with anyio.create_task_group() as tg:
-            await hub._start(tg)
+            await hub._start(tg, sweep_interval)
             try:
                 yield hub
             finally:
@@ -155,9 +218,12 @@ class Hub:
         for sub in list(hub._subscribers):
             sub.close()
 
-    async def _start(self, tg: TaskGroup) -> None:
+    async def _start(self, tg: TaskGroup, sweep_interval: float | None = None) -> None:
         writer = await open_wal_writer(self.engine)
         tg.start_soon(self._committer, writer)
+        self._sweeper = Sweeper(self)
+        if sweep_interval:
+            tg.start_soon(self._sweeper.run, sweep_interval)
 
     # ---------------------------------------------------------------- public API
 
@@ -235,13 +301,30 @@ class Hub:
     def subscribe(
         self, thread_ids: set[str] | None = None, *, buffer: int = 10_000
     ) -> Subscription:
-        """A live feed of envelopes committed from now on (see :class:`Subscription`)."""
+        """A live feed of envelopes committed from now on (see :class:`Subscription`).
+
+        ``thread_ids`` None follows every thread; a set (possibly empty) follows those threads
+        and can grow or shrink later. ``buffer`` is how many envelopes may wait unread before
+        the subscription is dropped as lagged.
+        """
         send, recv = anyio.create_memory_object_stream[Envelope](buffer)
         sub = Subscription(
-            frozenset(thread_ids) if thread_ids is not None else None, send, recv, _hub=self
+            set(thread_ids) if thread_ids is not None else None, send, recv, _hub=self
         )
         self._subscribers.add(sub)
+        if thread_ids is None:
+            self._everything.add(sub)
+        else:
+            for thread_id in thread_ids:
+                self._by_thread.setdefault(thread_id, set()).add(sub)
         return sub
+
+    def _unindex(self, sub: Subscription, thread_id: str) -> None:
+        subs = self._by_thread.get(thread_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_thread[thread_id]
 
     async def verify(self, thread_id: str) -> VerifyReport:
         """Recompute the hash chain of ``thread_id``; report the first envelope that breaks it."""
@@ -361,40 +444,51 @@ class Hub:
             raise NotFoundError("thread", p.thread_id)
         if state.last_seq > 0 and prop.type == EV_THREAD_CREATED:
             raise ThreadClosedError("thread already exists")
-        if state.status == "closed":
-            raise ThreadClosedError("the thread is closed; its history is read-only")
-        if (
-            prop.type == EV_MESSAGE
-            and prop.sender.kind == "agent"
-            and state.consecutive_agent >= state.agent_budget
-        ):
-            raise RunawayBudgetError(
-                f"thread budget exhausted: {state.consecutive_agent} consecutive agent messages "
-                f"without a human one (budget {state.agent_budget}); a person must post before "
-                "agents may speak again"
-            )
-        get_adapter(state.adapter).validate(state, prop)
+        admit(state, prop)  # lifecycle, membership, audience, budget, then the adapter (pure)
 
     def _publish(self, envs: list[Envelope]) -> None:
-        for sub in list(self._subscribers):
-            for env in envs:
-                if sub.thread_ids is not None and env.thread_id not in sub.thread_ids:
-                    continue
-                try:
-                    sub._send.send_nowait(env)
-                except anyio.WouldBlock:
-                    sub.lagged = True
-                    sub.close()
-                    break
-                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    sub.close()
-                    break
+        """Hand each envelope to the subscriptions of its thread and to those of every thread,
+        without ever waiting: a subscription whose buffer is full is dropped (``lagged``)."""
+        everything = self._everything
+        by_thread = self._by_thread
+        for env in envs:
+            subs = by_thread.get(env.thread_id)
+            if subs:
+                for sub in tuple(subs):
+                    _offer(sub, env)
+            if everything:
+                for sub in tuple(everything):
+                    _offer(sub, env)
 
     def _fail_queued(self) -> None:
         while self._queue:
             p = self._queue.popleft()
             if not p.future.done():
                 p.future.set_exception(HubClosedError("the hub is shutting down"))
+
+    # ---------------------------------------------------------------- deadlines (sweeper)
+
+    async def sweep(self, now: float, *, thread_ids: Iterable[str] | None = None) -> list[Envelope]:
+        """Act on every deadline passed at ``now`` (seconds since the epoch): finish closing
+        threads (``thread.closed``), TTL and ack timeouts (``thread.closing`` then
+        ``thread.closed``), expectation violations (``expectation.violated``, ``notify``).
+
+        ``thread_ids`` limits the sweep to those threads (default: every thread with deadlines
+        or a pending close). Returns the envelopes written, in order. Each carries an
+        idempotency key derived from what it is about, so a violation fires once, also across
+        restarts. Needs a hub started by ``Hub.open``; tests pass their own ``now``.
+        """
+        return await self._sweeper.sweep(now, thread_ids)
+
+
+def _offer(sub: Subscription, env: Envelope) -> None:
+    try:
+        sub._send.send_nowait(env)
+    except anyio.WouldBlock:
+        sub.lagged = True
+        sub.close()
+    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        sub.close()
 
 
 def _stamp(state: ThreadState, p: _Pending) -> Envelope:

@@ -12,6 +12,7 @@ from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.orgs import OrgService, create_admin_key, has_admin_key
 from agent_network.services.policy import PolicyService
 from agent_network.services.principal import Principal
+from agent_network.services.realtime import RealtimeService
 from agent_network.services.rules import RuleService
 from agent_network.services.secrets import SecretService
 from agent_network.services.teams import TeamService
@@ -33,23 +34,27 @@ class Services:
     secrets: SecretService
     rules: RuleService
     policy: PolicyService
+    realtime: RealtimeService
 
     @classmethod
     def create(cls, ctx: ServiceContext) -> Services:
         """Build every service over ``ctx`` (one RuleService: its rate windows are shared)."""
         rules = RuleService(ctx)
+        orgs = OrgService(ctx)
+        threads = ThreadService(ctx, rules=rules)
         return cls(
             ctx,
-            OrgService(ctx),
+            orgs,
             AgentService(ctx),
             TeamService(ctx),
-            ThreadService(ctx, rules=rules),
+            threads,
             KnowledgeService(ctx),
             AuditService(ctx),
             CredentialService(ctx),
             SecretService(ctx),
             rules,
             policy=PolicyService(ctx),
+            realtime=RealtimeService(ctx, threads=threads, orgs=orgs),
         )
 
 

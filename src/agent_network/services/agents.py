@@ -144,9 +144,11 @@ class AgentService:
                 values["updated_at"] = now_iso()
                 await conn.execute(update(agents).where(agents.c.id == agent_id).values(**values))
                 await record(conn, principal, "agent.update", "agent", agent_id)
-                return _agent(await own_agent(conn, principal, agent_id))
+                row = _agent(await own_agent(conn, principal, agent_id))
         except IntegrityError:
             raise ConflictError("that lookup_key is already used by another agent") from None
+        self.ctx.config_epoch += 1  # cached post decisions hold the agent's old name
+        return row
 
     @staticmethod
     async def _has_active_routine(conn: AsyncConnection, agent_id: str) -> bool:
@@ -164,6 +166,7 @@ class AgentService:
                 update(routines).where(routines.c.agent_id == agent_id).values(status="paused")
             )
             await record(conn, principal, "agent.delete", "agent", agent_id)
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
 
     # --------------------------------------------------------------- routines
 

@@ -15,11 +15,22 @@ from agent_network.store.audit import audit_row, insert_audit
 
 @dataclass
 class ServiceContext:
-    """Shared by the services of one process."""
+    """Shared by the services of one process.
+
+    ``access_epoch`` counts the acts that removed someone's access (visa revoked, network left,
+    member removed, team deleted, user or agent deleted, credential revoked or rotated); each
+    such service method adds 1 after its transaction committed. Long-lived readers (WebSocket
+    connections) re-check their scope only when it changed since their last check.
+    ``config_epoch`` counts the changes that alter what a post is checked against without
+    removing access (an agent's rule, an org's egress policy, an agent or user row, members
+    added, a thread widened); both tag the positive decisions cached by services/cache.py.
+    """
 
     engine: AsyncEngine
     hub: Hub
     settings: Settings
+    access_epoch: int = 0
+    config_epoch: int = 0
 
 
 async def record(

@@ -116,7 +116,9 @@ class CredentialService:
                     .values(revoked_at=now_iso())
                 )
                 await record(conn, principal, "credential.revoke", "credential", credential_id)
-            return _public(await self._own(conn, org_id, credential_id))
+            row = _public(await self._own(conn, org_id, credential_id))
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        return row
 
     async def rotate(self, principal: Principal, credential_id: str) -> dict[str, Any]:
         """Issue a replacement with the same kind, subject, name and scopes, and revoke the old
@@ -148,6 +150,7 @@ class CredentialService:
                 credential_id,
                 data={"replacement": row["id"]},
             )
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
         return {"credential": _public(row), "secret": secret}
 
     @staticmethod

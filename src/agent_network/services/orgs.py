@@ -193,7 +193,9 @@ class OrgService:
             if values:
                 await conn.execute(update(users).where(users.c.id == user_id).values(**values))
             await record(conn, principal, "user.update", "user", user_id)
-            return _user(await own_user(conn, principal, user_id))
+            row = _user(await own_user(conn, principal, user_id))
+        self.ctx.config_epoch += 1  # cached post decisions hold the user's old name
+        return row
 
     async def delete_user(self, principal: Principal, user_id: str) -> None:
         """Soft-delete one of the caller's users (their past envelopes stay in the WAL)."""
@@ -201,6 +203,7 @@ class OrgService:
             await own_user(conn, principal, user_id)
             await soft_delete_member(conn, users, user_id)
             await record(conn, principal, "user.delete", "user", user_id)
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
 
 
 async def soft_delete_member(conn: AsyncConnection, table: Any, member_id: str) -> None:

@@ -481,7 +481,11 @@ def _check_pattern(where: str, pattern: Any) -> None:
         raise InvalidRequestError(f"{where}.pattern is refused: {problem}")
 
 
-def _policy_from_row(egress: Any, updated_at: str | None) -> EgressPolicy:
+def policy_from_row(egress: Any, updated_at: str | None) -> EgressPolicy:
+    """The policy stored as ``org_policies.egress`` / ``updated_at`` (:data:`EMPTY_POLICY` for a
+    missing row, ``egress`` None). InvalidRequestError if a stored rule no longer validates."""
+    if egress is None:
+        return EMPTY_POLICY
     rules = egress.get("rules", []) if isinstance(egress, dict) else []
     return EgressPolicy(tuple(parse_rules(rules)), updated_at)
 
@@ -495,7 +499,7 @@ async def read_egress_policy(conn: AsyncConnection, org_id: str) -> EgressPolicy
             )
         )
     ).first()
-    return EMPTY_POLICY if row is None else _policy_from_row(row[0], row[1])
+    return EMPTY_POLICY if row is None else policy_from_row(row[0], row[1])
 
 
 async def load_egress_policy(
@@ -602,4 +606,5 @@ class PolicyService:
             await record(
                 conn, principal, "policy.egress_update", "org", org_id, data={"rules": summary}
             )
+        self.ctx.config_epoch += 1  # cached post decisions hold the old policy
         return policy.to_dict()

@@ -4,10 +4,17 @@
 org key or its agent token) and by the runner (before the model call, so no call is wasted);
 ``inbound_allows`` and ``inbox_cap`` are applied by the runner when it dispatches triggers. A
 refusal is a :class:`RuleViolationError` (403) naming the rule, and is audited by the caller.
+
+``check_send`` is also available in its parts, for the thread service's cached post path:
+:meth:`RuleService.check_adapter` and :meth:`RuleService.check_outbound` (which depend only on
+the rule, the thread's adapter and the team's members, so a pass may be cached until
+``config_epoch`` or ``access_epoch`` changes) and :meth:`RuleService.check_dynamic` (delegation
+depth, concurrent threads and rate: checked on every post, never cached).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,6 +32,8 @@ from agent_network.services.ratelimit import SlidingWindowLimiter
 from agent_network.services.scope import own_agent, require_org_key
 from agent_network.services.teams import member_list
 from agent_network.store.tables import agents, envelopes
+
+AgentRow = Mapping[Any, Any]  # an agents row (RowMapping) or a dict with id, name, rule
 
 
 class RuleViolationError(PermissionDeniedError):
@@ -70,6 +79,7 @@ class RuleService:
             await record(
                 conn, principal, "agent.rule_set", "agent", agent_id, data=rule.model_dump()
             )
+        self.ctx.config_epoch += 1  # cached post decisions hold the old rule
         return rule.model_dump()
 
     # ------------------------------------------------------------ enforcement
@@ -100,20 +110,63 @@ class RuleService:
         rule = parse_rule(agent["rule"])
         if rule is None:
             return
-        name = agent["name"]
-        if rule.allowed_adapters is not None and adapter not in rule.allowed_adapters:
+        self.check_adapter(agent, rule, adapter)
+        await self.check_outbound(conn, agent, rule, team_id)
+        await self.check_dynamic(
+            agent,
+            rule,
+            thread_id=thread_id,
+            causation_id=causation_id,
+            consume_rate=consume_rate,
+            conn=conn,
+        )
+
+    @staticmethod
+    def check_adapter(agent: AgentRow, rule: Rule | None, adapter: str) -> None:
+        """The first check of :meth:`check_send`: ``adapter`` is in the rule's
+        ``allowed_adapters`` (pure); RuleViolationError otherwise."""
+        if (
+            rule is not None
+            and rule.allowed_adapters is not None
+            and adapter not in rule.allowed_adapters
+        ):
             raise RuleViolationError(
-                f"rule of {name!r}: adapter {adapter!r} is not in allowed_adapters"
+                f"rule of {agent['name']!r}: adapter {adapter!r} is not in allowed_adapters"
             )
-        if rule.outbound_to != ["*"]:
-            for m in await member_list(conn, team_id):
-                if m["id"] != agent["id"] and not matches(
-                    rule.outbound_to, m["name"], m["org_name"]
-                ):
-                    raise RuleViolationError(
-                        f"rule of {name!r}: outbound_to does not admit {m['name']!r} "
-                        f"({m['org_name']}), a participant of this thread"
-                    )
+
+    @staticmethod
+    async def check_outbound(
+        conn: AsyncConnection, agent: AgentRow, rule: Rule | None, team_id: str
+    ) -> None:
+        """The second check of :meth:`check_send`: every other member of ``team_id`` matches
+        the rule's ``outbound_to`` (one query per member kind unless it is ``["*"]``).
+        RuleViolationError naming the first member it does not admit."""
+        if rule is None or rule.outbound_to == ["*"]:
+            return
+        for m in await member_list(conn, team_id):
+            if m["id"] != agent["id"] and not matches(rule.outbound_to, m["name"], m["org_name"]):
+                raise RuleViolationError(
+                    f"rule of {agent['name']!r}: outbound_to does not admit {m['name']!r} "
+                    f"({m['org_name']}), a participant of this thread"
+                )
+
+    async def check_dynamic(
+        self,
+        agent: AgentRow,
+        rule: Rule | None,
+        *,
+        thread_id: str,
+        causation_id: str | None = None,
+        consume_rate: bool = True,
+        conn: AsyncConnection | None = None,
+    ) -> None:
+        """The checks of :meth:`check_send` that depend on what happened since, never cached:
+        delegation depth (with ``causation_id``; reads the thread), max concurrent threads (one
+        query, on ``conn`` or a connection of its own when None), then the rate (counted unless
+        ``consume_rate`` is False). RuleViolationError naming the rule."""
+        if rule is None:
+            return
+        name = agent["name"]
         if rule.delegation_depth is not None and causation_id is not None:
             depth = await self._reply_depth(thread_id, causation_id)
             if depth > rule.delegation_depth:
@@ -122,13 +175,23 @@ class RuleService:
                     f"(delegation_depth {rule.delegation_depth})"
                 )
         if rule.max_concurrent_threads is not None:
-            await self._check_concurrency(conn, agent, thread_id, rule.max_concurrent_threads)
+            if conn is None:
+                async with self.ctx.engine.connect() as own:
+                    await self._check_concurrency(
+                        own, agent, thread_id, rule.max_concurrent_threads
+                    )
+            else:
+                await self._check_concurrency(conn, agent, thread_id, rule.max_concurrent_threads)
         if consume_rate:
-            self.take_rate(agent)
+            self.take_rate(agent, rule)
 
-    def take_rate(self, agent: RowMapping) -> None:
-        """Count one message against the agent's rate; RuleViolationError when over it."""
-        rule = parse_rule(agent["rule"])
+    def take_rate(self, agent: AgentRow, rule: Rule | None = None) -> None:
+        """Count one message against the agent's rate; RuleViolationError when over it.
+
+        ``rule`` is the agent's parsed rule when the caller has it (default: parsed from
+        ``agent["rule"]``)."""
+        if rule is None:
+            rule = parse_rule(agent["rule"])
         if rule is None or rule.rate is None:
             return
         limiter = self._rates.setdefault(
@@ -151,7 +214,7 @@ class RuleService:
         return depth
 
     async def _check_concurrency(
-        self, conn: AsyncConnection, agent: RowMapping, thread_id: str, cap: int
+        self, conn: AsyncConnection, agent: AgentRow, thread_id: str, cap: int
     ) -> None:
         q = (
             select(envelopes.c.thread_id)

@@ -12,18 +12,22 @@ so ids of other orgs leak nothing. Scope rules:
 
 from __future__ import annotations
 
+from collections.abc import Set
 from typing import Any
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, exists, null, select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agent_network.errors import NotFoundError, PermissionDeniedError
-from agent_network.model.envelope import Actor
+from agent_network.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from agent_network.model.envelope import Actor, Envelope
 from agent_network.services.principal import Principal
 from agent_network.store.tables import (
     agents,
+    credentials,
     members,
+    org_policies,
+    orgs,
     teams,
     thread_participants,
     threads,
@@ -94,6 +98,33 @@ def thread_readable(principal: Principal) -> Any:
             and_(tp.c.thread_id == threads.c.id, tp.c.org_id == org_id)
         )
     return (threads.c.visibility == "members") | part
+
+
+def audience_admits(
+    viewer: Principal | Actor, envelope: Envelope, acts_for: Set[str] = frozenset()
+) -> bool:
+    """Whether ``viewer`` may see ``envelope`` given its ``audience`` (the one audience rule,
+    for every path that hands envelopes out: WebSocket frames now, REST pages later).
+
+    ``audience`` None means everyone who can read the thread. Otherwise it lists agent, user or
+    org ids, and the viewer is admitted when it is named: an :class:`Actor` or a user/agent
+    token by its own id, an org key by its org id or by any id in ``acts_for`` (the ids of the
+    org's agents and users the caller knows of). The sender always sees its own envelope, and an
+    org key sees every envelope sent by its own org. The platform admin sees none. Pure: no I/O.
+    """
+    audience = envelope.audience
+    if audience is None:
+        return True
+    if isinstance(viewer, Actor):
+        return viewer.id == envelope.sender_id or viewer.id in audience
+    if viewer.org_id is None:
+        return False
+    if viewer.is_member_scoped:
+        subject = viewer.subject_id
+        return subject == envelope.sender_id or subject in audience
+    if viewer.org_id == envelope.sender_org_id or viewer.org_id in audience:
+        return True
+    return not acts_for.isdisjoint(audience)
 
 
 def system_actor(principal: Principal) -> Actor:
@@ -194,3 +225,92 @@ async def visible_thread(
     if team is None:
         raise NotFoundError("thread", thread_id)
     return row, team
+
+
+async def post_access(
+    conn: AsyncConnection, principal: Principal, thread_id: str, sender_kind: str, sender_id: str
+) -> RowMapping | None:
+    """Every scope check of a post in one query, or None if any of them fails.
+
+    The row exists exactly when, as checked one by one by :func:`visible_thread`,
+    :func:`own_agent` / :func:`own_user` and the membership lookups: the thread is visible to
+    ``principal`` (live, readable, its team or network visible), the principal's credential is
+    not revoked (see :func:`credential_in_force`), the sender ``sender_kind``
+    (``agent`` | ``user``) ``sender_id`` is a live one of the principal's org, is a member of the
+    thread's team or network and, in a restricted thread, a participant. Columns: ``team_id``,
+    ``team_kind``, ``visibility``, ``sender_id``, ``sender_org_id``, ``sender_name``,
+    ``org_name`` (the sender org's name), ``rule`` (the agent's stored rule; None for a user),
+    ``egress`` and ``egress_updated_at`` (the sender org's stored egress policy, None if unset).
+    None tells nothing about *which* check failed: run them one by one for the exact refusal.
+    """
+    org_id = require_org(principal)
+    who = agents if sender_kind == "agent" else users
+    # aliases: the scope conditions correlate their own subqueries on ``members`` and
+    # ``thread_participants``; the sender's rows must not be mistaken for theirs
+    member = members.alias("sender_member")
+    part = thread_participants.alias("sender_part")
+    q = (
+        select(
+            teams.c.id.label("team_id"),
+            teams.c.kind.label("team_kind"),
+            threads.c.visibility,
+            who.c.id.label("sender_id"),
+            who.c.org_id.label("sender_org_id"),
+            who.c.name.label("sender_name"),
+            orgs.c.name.label("org_name"),
+            (agents.c.rule if sender_kind == "agent" else null()).label("rule"),
+            org_policies.c.egress,
+            org_policies.c.updated_at.label("egress_updated_at"),
+        )
+        .select_from(threads)
+        .join(teams, teams.c.id == threads.c.team_id)
+        .join(
+            who,
+            and_(who.c.id == sender_id, who.c.org_id == org_id, who.c.deleted_at.is_(None)),
+        )
+        .join(
+            member,
+            and_(
+                member.c.team_id == teams.c.id,
+                member.c.member_kind == sender_kind,
+                member.c.member_id == who.c.id,
+            ),
+        )
+        .join(orgs, orgs.c.id == who.c.org_id)
+        .outerjoin(org_policies, org_policies.c.org_id == who.c.org_id)
+        .where(
+            threads.c.id == thread_id,
+            threads.c.deleted_at.is_(None),
+            _credential_unrevoked(principal),
+            thread_readable(principal),
+            team_visible_to(principal),
+            (threads.c.visibility != "restricted")
+            | exists().where(
+                and_(
+                    part.c.thread_id == threads.c.id,
+                    part.c.member_kind == sender_kind,
+                    part.c.member_id == who.c.id,
+                )
+            ),
+        )
+    )
+    return (await conn.execute(q)).mappings().first()
+
+
+def _credential_unrevoked(principal: Principal) -> Any:
+    """SQL condition: the credential behind ``principal`` exists and is not revoked."""
+    return exists().where(
+        and_(credentials.c.id == principal.key_id, credentials.c.revoked_at.is_(None))
+    )
+
+
+async def credential_in_force(conn: AsyncConnection, principal: Principal) -> None:
+    """AuthenticationError if the org key or token behind ``principal`` was revoked since it
+    authenticated (a long-lived WebSocket connection keeps its principal). A user or agent
+    token whose subject was deleted is refused by the sender checks that follow."""
+    q = select(credentials.c.id).where(_credential_unrevoked(principal))
+    if (await conn.execute(q)).first() is None:
+        raise AuthenticationError(
+            "the credential was revoked since this connection authenticated; "
+            "connect again with a valid credential"
+        )

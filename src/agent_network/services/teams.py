@@ -142,6 +142,7 @@ class TeamService:
             )
             await conn.execute(members.delete().where(members.c.team_id == team_id))
             await record(conn, principal, "team.delete", "team", team_id)
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
 
     # ---------------------------------------------------------------- members
 
@@ -171,7 +172,7 @@ class TeamService:
             visa_id = None
             if team["org_id"] != principal.org_id:
                 visa_id = await self._live_visa_id(conn, team_id, require_org(principal))
-            return await self._add_member(
+            added = await self._add_member(
                 conn,
                 principal,
                 team,
@@ -180,6 +181,8 @@ class TeamService:
                 role=role,
                 visa_id=visa_id,
             )
+        self.ctx.config_epoch += 1  # a new member: cached outbound_to checks must be redone
+        return added
 
     async def _live_visa_id(self, conn: AsyncConnection, network_id: str, org_id: str) -> str:
         row = (
@@ -282,6 +285,7 @@ class TeamService:
                 team_id,
                 data={"member_kind": member_kind, "member_id": member_id},
             )
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
 
     # ------------------------------------------------------- invites and joins
 
@@ -501,6 +505,7 @@ class TeamService:
                         visa_id=visa_id,
                     )
                 )
+        self.ctx.config_epoch += 1  # new members: cached outbound_to checks must be redone
         return {"network": _team(net), "visa_id": visa_id, "members": attached}
 
     # ----------------------------------------------------------------- visas
@@ -545,6 +550,7 @@ class TeamService:
                 raise NotFoundError("visa", visa_id)
             if visa["revoked_at"] is None:
                 await self._end_visa(conn, principal, visa, "revoked", other_org=visa["org_id"])
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
 
     async def leave(self, principal: Principal, network_id: str) -> dict[str, Any]:
         """The caller's org leaves a network it joined: its live visa ends (``left``) and its
@@ -573,6 +579,7 @@ class TeamService:
             if visa is None:  # visible but no live visa: cannot happen for a non-host
                 raise NotFoundError("network", network_id)
             ended = await self._end_visa(conn, principal, visa, "left", other_org=net["org_id"])
+        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
         return _visa({**visa, **ended}, [])
 
     async def _end_visa(

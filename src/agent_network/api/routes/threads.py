@@ -64,6 +64,7 @@ async def post_message(
         agent_id=body.agent_id,
         user_id=body.user_id,
         idempotency_key=body.idempotency_key,
+        causation_id=body.causation_id,
     )
 
 

@@ -1,0 +1,642 @@
+"""Realtime delivery over the WebSocket (protocol v1) on loopback: throughput, latency, idle
+connections, and the effect of a stalled subscriber. Prints figures, never asserts.
+
+Run:  .venv/bin/python bench/realtime.py [--quick] [--json]
+
+The server runs as a separate process: uvicorn (``GracefulServer``, the WebSocket-aware
+shutdown) serving ``create_app(Settings(database=<temp db>, model="test", run_routines=False))``
+on 127.0.0.1 and a free port, over a fresh SQLite file with the project's durable settings.
+This process is the only client: it creates an org, a user and a team over REST, then speaks the
+protocol with the ``websockets`` asyncio client (``compression=None`` unless ``--deflate``).
+
+Phases (each on its own thread):
+
+1. throughput: N subscribers (1, 10, 100) join the thread; 4 poster connections pipeline
+   ``post`` frames (64 in flight each, the server's per-connection limit) for ``--seconds``;
+   counts envelope frames received by the subscribers in the measured window (after a warm-up).
+2. latency: 10 subscribers; the posters offer ``--rate`` posts/s on a fixed schedule; each
+   post carries its send time (``perf_counter_ns`` of this process) and each subscriber records
+   send-to-receive time of every envelope. p50/p99/max over all deliveries.
+3. stalled subscriber: phase 2 again with one more subscriber that never reads (a socket with a
+   4 KiB receive buffer); the others' p99 with and without it.
+4. idle connections: opens ``--idle`` connections (each authenticates and joins one thread, then
+   only answers pings), reads the server's VmRSS before and after (``/proc/<pid>/status``) and
+   prints the delta per connection; then posts one message and times its delivery to all.
+
+The targets (from the issue) are printed next to the figures with PASS/MISS; they do not fail
+anything. The client shares the machine's cores with the server: on a 2-core box both compete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from agent_network.services import create_admin_key
+from agent_network.store.engine import create_engine, database_url, upgrade_schema
+
+TARGET_THROUGHPUT_10 = 20_000  # envelopes/s delivered to 10 subscribers
+TARGET_P99_MS = 5.0  # p99 post-to-delivery at 1,000 env/s
+TARGET_IDLE = 10_000  # idle connections held
+TARGET_KIB_PER_CONN = 50.0
+TARGET_STALL_DELTA = 0.10  # a stalled subscriber changes the others' p99 by < 10%
+
+POSTERS = 4
+IN_FLIGHT = 64  # posts per poster connection (the server processes 64 per connection at once)
+
+SERVER_CODE = """
+import sys
+import uvicorn
+from agent_network.api import create_app
+from agent_network.api.server import GracefulServer
+from agent_network.config import Settings
+app = create_app(Settings(database=sys.argv[1], model="test", run_routines=False))
+config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
+                        backlog=4096)
+GracefulServer(config).run()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of ``pid`` in KiB (from /proc/<pid>/status)."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = float(value.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def pct(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ``values`` (not empty)."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+async def bootstrap(db: Path) -> str:
+    engine = create_engine(database_url(db))
+    await upgrade_schema(engine)
+    key = await create_admin_key(engine)
+    await engine.dispose()
+    return key
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"server not healthy within {timeout:g} s")
+
+
+def ok(r: httpx.Response) -> Any:
+    if r.status_code >= 300:
+        raise RuntimeError(f"{r.request.method} {r.request.url} -> {r.status_code} {r.text}")
+    return r.json() if r.content else None
+
+
+@dataclass
+class Fixture:
+    """What the phases share: the server, an org key, a user in a team."""
+
+    base: str
+    ws_url: str
+    pid: int
+    key: str
+    user_id: str
+    team_id: str
+    compression: str | None
+    http: httpx.Client = field(repr=False)
+
+    def new_thread(self, title: str) -> str:
+        return str(
+            ok(self.http.post(f"/teams/{self.team_id}/threads", json={"title": title}))["id"]
+        )
+
+    async def open(self, **kw: Any) -> ClientConnection:
+        options: dict[str, Any] = {
+            "additional_headers": {"Authorization": f"Bearer {self.key}"},
+            "compression": self.compression,
+            "ping_interval": None,
+            "max_queue": None,
+            "open_timeout": 60,
+        }
+        ws = await connect(self.ws_url, **{**options, **kw})
+        while (welcome := json.loads(await ws.recv()))["type"] == "ping":
+            await ws.send('{"type":"pong"}')
+        assert welcome["type"] == "welcome", welcome
+        return ws
+
+
+async def join(ws: ClientConnection, thread_id: str, after: int | None = None) -> int:
+    """Join; returns the thread's last seq at the join (replay of anything older is skipped)."""
+    frame: dict[str, Any] = {"type": "join", "thread_id": thread_id, "ref": "j"}
+    if after is not None:
+        frame["after"] = after
+    await ws.send(json.dumps(frame))
+    while True:
+        reply = json.loads(await ws.recv())
+        if reply["type"] == "joined":
+            return int(reply["last_seq"])
+        if reply["type"] == "error":
+            raise RuntimeError(reply)
+        if reply["type"] == "ping":
+            await ws.send('{"type":"pong"}')
+
+
+class Subscriber:
+    """One reading connection: counts envelope frames (and, with ``timed``, the latency from
+    the send time carried in each message's content); answers server pings."""
+
+    def __init__(self, ws: ClientConnection, timed: bool) -> None:
+        self.ws = ws
+        self.timed = timed
+        self.count = 0
+        self.latencies_ms: list[float] = []  # post sent -> envelope received
+        self.fanout_ms: list[float] = []  # envelope stamped by the hub -> received
+        self.recording = False
+        self.disconnect: dict[str, Any] | None = None
+        self.arrived = asyncio.Event()  # set at the first counted envelope
+
+    async def run(self) -> None:
+        prefix = '{"type":"envelope"'
+        try:
+            async for msg in self.ws:
+                text = msg if isinstance(msg, str) else msg.decode()
+                if text.startswith(prefix):
+                    if self.recording:
+                        self.count += 1
+                        self.arrived.set()
+                        if self.timed:
+                            now, wall = time.perf_counter_ns(), time.time()
+                            env = json.loads(text)["envelope"]
+                            sent = int(env["content"].split(" ", 1)[0])
+                            self.latencies_ms.append((now - sent) / 1e6)
+                            stamped = datetime.fromisoformat(env["created_at"]).timestamp()
+                            self.fanout_ms.append((wall - stamped) * 1000)
+                elif text == '{"type":"ping"}':
+                    await self.ws.send('{"type":"pong"}')
+                elif text.startswith('{"type":"disconnect"'):
+                    self.disconnect = json.loads(text)
+        except ConnectionClosed:
+            pass
+
+
+class Posters:
+    """``POSTERS`` connections posting ``post`` frames (at most ``IN_FLIGHT`` unanswered each),
+    round robin. Content = ``"<perf_counter_ns> <padding>"`` (about 100 characters)."""
+
+    def __init__(self, conns: list[ClientConnection], thread_id: str, user_id: str) -> None:
+        self.conns = conns
+        self.thread_id = thread_id
+        self.user_id = user_id
+        self.slots = [asyncio.Semaphore(IN_FLIGHT) for _ in conns]
+        self.acked = 0
+        self.errors: list[Any] = []
+        self._next = itertools.cycle(range(len(conns)))
+        self._refs = itertools.count()
+
+    async def read_replies(self, i: int) -> None:
+        try:
+            async for msg in self.conns[i]:
+                frame = json.loads(msg)
+                if frame["type"] == "posted":
+                    self.acked += 1
+                    self.slots[i].release()
+                elif frame["type"] == "error":
+                    self.errors.append(frame)
+                    self.slots[i].release()
+                elif frame["type"] == "ping":
+                    await self.conns[i].send('{"type":"pong"}')
+        except ConnectionClosed:
+            pass
+
+    async def post(self) -> None:
+        i = next(self._next)
+        await self.slots[i].acquire()
+        content = f"{time.perf_counter_ns()} " + "x" * 80
+        await self.conns[i].send(
+            json.dumps(
+                {
+                    "type": "post",
+                    "ref": str(next(self._refs)),
+                    "thread_id": self.thread_id,
+                    "content": content,
+                    "user_id": self.user_id,
+                }
+            )
+        )
+
+
+async def run_phase(
+    fx: Fixture,
+    *,
+    subscribers: int,
+    seconds: float,
+    warmup: float,
+    rate: float | None,
+    timed: bool,
+    stalled: bool = False,
+) -> dict[str, Any]:
+    """One measured run on a fresh thread; ``rate`` None = as fast as the posters go."""
+    thread_id = fx.new_thread(f"bench {subscribers} subs")
+    subs = [Subscriber(await fx.open(), timed) for _ in range(subscribers)]
+    for s in subs:
+        await join(s.ws, thread_id)
+    stall_ws: ClientConnection | None = None
+    if stalled:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(fx.ws_url.split(":")[2].split("/")[0])))
+        # max_queue=1: the client library stops reading the socket once one frame waits, and
+        # nothing ever reads it, so the TCP window closes
+        stall_ws = await fx.open(sock=sock, max_queue=1)
+        await join(stall_ws, thread_id)
+    poster_conns = [await fx.open() for _ in range(POSTERS)]
+    posters = Posters(poster_conns, thread_id, fx.user_id)
+    cpu0 = cpu_seconds(fx.pid)
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(s.run()) for s in subs]
+        tasks += [tg.create_task(posters.read_replies(i)) for i in range(len(poster_conns))]
+        t_start = time.perf_counter()
+        t_measure = t_start + warmup
+        t_end = t_measure + seconds
+        acked_at_start = 0
+        cpu_at_start = cpu0
+        measuring = False
+        sent = 0
+        while True:
+            now = time.perf_counter()
+            if not measuring and now >= t_measure:
+                measuring = True
+                for s in subs:
+                    s.recording = True
+                acked_at_start = posters.acked
+                cpu_at_start = cpu_seconds(fx.pid)
+            if now >= t_end:
+                break
+            if rate is None:
+                await posters.post()
+                sent += 1
+                if sent % 16 == 0:
+                    await asyncio.sleep(0)  # let the readers run
+            else:
+                due = int((now - t_start) * rate)
+                while sent < due:
+                    await posters.post()
+                    sent += 1
+                await asyncio.sleep(0.001)
+        for s in subs:
+            s.recording = False
+        elapsed = time.perf_counter() - t_measure  # > seconds if the posters were held back
+        acked = posters.acked - acked_at_start
+        cpu = cpu_seconds(fx.pid) - cpu_at_start
+        for ws in [*poster_conns, *(s.ws for s in subs)]:
+            await ws.close()
+        if stall_ws is not None:
+            stall_ws.transport.abort()
+        for t in tasks:
+            t.cancel()
+    delivered = sum(s.count for s in subs)
+    out: dict[str, Any] = {
+        "subscribers": subscribers,
+        "seconds": elapsed,
+        "posts_per_s": acked / elapsed,
+        "delivered_per_s": delivered / elapsed,
+        "server_cpu_per_s": cpu / elapsed,
+        "errors": len(posters.errors),
+        "disconnected": sum(1 for s in subs if s.disconnect is not None),
+    }
+    if timed:
+        lat = [x for s in subs for x in s.latencies_ms]
+        fan = [x for s in subs for x in s.fanout_ms]
+        if lat:
+            out.update(
+                p50_ms=pct(lat, 50),
+                p99_ms=pct(lat, 99),
+                max_ms=max(lat),
+                mean_ms=statistics.fmean(lat),
+                samples=len(lat),
+                fanout_p50_ms=pct(fan, 50),
+                fanout_p99_ms=pct(fan, 99),
+            )
+    return out
+
+
+async def idle_phase(fx: Fixture, count: int, concurrency: int = 100) -> dict[str, Any]:
+    """Open ``count`` connections that join one thread and then idle (answering pings);
+    server RSS delta per connection; then one message to all of them."""
+    thread_id = fx.new_thread("idle")
+    await asyncio.sleep(0.5)
+    before = proc_status(fx.pid)["VmRSS"]
+    subs: list[Subscriber] = []
+    tasks: list[asyncio.Task[None]] = []
+    sem = asyncio.Semaphore(concurrency)
+    failures: list[BaseException] = []
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+
+        async def one() -> None:
+            try:
+                async with sem:
+                    ws = await fx.open()
+                    await join(ws, thread_id)
+            except Exception as exc:  # counted and reported, the others go on
+                failures.append(exc)
+                return
+            sub = Subscriber(ws, timed=False)
+            subs.append(sub)
+            tasks.append(tg.create_task(sub.run()))
+
+        await asyncio.gather(*(one() for _ in range(count)))
+        opened_s = time.perf_counter() - t0
+        await asyncio.sleep(1.0)
+        after = proc_status(fx.pid)["VmRSS"]
+        out: dict[str, Any] = {
+            "requested": count,
+            "held": len(subs),
+            "failures": len(failures),
+            "open_s": opened_s,
+            "rss_before_mib": before / 1024,
+            "rss_after_mib": after / 1024,
+            "kib_per_conn": (after - before) / max(1, len(subs)),
+        }
+        if failures:
+            out["first_failure"] = repr(failures[0])
+        # one message to everyone: how long until all of them have it
+        for s in subs:
+            s.recording = True
+        t1 = time.perf_counter()
+        body = {"content": "hello all", "user_id": fx.user_id}
+        ok(await asyncio.to_thread(fx.http.post, f"/threads/{thread_id}/messages", json=body))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(s.arrived.wait() for s in subs)), 60)
+        out["fanout_all_s"] = time.perf_counter() - t1
+        out["fanout_received"] = sum(s.count for s in subs)
+        alive = proc_status(fx.pid)["VmRSS"]
+        out["rss_after_fanout_mib"] = alive / 1024
+        await asyncio.gather(*(s.ws.close() for s in subs), return_exceptions=True)
+        for t in tasks:
+            t.cancel()
+    return out
+
+
+def raise_nofile(want: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, want))
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def mark(passed: bool) -> str:
+    return "PASS" if passed else "MISS"
+
+
+def throughput_phase(run: Callable[..., dict[str, Any]], figures: dict[str, Any]) -> None:
+    print("\n1. throughput: posters pipelining as fast as they can")
+    print(f"   {'subs':>5} {'posts/s':>9} {'delivered/s':>12} {'server CPU':>10}  target")
+    figures["throughput"] = []
+    for n in (1, 10, 100):
+        r = run(subscribers=n, rate=None, timed=False)
+        figures["throughput"].append(r)
+        target = (
+            f">= {TARGET_THROUGHPUT_10:,} {mark(r['delivered_per_s'] >= TARGET_THROUGHPUT_10)}"
+            if n == 10
+            else ""
+        )
+        print(
+            f"   {n:>5} {r['posts_per_s']:>9,.0f} {r['delivered_per_s']:>12,.0f} "
+            f"{r['server_cpu_per_s']:>9.0%}  {target}"
+        )
+    one, many = figures["throughput"][0], figures["throughput"][-1]
+    per_post = one["server_cpu_per_s"] / max(one["posts_per_s"], 1e-9)
+    per_delivery = (many["server_cpu_per_s"] - many["posts_per_s"] * per_post) / max(
+        many["delivered_per_s"], 1e-9
+    )
+    figures["cpu_per_post_ms"] = per_post * 1000
+    figures["cpu_per_delivery_us"] = per_delivery * 1e6
+    print(
+        f"   server CPU per post (1 subscriber) {per_post * 1000:.2f} ms; per extra delivery "
+        f"(from the {many['subscribers']}-subscriber row) {per_delivery * 1e6:.1f} us"
+    )
+
+
+def latency_phase(
+    run: Callable[..., dict[str, Any]],
+    figures: dict[str, Any],
+    rate: float,
+    low_rate: float,
+    quick: bool,
+) -> None:
+    print("\n2./3. latency, 10 subscribers; 'post->recv' = post frame sent -> envelope received,")
+    print("      'stamp->recv' = envelope stamped by the hub -> received (the fan-out alone)")
+    print(
+        f"   {'run':<28} {'posts/s':>8} {'post->recv p50/p99 ms':>22} "
+        f"{'stamp->recv p50/p99 ms':>23}"
+    )
+    runs: list[tuple[str, float, bool]] = [("10 subs", rate, False)]
+    # alternate clean and stalled runs: on a shared machine one pair is mostly noise
+    runs += [("10 subs", low_rate, False), ("10 subs + 1 stalled", low_rate, True)] * (
+        1 if quick else 4
+    )
+    lat: dict[str, list[dict[str, Any]]] = {}
+    for name, offered, stalled in runs:
+        r = run(subscribers=10, rate=offered, timed=True, stalled=stalled)
+        key = f"{name} @ {offered:g}/s"
+        lat.setdefault(key, []).append(r)
+        print(
+            f"   {key:<28} {r['posts_per_s']:>8,.0f} "
+            f"{r.get('p50_ms', math.nan):>10.2f} /{r.get('p99_ms', math.nan):>9.2f}  "
+            f"{r.get('fanout_p50_ms', math.nan):>10.2f} /{r.get('fanout_p99_ms', math.nan):>9.2f}"
+        )
+    figures["latency"] = lat
+    full = lat[f"10 subs @ {rate:g}/s"][0]
+    print(
+        f"   at {rate:,.0f}/s offered: {full['posts_per_s']:,.0f} posts/s achieved, p99 "
+        f"{full['p99_ms']:.2f} ms (target < {TARGET_P99_MS:g} ms at 1,000/s) "
+        f"{mark(full['p99_ms'] < TARGET_P99_MS and full['posts_per_s'] >= 0.98 * 1000)}"
+    )
+    clean_runs = lat[f"10 subs @ {low_rate:g}/s"]
+    stalled_runs = lat[f"10 subs + 1 stalled @ {low_rate:g}/s"]
+    for field_name, label in (("p99_ms", "post->recv"), ("fanout_p99_ms", "stamp->recv")):
+        clean = statistics.median(r[field_name] for r in clean_runs)
+        stalled_p99 = statistics.median(r[field_name] for r in stalled_runs)
+        delta = stalled_p99 / clean - 1
+        figures[f"stall_delta_{field_name}"] = delta
+        print(
+            f"   at {low_rate:,.0f}/s a stalled subscriber changes the others' {label} p99 "
+            f"(median of {len(clean_runs)} runs each) by {delta:+.1%} ({clean:.2f} -> "
+            f"{stalled_p99:.2f} ms; target < {TARGET_STALL_DELTA:.0%}) "
+            f"{mark(abs(delta) < TARGET_STALL_DELTA)}"
+        )
+
+
+def idle_report(fx: Fixture, figures: dict[str, Any], idle: int) -> None:
+    print(f"\n4. idle connections (each joined to one thread), {idle:,} requested")
+    r = asyncio.run(idle_phase(fx, idle))
+    figures["idle"] = r
+    print(
+        f"   held {r['held']:,} ({r['failures']} failed) in {r['open_s']:.1f} s; server RSS "
+        f"{r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB = "
+        f"{r['kib_per_conn']:.1f} KiB per connection"
+    )
+    if r.get("first_failure"):
+        print(f"   first failure: {r['first_failure']}")
+    print(
+        f"   one message to all of them: {r['fanout_received']:,} received in "
+        f"{r['fanout_all_s'] * 1000:.0f} ms"
+    )
+    held = mark(r["held"] >= TARGET_IDLE) if idle >= TARGET_IDLE else "(not tried: --idle)"
+    print(
+        f"   targets: {TARGET_IDLE:,} connections {held}; "
+        f"< {TARGET_KIB_PER_CONN:g} KiB each {mark(r['kib_per_conn'] < TARGET_KIB_PER_CONN)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short phases (< 60 s in all)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per phase")
+    parser.add_argument("--rate", type=float, default=1000.0, help="offered posts/s (latency)")
+    parser.add_argument(
+        "--low-rate",
+        type=float,
+        default=100.0,
+        help="a rate the post path sustains, for the stalled-subscriber comparison",
+    )
+    parser.add_argument("--idle", type=int, help="idle connections to open")
+    parser.add_argument("--deflate", action="store_true", help="clients negotiate compression")
+    parser.add_argument(
+        "--phases",
+        default="throughput,latency,idle",
+        help="comma-separated subset of: throughput, latency, idle",
+    )
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (2.0 if args.quick else 6.0)
+    warmup = 0.5 if args.quick else 2.0
+    idle = args.idle or (1000 if args.quick else TARGET_IDLE)
+    nofile = raise_nofile(idle + 1024)  # inherited by the server process
+
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    print(f"command    : {cmd}")
+    print(f"cpu_count  : {os.cpu_count()}   load average at start: {load_average()}")
+    print(f"nofile     : {nofile}   compression: {'deflate' if args.deflate else 'none'}")
+    work = Path(tempfile.mkdtemp(prefix="an-realtime-"))
+    db = work / "an.db"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/api/v1"
+    log_path = work / "server.log"
+    figures: dict[str, Any] = {"command": cmd, "cpu_count": os.cpu_count()}
+    proc: subprocess.Popen[bytes] | None = None
+    t_all = time.perf_counter()
+    try:
+        admin_key = asyncio.run(bootstrap(db))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", SERVER_CODE, str(db), str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "AGENT_NETWORK_RUN_ROUTINES": "false"},
+            )
+        wait_healthy(base, proc)
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
+        ) as admin:
+            key = ok(admin.post("/orgs", json={"name": "bench"}))["key"]
+        http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        user = ok(http.post("/users", json={"name": "bench user"}))
+        team = ok(http.post("/teams", json={"name": "bench team"}))
+        ok(http.post(f"/teams/{team['id']}/members", json={"user_id": user["id"]}))
+        fx = Fixture(
+            base,
+            f"ws://127.0.0.1:{port}/api/v1/ws",
+            proc.pid,
+            key,
+            user["id"],
+            team["id"],
+            "deflate" if args.deflate else None,
+            http,
+        )
+        run: Callable[..., dict[str, Any]] = lambda **kw: asyncio.run(  # noqa: E731
+            run_phase(fx, seconds=seconds, warmup=warmup, **kw)
+        )
+
+        phases = set(args.phases.split(","))
+        if "throughput" in phases:
+            throughput_phase(run, figures)
+        if "latency" in phases:
+            latency_phase(run, figures, args.rate, args.low_rate, args.quick)
+        if "idle" in phases:
+            idle_report(fx, figures, idle)
+        http.close()
+    except Exception:
+        if log_path.exists():
+            sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s; load average at end: {load_average()}")
+    if args.json:
+        print(json.dumps(figures, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

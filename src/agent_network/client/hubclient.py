@@ -1,0 +1,711 @@
+"""Hub clients: a Python API for code-defined agents and people.
+
+The shape follows the hub-and-channel seed (``003``): a :class:`HubClient` per process holds one
+*link* to the hub and registers agents (:class:`Passport`, :class:`Resume`, rule) as
+:class:`AgentClient` objects, which open threads, send envelopes with an audience, handle
+incoming envelopes with a callback, wait for an event and read the WAL. A
+:class:`HumanClient` is a participant without a model: push (``on_envelope``) and pull
+(:meth:`HumanClient.next_envelope`).
+
+Two links, one API (switching is one constructor argument)::
+
+    async with LocalLink.open("net.db") as link:          # the platform in this process
+        ...
+    async with WsLink.connect(url, org_key) as link:      # a remote server over WebSocket
+        ...
+    async with HubClient(link) as hc:
+        alice = await hc.register(Passport(name="alice"), handler=answer)
+
+- :class:`LocalLink` runs the whole server in this process (store, hub, services, REST app) with
+  no socket: REST calls go through the ASGI app in memory and live envelopes come from the hub's
+  long-poll. It is the default for tests, notebooks and single-process deployments.
+- :class:`WsLink` talks to a remote server: REST over HTTP, live envelopes over the WebSocket
+  protocol (``docs/protocol.md``) with reconnect and resume.
+
+Every agent and person acts with **its own** token (issued by the org key when registered and
+revoked when the HubClient closes), so an AgentClient can only ever act as itself and sees only
+the threads its agent takes part in — exactly what a remote runner would see.
+
+Delivery to handlers is at-least-once and resumable: each agent follows each of its threads with
+a durable cursor named ``hubclient``; an envelope is acknowledged after its handler returned, so
+a crashed process resumes after the last handled envelope. Replies are idempotent on
+(agent, trigger) — the key ``reply:<agent id>:<trigger envelope id>`` — so a redelivered trigger
+never produces a second reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import anyio
+import httpx
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import BaseModel, Field
+
+from agent_network.client.errors import ApiError, NotFound
+from agent_network.client.models import Agent, Envelope, Thread, User
+from agent_network.client.rest import AsyncClient
+
+log = structlog.get_logger(__name__)
+
+HUBCLIENT_CURSOR = "hubclient"
+DEFAULT_TEAM = "hub"
+
+Handler = Callable[["Envelope", "Channel"], "str | Awaitable[str | None] | None"]
+EnvelopeCallback = Callable[["Envelope"], "Awaitable[None] | None"]
+
+
+class Passport(BaseModel):
+    """An agent's stable identity: ``name`` (shown in threads), ``lookup_key`` (unique in the
+    org; default: ``name`` lower-cased with spaces as dashes), ``identity`` (its system prompt),
+    ``model`` (for its routines; ``None``: the server default)."""
+
+    name: str
+    lookup_key: str | None = None
+    identity: str = ""
+    model: str | None = None
+
+    def key(self) -> str:
+        """The lookup key registration uses."""
+        return self.lookup_key or "-".join(self.name.lower().split())
+
+
+class Resume(BaseModel):
+    """What an agent claims it can do: ``capabilities``, ``domains`` and a free ``summary``."""
+
+    capabilities: list[str] = Field(default_factory=list)
+    domains: list[str] = Field(default_factory=list)
+    summary: str = ""
+
+
+# --------------------------------------------------------------------------- links
+
+
+class Link(Protocol):
+    """What a HubClient needs from a transport.
+
+    ``rest(token)`` is a REST client acting with ``token``; ``follow`` yields the envelopes of
+    ``thread_id`` visible to ``token`` with ``seq > after`` (or after the durable ``cursor``),
+    in order, forever; ``ack`` moves that cursor; ``token`` is the org key the link was opened
+    with.
+    """
+
+    token: str
+
+    def rest(self, token: str) -> AsyncClient: ...
+
+    def follow(
+        self, token: str, thread_id: str, *, after: int | None = None, cursor: str | None = None
+    ) -> AsyncIterator[Envelope]: ...
+
+    async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None: ...
+
+
+class LocalLink:
+    """The platform in this process, reached without sockets (see the module docstring).
+
+    Open it with :meth:`open`; ``token`` is the org key the link acts with (created on first
+    open when none is given: read ``link.token`` to keep it for the next run).
+    """
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.token = token
+        self._transport = httpx.ASGITransport(app=app)
+        self._clients: list[AsyncClient] = []
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        database: str | Path | None = None,
+        *,
+        token: str | None = None,
+        org_name: str = "local",
+        run_routines: bool = False,
+        model: str | None = None,
+    ) -> AsyncIterator[LocalLink]:
+        """Start store, hub and services on ``database`` (a SQLite path or database URL; default
+        a temporary file removed on exit) and yield the link.
+
+        ``token``: an org key of that database to act with; without it a new org ``org_name`` is
+        created. ``run_routines`` also starts the in-process runner (participate routines);
+        ``model`` is the server's default model for them.
+        """
+        from agent_network.api.app import create_app
+        from agent_network.config import Settings
+        from agent_network.services import create_admin_key
+
+        with contextlib.ExitStack() as stack:
+            if database is None:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="an-local-"))
+                database = Path(tmp) / "agent-network.db"
+            settings = Settings(database=str(database), run_routines=run_routines, model=model)
+            app = create_app(settings)
+            async with app.router.lifespan_context(app):
+                if token is None:
+                    admin = await create_admin_key(app.state.services.ctx.engine)
+                    link = cls(app, admin)
+                    async with link.rest(admin) as root:
+                        created = await root.orgs.create(org_name)
+                    token = created.key
+                link = cls(app, token)
+                try:
+                    yield link
+                finally:
+                    await link.aclose()
+
+    def rest(self, token: str) -> AsyncClient:
+        """A REST client over the in-memory ASGI transport, acting with ``token``."""
+        client = AsyncClient("http://local", token, transport=self._transport)
+        self._clients.append(client)
+        return client
+
+    async def follow(
+        self, token: str, thread_id: str, *, after: int | None = None, cursor: str | None = None
+    ) -> AsyncIterator[Envelope]:
+        """Long-poll the hub in process (30 s per wait); see :class:`Link`."""
+        from agent_network.store.delivery import read_cursor
+
+        services = self.app.state.services
+        principal = await services.orgs.authenticate(token)
+        if after is None:
+            after = 0
+            if cursor is not None:
+                async with services.ctx.engine.connect() as conn:
+                    after = await read_cursor(conn, _subscriber(principal), cursor, thread_id)
+        while True:
+            page = await services.threads.envelopes(
+                principal, thread_id, after=after, limit=500, wait=30.0, messages_only=False
+            )
+            for item in page["items"]:
+                yield Envelope.model_validate(item)
+            after = max(after, int(page["next_after"]))
+
+    async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None:
+        """Advance the durable cursor (never backwards)."""
+        from agent_network.store.delivery import advance_cursor
+
+        services = self.app.state.services
+        principal = await services.orgs.authenticate(token)
+        async with services.ctx.engine.begin() as conn:
+            await advance_cursor(conn, _subscriber(principal), cursor, thread_id, seq)
+
+    async def aclose(self) -> None:
+        """Close the REST clients this link handed out."""
+        for client in self._clients:
+            await client.aclose()
+        self._clients.clear()
+
+
+def _subscriber(principal: Any) -> str:
+    return str(principal.subject_id or principal.org_id)
+
+
+class WsLink:
+    """A remote server: REST over HTTP and live envelopes over its WebSocket endpoint.
+
+    Open it with :meth:`connect` (``url`` the server root such as ``http://127.0.0.1:8321``,
+    ``token`` an org key). One realtime connection per token, opened on first use by a task the
+    link owns (so it is entered and left in the same task), all closed on exit.
+    """
+
+    def __init__(self, url: str, token: str, tg: TaskGroup) -> None:
+        self.url = url
+        self.token = token
+        self._tg = tg
+        self._clients: dict[str, AsyncClient] = {}
+        self._realtimes: dict[str, Any] = {}
+        self._lock = anyio.Lock()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, url: str, token: str) -> AsyncIterator[WsLink]:
+        """Yield a link to the server at ``url``; every connection closes on exit."""
+        async with anyio.create_task_group() as tg:
+            link = cls(url, token, tg)
+            try:
+                yield link
+            finally:
+                tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    for client in link._clients.values():
+                        await client.aclose()
+
+    def rest(self, token: str) -> AsyncClient:
+        """The REST client acting with ``token`` (one per token, closed with the link)."""
+        client = self._clients.get(token)
+        if client is None:
+            client = AsyncClient(self.url, token)
+            self._clients[token] = client
+        return client
+
+    async def _realtime(self, token: str) -> Any:
+        async with self._lock:
+            rt = self._realtimes.get(token)
+            if rt is None:
+                rt = await self._tg.start(self._hold_realtime, token)
+                self._realtimes[token] = rt
+            return rt
+
+    async def _hold_realtime(
+        self, token: str, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self.rest(token).realtime() as rt:
+            task_status.started(rt)
+            await anyio.sleep_forever()
+
+    async def follow(
+        self, token: str, thread_id: str, *, after: int | None = None, cursor: str | None = None
+    ) -> AsyncIterator[Envelope]:
+        """Join the thread over the WebSocket (resuming from ``after`` or ``cursor``)."""
+        rt = await self._realtime(token)
+        room = await (
+            rt.join(thread_id, after=after)
+            if after is not None or cursor is None
+            else rt.join(thread_id, cursor=cursor)
+        )
+        async for env in room:
+            yield env
+
+    async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None:
+        """Acknowledge over the WebSocket (the cursor the thread was joined with)."""
+        rt = await self._realtime(token)
+        room = rt.rooms.get(thread_id)
+        if room is not None:
+            await room.ack(seq, cursor=cursor)
+
+
+# --------------------------------------------------------------------------- channels
+
+
+@dataclass
+class Channel:
+    """A thread as one participant sees it: send into it, close it, read its WAL."""
+
+    thread_id: str
+    _owner: _Participant
+
+    async def send(
+        self,
+        text: str,
+        *,
+        audience: Iterable[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Envelope:
+        """Post ``text`` as the owner; returns the stored envelope. ``audience`` (ids of
+        participants) limits who receives it, where the server supports audiences."""
+        return await self._owner.send(
+            self.thread_id, text, audience=audience, idempotency_key=idempotency_key
+        )
+
+    async def read(self) -> list[Envelope]:
+        """Every envelope of the thread visible to the owner, in order."""
+        return await self._owner.read_wal(self.thread_id)
+
+    async def info(self) -> Thread:
+        """The thread with its folded state (``status``, ``last_seq``...)."""
+        return await self._owner.rest.threads.get(self.thread_id)
+
+
+# --------------------------------------------------------------------------- participants
+
+
+@dataclass(eq=False)
+class _Participant:
+    """What agents and people share: a token, the threads they follow, waiters."""
+
+    hub: HubClient
+    kind: str  # "agent" | "user"
+    id: str
+    name: str
+    token: str
+    credential_id: str
+    _waiters: list[tuple[str | None, Callable[[Envelope], bool], anyio.Event, list[Envelope]]] = (
+        field(default_factory=list)
+    )
+    _following: set[str] = field(default_factory=set)
+
+    @property
+    def rest(self) -> AsyncClient:
+        """REST client acting with this participant's own token."""
+        return self.hub.link.rest(self.token)
+
+    def channel(self, thread_id: str) -> Channel:
+        """A handle on an existing thread."""
+        return Channel(thread_id, self)
+
+    async def send(
+        self,
+        thread_id: str,
+        text: str,
+        *,
+        audience: Iterable[str] | None = None,
+        idempotency_key: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope:
+        """Post ``text`` into ``thread_id`` as this participant (its own token)."""
+        body: dict[str, Any] = {"content": text}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        if causation_id is not None:
+            body["causation_id"] = causation_id
+        if audience is not None:
+            body["audience"] = list(audience)
+        data = await self.rest.request("POST", f"/threads/{thread_id}/messages", json=body)
+        return Envelope.model_validate(data)
+
+    async def read_wal(self, thread_id: str) -> list[Envelope]:
+        """Every envelope of ``thread_id`` this participant may see, in ``seq`` order."""
+        return [e async for e in self.rest.threads.history(thread_id)]
+
+    async def threads(self) -> list[Thread]:
+        """The threads this participant takes part in (its token's scope)."""
+        return list(await self.rest.threads.list())
+
+    async def wait_for(
+        self,
+        thread_id: str | None,
+        predicate: Callable[[Envelope], bool],
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 (a deadline for the caller, in seconds)
+    ) -> Envelope:
+        """The first envelope (already stored or arriving) of ``thread_id`` (any followed
+        thread when ``None``) for which ``predicate`` is true. TimeoutError after ``timeout``
+        seconds."""
+        if thread_id is not None:
+            for env in await self.read_wal(thread_id):
+                if predicate(env):
+                    return env
+            self.hub._follow(self, thread_id)
+        box: list[Envelope] = []
+        event = anyio.Event()
+        entry = (thread_id, predicate, event, box)
+        self._waiters.append(entry)
+        try:
+            with anyio.fail_after(timeout):
+                await event.wait()
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+        return box[0]
+
+    async def _deliver(self, env: Envelope) -> None:
+        for thread_id, predicate, event, box in list(self._waiters):
+            if (thread_id is None or thread_id == env.thread_id) and not box and predicate(env):
+                box.append(env)
+                event.set()
+        await self._handle(env)
+
+    async def _handle(self, env: Envelope) -> None:
+        return None
+
+
+@dataclass(eq=False)
+class AgentClient(_Participant):
+    """A registered agent acting with its own agent token (see the module docstring).
+
+    ``handler(envelope, channel)`` (sync or async) is called for every message from someone
+    else in the agent's threads; a returned string is posted as the agent's reply with the
+    trigger as causation (once per trigger, even after a redelivery).
+    """
+
+    passport: Passport = field(default_factory=lambda: Passport(name=""))
+    resume: Resume = field(default_factory=Resume)
+    handler: Handler | None = None
+
+    @property
+    def agent_id(self) -> str:
+        """The agent's id (its passport's immutable id)."""
+        return self.id
+
+    async def open(
+        self,
+        title: str,
+        *,
+        target: str | Iterable[str] = (),
+        team_id: str | None = None,
+        restricted: bool = True,
+    ) -> Channel:
+        """Open a thread with ``target`` (agent names, lookup keys or ids of agents registered
+        in this org) in the HubClient's team (or ``team_id``); ``restricted`` (default) makes
+        it visible to these participants only. Every target that is registered in this
+        HubClient starts following it at once."""
+        names = [target] if isinstance(target, str) else list(target)
+        agents = await self.hub._resolve_agents(names)
+        team = team_id or await self.hub._team()
+        thread = await self.hub.rest.threads.create(
+            title,
+            team_id=team,
+            visibility="restricted" if restricted else "members",
+            participants=[("agent", self.id), *(("agent", a.id) for a in agents)],
+        )
+        for who in (self, *(self.hub.agents.get(a.id) for a in agents)):
+            if who is not None:
+                self.hub._follow(who, thread.id)
+        return Channel(thread.id, self)
+
+    async def _handle(self, env: Envelope) -> None:
+        if self.handler is None or env.type != "message" or env.sender.id == self.id:
+            return
+        result = self.handler(env, Channel(env.thread_id, self))
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, str) and result.strip():
+            try:
+                await self.send(
+                    env.thread_id,
+                    result,
+                    idempotency_key=f"reply:{self.id}:{env.id}",
+                    causation_id=env.id,
+                )
+            except ApiError as err:  # refused (budget, rule, closed): recorded by the server
+                log.info("hubclient.reply_refused", agent=self.name, code=err.code)
+
+
+@dataclass(eq=False)
+class HumanClient(_Participant):
+    """A person in the network: no model; the UI drives it by push or pull.
+
+    Push: ``on_envelope(callback)``; pull: :meth:`next_envelope`. Envelopes from every thread
+    the person takes part in arrive (its own posts included, so a UI can render them). The
+    pull inbox holds ``INBOX`` envelopes; beyond that, pull misses newer ones (push does not).
+    """
+
+    INBOX = 10_000
+    _callbacks: list[EnvelopeCallback] = field(default_factory=list)
+    _inbox: tuple[MemoryObjectSendStream[Envelope], MemoryObjectReceiveStream[Envelope]] = field(
+        default_factory=lambda: anyio.create_memory_object_stream[Envelope](10_000)
+    )
+
+    @property
+    def user_id(self) -> str:
+        """The person's user id."""
+        return self.id
+
+    def on_envelope(self, callback: EnvelopeCallback) -> None:
+        """Call ``callback(envelope)`` (sync or async) for every envelope delivered."""
+        self._callbacks.append(callback)
+
+    async def next_envelope(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 (a deadline for the caller, in seconds)
+    ) -> Envelope:
+        """The next delivered envelope (pull); TimeoutError after ``timeout`` seconds."""
+        with anyio.fail_after(timeout):
+            env: Envelope = await self._inbox[1].receive()
+        return env
+
+    async def _handle(self, env: Envelope) -> None:
+        with contextlib.suppress(anyio.WouldBlock):
+            self._inbox[0].send_nowait(env)
+        for callback in list(self._callbacks):
+            result = callback(env)
+            if inspect.isawaitable(result):
+                await result
+
+
+# --------------------------------------------------------------------------- hub client
+
+
+class HubClient:
+    """One process's connection to the hub through ``link`` (a :class:`LocalLink` or a
+    :class:`WsLink`), acting for the org whose key the link holds.
+
+    Use as ``async with HubClient(link) as hc``. Agents and people it registers join the team
+    ``team`` (created if missing) so they can open threads with each other. ``discover`` is how
+    often (seconds) it looks for threads its participants were added to by others. On exit
+    every follower task is cancelled and awaited and every token it issued is revoked.
+    """
+
+    def __init__(self, link: Link, *, team: str = DEFAULT_TEAM, discover: float = 1.0) -> None:
+        self.link = link
+        self.team_name = team
+        self.discover_every = discover
+        self.agents: dict[str, AgentClient] = {}
+        self.humans: dict[str, HumanClient] = {}
+        self._team_id: str | None = None
+        self._tg: TaskGroup | None = None
+        self._tg_cm: Any = None
+
+    @property
+    def rest(self) -> AsyncClient:
+        """REST client acting with the org key."""
+        return self.link.rest(self.link.token)
+
+    async def __aenter__(self) -> Self:
+        self._tg_cm = anyio.create_task_group()
+        self._tg = await self._tg_cm.__aenter__()
+        self._tg.start_soon(self._discover_loop)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            await self._tg_cm.__aexit__(exc_type, exc, tb)
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                for who in [*self.agents.values(), *self.humans.values()]:
+                    with contextlib.suppress(ApiError, Exception):
+                        await self.rest.credentials.revoke(who.credential_id)
+
+    # ------------------------------------------------------------------ registration
+
+    async def register(
+        self,
+        passport: Passport,
+        resume: Resume | None = None,
+        rule: dict[str, Any] | None = None,
+        *,
+        handler: Handler | None = None,
+    ) -> AgentClient:
+        """Register an agent: reuse the org's agent with ``passport.key()`` (persistent
+        identity) or create it; store ``resume`` and ``rule`` (a Rule as a dict, see
+        ``agent_network.model.rule``); add it to the HubClient's team; issue its token.
+        Returns the :class:`AgentClient`; ``handler`` as described there."""
+        resume = resume or Resume()
+        agent = await self._agent_by_key(passport.key())
+        meta = {"resume": resume.model_dump()}
+        if agent is None:
+            agent = await self.rest.agents.create(
+                passport.name,
+                passport.key(),
+                identity=passport.identity,
+                model=passport.model,
+                metadata=meta,
+            )
+        else:
+            agent = await self.rest.agents.update(
+                agent.id, name=passport.name, identity=passport.identity, metadata=meta
+            )
+        if rule is not None:
+            await self.rest.request("PUT", f"/agents/{agent.id}/rule", json=rule)
+        await self._add_member("agent", agent.id)
+        issued = await self.rest.credentials.issue(
+            "agent_token", subject_id=agent.id, name=f"hubclient {passport.key()}"
+        )
+        client = AgentClient(
+            self,
+            "agent",
+            agent.id,
+            agent.name,
+            issued.secret,
+            issued.credential.id,
+            passport=passport,
+            resume=resume,
+            handler=handler,
+        )
+        self.agents[agent.id] = client
+        await self._follow_all(client)
+        return client
+
+    async def human(self, name: str, *, email: str | None = None) -> HumanClient:
+        """Register a person: reuse the org's user called ``name`` or create it; add to the
+        team; issue its token. Returns the :class:`HumanClient`."""
+        users = [u for u in await self.rest.users.list() if u.name == name]
+        user: User = users[0] if users else await self.rest.users.create(name, email=email)
+        await self._add_member("user", user.id)
+        issued = await self.rest.credentials.issue(
+            "user_token", subject_id=user.id, name=f"hubclient {name}"
+        )
+        client = HumanClient(self, "user", user.id, user.name, issued.secret, issued.credential.id)
+        self.humans[user.id] = client
+        await self._follow_all(client)
+        return client
+
+    async def read_wal(self, thread_id: str) -> list[Envelope]:
+        """Every envelope of ``thread_id`` visible to the org key, in ``seq`` order."""
+        return [e async for e in self.rest.threads.history(thread_id)]
+
+    # ------------------------------------------------------------------ internals
+
+    async def _agent_by_key(self, key: str) -> Agent | None:
+        return next((a for a in await self.rest.agents.list() if a.lookup_key == key), None)
+
+    async def _resolve_agents(self, names: list[str]) -> list[Agent]:
+        agents = await self.rest.agents.list()
+        out = []
+        for name in names:
+            found = [a for a in agents if name in (a.id, a.lookup_key, a.name)]
+            if not found:
+                raise NotFound(404, "not_found", f"no agent called {name!r} in this org")
+            out.append(found[0])
+        return out
+
+    async def _team(self) -> str:
+        if self._team_id is None:
+            teams = [t for t in await self.rest.teams.list() if t.name == self.team_name]
+            team = teams[0] if teams else await self.rest.teams.create(self.team_name)
+            self._team_id = team.id
+        return self._team_id
+
+    async def _add_member(self, kind: str, member_id: str) -> None:
+        team = await self._team()
+        members = await self.rest.teams.members(team)
+        if any(m.id == member_id for m in members):
+            return
+        if kind == "agent":
+            await self.rest.teams.add_member(team, agent_id=member_id)
+        else:
+            await self.rest.teams.add_member(team, user_id=member_id)
+
+    async def _follow_all(self, who: _Participant) -> None:
+        for thread in await who.threads():
+            self._follow(who, thread.id)
+
+    def _follow(self, who: _Participant, thread_id: str) -> None:
+        if thread_id in who._following or self._tg is None:
+            return
+        who._following.add(thread_id)
+        self._tg.start_soon(self._follower, who, thread_id)
+
+    async def _follower(self, who: _Participant, thread_id: str) -> None:
+        """Deliver ``thread_id`` to ``who`` from its durable cursor, acknowledging each
+        envelope after it was handled; retries (1 s) when the link fails."""
+        while True:
+            try:
+                async for env in self.link.follow(who.token, thread_id, cursor=HUBCLIENT_CURSOR):
+                    await who._deliver(env)
+                    await self.link.ack(who.token, thread_id, env.seq, HUBCLIENT_CURSOR)
+            except NotFound:
+                who._following.discard(thread_id)  # access lost: stop following
+                return
+            except (ApiError, OSError, httpx.HTTPError) as err:
+                log.info("hubclient.follow_retry", thread=thread_id, error=repr(err))
+            await anyio.sleep(1.0)
+
+    async def _discover_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.discover_every)
+            for who in [*self.agents.values(), *self.humans.values()]:
+                with contextlib.suppress(ApiError, OSError, httpx.HTTPError):
+                    await self._follow_all(who)
+
+
+__all__ = [
+    "AgentClient",
+    "Channel",
+    "HubClient",
+    "HumanClient",
+    "Link",
+    "LocalLink",
+    "Passport",
+    "Resume",
+    "WsLink",
+]

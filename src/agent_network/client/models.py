@@ -1,0 +1,412 @@
+"""Response models of the SDK (pydantic v2).
+
+Every model allows extra fields (``extra="allow"``) so a newer server adding a field never breaks
+an older client; the added fields are reachable as attributes and in ``model_extra``. Times are
+timezone-aware ``datetime``; ids are strings with a kind prefix (``agt_``, ``thr_``...).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    """Base of every response model: unknown fields are kept, not rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Health(Model):
+    """``GET /health``: ``status`` is ``"ok"`` once the hub runs."""
+
+    status: str
+    version: str | None = None
+
+
+class Org(Model):
+    """A tenant."""
+
+    id: str
+    name: str
+    created_at: datetime
+
+
+class OrgCreated(Model):
+    """``POST /orgs`` (admin key): the org and its first key (shown only here)."""
+
+    org: Org
+    key: str
+
+
+class User(Model):
+    """A person of an org."""
+
+    id: str
+    org_id: str
+    name: str
+    email: str | None = None
+    created_at: datetime
+
+
+class Agent(Model):
+    """An agent of an org (its passport plus identity prompt, model and metadata)."""
+
+    id: str
+    org_id: str
+    name: str
+    lookup_key: str
+    identity: str = ""
+    model: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+    updated_at: datetime | None = None
+
+
+class Routine(Model):
+    """An event-driven behaviour of an agent (``participate`` preset by default)."""
+
+    id: str
+    agent_id: str
+    name: str
+    event_type: str
+    handler_type: str
+    preset_name: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    status: str
+    created_at: datetime
+    updated_at: datetime | None = None
+
+
+class RateLimit(Model):
+    """At most ``messages`` agent messages in any ``per_seconds`` seconds."""
+
+    messages: int
+    per_seconds: float
+
+
+class Rule(Model):
+    """An agent's rule; ``None`` fields mean no limit (see ``agent_network.model.rule``)."""
+
+    inbound_from: list[str] = Field(default_factory=lambda: ["*"])
+    outbound_to: list[str] = Field(default_factory=lambda: ["*"])
+    rate: RateLimit | None = None
+    inbox_cap: int | None = None
+    max_concurrent_threads: int | None = None
+    allowed_adapters: list[str] | None = None
+    delegation_depth: int | None = None
+
+
+class Document(Model):
+    """A knowledge document (org-wide when ``agent_id`` is ``None``); ``chunks`` indexed."""
+
+    id: str
+    name: str
+    agent_id: str | None = None
+    chunks: int = 0
+    created_at: datetime
+
+
+class SearchHit(Model):
+    """One chunk found by ``GET /knowledge/search`` (``score``: lower is better, FTS5 bm25)."""
+
+    document_id: str
+    document: str
+    text: str
+    score: float
+
+
+class Secret(Model):
+    """An agent secret's metadata (the value is never returned)."""
+
+    name: str
+    agent_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class Credential(Model):
+    """An org key, user token or agent token (never its secret)."""
+
+    id: str
+    org_id: str
+    kind: str
+    subject_id: str | None = None
+    name: str = ""
+    scopes: list[str] = Field(default_factory=list)
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class IssuedCredential(Model):
+    """A new credential and its ``secret`` (shown only in this answer)."""
+
+    credential: Credential
+    secret: str
+
+
+class Team(Model):
+    """A team (``kind == "team"``, one org) or a network (``kind == "network"``, across orgs)."""
+
+    id: str
+    org_id: str
+    kind: str
+    name: str
+    description: str = ""
+    status: str
+    created_at: datetime
+    closed_at: datetime | None = None
+
+
+Network = Team
+
+
+class Member(Model):
+    """A member of a team or network (``kind`` ``agent`` or ``user``)."""
+
+    kind: str
+    id: str
+    name: str
+    role: str = "member"
+    org_id: str | None = None
+    org_name: str | None = None
+
+
+class Invite(Model):
+    """A network invite. ``join_code`` is only present in the answer that created it."""
+
+    id: str
+    network_id: str | None = None
+    join_code: str | None = None
+    created_at: datetime | None = None
+    expires_at: datetime
+    max_uses: int | None = None
+    uses: int | None = None
+    revoked: bool | None = None
+
+
+class Visa(Model):
+    """The grant admitting one org (and the members it named) into a network."""
+
+    id: str
+    network_id: str
+    org_id: str
+    org_name: str | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+    end_reason: str | None = None
+    members: list[Member] = Field(default_factory=list)
+
+
+class JoinResult(Model):
+    """``POST /networks/join``: the network, the new visa's id and the members attached."""
+
+    network: Team
+    visa_id: str
+    members: list[Member] = Field(default_factory=list)
+
+
+class Thread(Model):
+    """A thread with its folded state (``status``, ``last_seq``, runaway budget)."""
+
+    id: str
+    team_id: str
+    org_id: str
+    title: str
+    adapter: str = "open"
+    visibility: str = "members"
+    status: str
+    last_seq: int
+    agent_budget: int | None = None
+    consecutive_agent_messages: int = 0
+    created_at: datetime
+
+
+class Sender(Model):
+    """Who sent an envelope (``kind``: ``agent``, ``user`` or ``system``)."""
+
+    kind: str
+    id: str
+    name: str
+    org_id: str | None = None
+    org_name: str | None = None
+
+
+class Envelope(Model):
+    """One record of a thread's log; ``content`` is set for ``message`` envelopes."""
+
+    id: str
+    thread_id: str
+    seq: int
+    type: str
+    content: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    sender: Sender
+    causation_id: str | None = None
+    idempotency_key: str | None = None
+    created_at: datetime
+    hash: str | None = None
+    prev_hash: str | None = None
+
+
+class EnvelopePage(Model):
+    """A page of envelopes with ``seq > after``; ask again with ``after=next_after``."""
+
+    items: list[Envelope]
+    next_after: int
+
+
+class VerifyReport(Model):
+    """The hash chain check of a thread; ``first_bad_seq`` names the first break."""
+
+    thread_id: str
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+
+class EgressRule(Model):
+    """One egress rule: ``kind`` (email, card_number, secret, regex), ``action`` (refuse,
+    redact), ``pattern`` for ``regex``."""
+
+    name: str
+    kind: str
+    pattern: str | None = None
+    action: str
+
+
+class EgressPolicy(Model):
+    """The org's egress rules (``updated_at`` ``None`` until set)."""
+
+    rules: list[EgressRule] = Field(default_factory=list)
+    updated_at: datetime | None = None
+
+
+class AuditRecord(Model):
+    """One audit log record (``outcome``: ``accepted`` or ``refused``)."""
+
+    id: int
+    org_id: str | None = None
+    principal_kind: str | None = None
+    principal_id: str | None = None
+    action: str
+    resource_kind: str | None = None
+    resource_id: str | None = None
+    outcome: str
+    reason: str | None = None
+    data: Any = None
+    created_at: datetime
+
+
+class AssignedAgent(Model):
+    """An agent a runner credential runs."""
+
+    id: str
+    name: str
+    org_id: str | None = None
+    org_name: str | None = None
+    identity: str = ""
+    model: str | None = None
+
+
+class AssignedThread(Model):
+    """A thread an assigned agent takes part in; ``since``: messages before it are not its."""
+
+    thread_id: str
+    title: str = ""
+    since: Any = None
+
+
+class Assignment(Model):
+    """``GET /runners/assignments`` item: an agent and its threads."""
+
+    agent: AssignedAgent
+    threads: list[AssignedThread] = Field(default_factory=list)
+
+
+class Claim(Model):
+    """A granted lease on a trigger (``expires_at``: the server's clock)."""
+
+    granted: bool = True
+    agent_id: str
+    thread_id: str
+    trigger_seq: int
+    trigger_id: str | None = None
+    runner_id: str
+    expires_at: Any = None
+    lease_seconds: float | None = None
+
+
+class ClaimCompleted(Model):
+    """A trigger marked done."""
+
+    done: bool = True
+    agent_id: str
+    thread_id: str
+    trigger_seq: int
+
+
+class DoneTriggers(Model):
+    """The trigger seqs of a thread that are done for an agent."""
+
+    agent_id: str
+    thread_id: str
+    done: list[int] = Field(default_factory=list)
+
+
+class Principal(Model):
+    """Who a realtime connection is authenticated as."""
+
+    kind: str
+    org_id: str | None = None
+    subject_id: str | None = None
+
+
+class Typing(Model):
+    """A typing indicator received in a room (ephemeral, never stored)."""
+
+    thread_id: str
+    sender: Sender
+
+
+__all__ = [
+    "Agent",
+    "AssignedAgent",
+    "AssignedThread",
+    "Assignment",
+    "AuditRecord",
+    "Claim",
+    "ClaimCompleted",
+    "Credential",
+    "Document",
+    "DoneTriggers",
+    "EgressPolicy",
+    "EgressRule",
+    "Envelope",
+    "EnvelopePage",
+    "Health",
+    "Invite",
+    "IssuedCredential",
+    "JoinResult",
+    "Member",
+    "Model",
+    "Network",
+    "Org",
+    "OrgCreated",
+    "Principal",
+    "RateLimit",
+    "Routine",
+    "Rule",
+    "SearchHit",
+    "Secret",
+    "Sender",
+    "Team",
+    "Thread",
+    "Typing",
+    "User",
+    "VerifyReport",
+    "Visa",
+]

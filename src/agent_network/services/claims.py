@@ -1,0 +1,486 @@
+"""Work claims: several runners (remote processes and the in-process one) share the routines of
+the same agents, and each trigger is worked on by one runner at a time.
+
+A runner that wants to answer trigger ``seq`` of a thread for an agent first *claims* it with a
+lease (:meth:`ClaimService.claim`); it renews the claim while it works and *completes* it when it
+has replied or decided not to (:meth:`ClaimService.complete`). A crashed runner's claim expires
+after its lease and another runner takes it over. Claims only save duplicate model calls: the
+reply itself is idempotent on ``reply:<agent_id>:<trigger envelope id>`` (:func:`reply_key`) on
+every path (in-process append, REST post), so even two runners holding the same trigger at once
+can never store two replies.
+
+Before a claim is granted the same checks run as in the in-process runner before a model call
+(:func:`preflight`): the thread is open, the runaway budget is not spent, the agent's rule lets it
+send there and admits the trigger's sender (``inbound_from``). A trigger refused by them is
+marked done (audited like in the in-process runner) and answered with ``claim_done``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import exists, func, select
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from agent_network.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RunawayBudgetError,
+)
+from agent_network.hub import EV_MESSAGE
+from agent_network.model.envelope import Envelope
+from agent_network.services.base import ServiceContext
+from agent_network.services.principal import Principal
+from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
+from agent_network.services.scope import own_agent, require_org, visible_thread
+from agent_network.store.audit import audit_row, insert_audit
+from agent_network.store.claims import ClaimState, complete_claim, done_seqs, try_claim
+from agent_network.store.tables import (
+    agents,
+    members,
+    orgs,
+    routines,
+    thread_participants,
+    threads,
+    users,
+)
+from agent_network.store.wal import read_envelopes
+
+MAX_LEASE = 3600.0  # seconds
+MAX_RUNNER_ID = 100  # characters
+
+
+class ClaimHeldError(ConflictError):
+    """Another runner holds a live lease on this trigger; retry after ``details.retry_after``."""
+
+    code = "claim_held"
+
+
+class ClaimDoneError(ConflictError):
+    """The trigger is done (answered, or refused by the checks before a model call)."""
+
+    code = "claim_done"
+
+
+def reply_key(agent_id: str, trigger_id: str) -> str:
+    """The idempotency key of ``agent_id``'s reply to the envelope ``trigger_id``, as stored.
+
+    Every path stores a reply under this exact key: the in-process runner appends with it, and a
+    REST post by the agent carrying ``causation_id`` = the trigger and this key as its
+    ``idempotency_key`` is stored under it unscoped (:func:`stored_key`).
+    """
+    return f"reply:{agent_id}:{trigger_id}"
+
+
+def stored_key(sender_kind: str, sender_id: str, key: str, causation_id: str | None) -> str:
+    """The stored form of a client's idempotency ``key`` for a post by ``sender_id``.
+
+    An agent's own reply key (``reply:<sender_id>:<causation_id>``, with the matching
+    ``causation_id``) is stored as it is, so a remote runner's REST reply and the in-process
+    runner's reply to the same trigger collide; only the agent itself (its org key or its token)
+    can post as the agent, so nobody else can occupy it. Every other key is scoped to its sender
+    (``<sender_id>:<key>``), which keeps it apart from every system key.
+    """
+    if (
+        sender_kind == "agent"
+        and causation_id is not None
+        and key == reply_key(sender_id, causation_id)
+    ):
+        return key
+    return f"{sender_id}:{key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why an agent does not answer a trigger. ``audit``: record it as a refused ``action``."""
+
+    action: str
+    reason: str
+    audit: bool = True
+
+
+async def agent_in_thread(conn: AsyncConnection, agent_id: str, thread: Any) -> bool:
+    """The agent is (still) a member of the thread's team or network, and a participant if the
+    thread is restricted. ``thread`` is a row of ``threads`` (mapping)."""
+    q = select(members.c.member_id).where(
+        members.c.team_id == thread["team_id"],
+        members.c.member_kind == "agent",
+        members.c.member_id == agent_id,
+    )
+    if (await conn.execute(q)).first() is None:
+        return False
+    if thread["visibility"] != "restricted":
+        return True
+    q = select(thread_participants.c.member_id).where(
+        thread_participants.c.thread_id == thread["id"],
+        thread_participants.c.member_kind == "agent",
+        thread_participants.c.member_id == agent_id,
+    )
+    return (await conn.execute(q)).first() is not None
+
+
+async def participations(
+    conn: AsyncConnection, agent_ids: list[str] | None = None
+) -> list[tuple[str, str, str]]:
+    """``(agent_id, thread_id, since)`` for every thread an agent with an active ``participate``
+    routine takes part in (a member of its team/network; a participant if it is restricted).
+
+    ``since`` (ISO time) is when both the routine and the membership existed: messages committed
+    before it are not the agent's to answer. ``agent_ids`` limits the result to those agents.
+    """
+    q = (
+        select(
+            routines.c.agent_id,
+            threads.c.id,
+            func.max(routines.c.created_at),
+            func.max(members.c.created_at),
+        )
+        .join(agents, agents.c.id == routines.c.agent_id)
+        .join(members, (members.c.member_kind == "agent") & (members.c.member_id == agents.c.id))
+        .join(threads, threads.c.team_id == members.c.team_id)
+        .where(
+            routines.c.status == "active",
+            routines.c.preset_name == "participate",
+            agents.c.deleted_at.is_(None),
+            threads.c.deleted_at.is_(None),
+            (threads.c.visibility == "members")
+            | exists().where(
+                (thread_participants.c.thread_id == threads.c.id)
+                & (thread_participants.c.member_kind == "agent")
+                & (thread_participants.c.member_id == agents.c.id)
+            ),
+        )
+        .group_by(routines.c.agent_id, threads.c.id)
+        .order_by(routines.c.agent_id, threads.c.id)
+    )
+    if agent_ids is not None:
+        q = q.where(routines.c.agent_id.in_(agent_ids))
+    return [(a, t, max(r, m)) for a, t, r, m in (await conn.execute(q)).all()]
+
+
+async def preflight(
+    ctx: ServiceContext,
+    rules: RuleService,
+    conn: AsyncConnection,
+    agent: RowMapping,
+    thread: Any,
+    trigger: Envelope,
+) -> Refusal | None:
+    """The checks before an agent's model call for ``trigger`` (both runners use them).
+
+    Returns None when the agent may go ahead, else the :class:`Refusal`: the thread is closed
+    (not audited: the hub refuses every append there anyway), the thread's runaway budget is
+    spent, or the agent's rule forbids sending there (``check_send`` without counting the rate).
+    ``agent`` is a row of ``agents``; ``thread`` a row of ``threads``.
+    """
+    state = await ctx.hub.state(trigger.thread_id)
+    if state.status == "closed":
+        return Refusal("thread.closed", "the thread is closed", audit=False)
+    if state.consecutive_agent >= state.agent_budget:
+        return Refusal(
+            "envelope.message",
+            f"{RunawayBudgetError.code}: budget of {state.agent_budget} consecutive agent "
+            "messages spent; no model call made",
+        )
+    try:
+        await rules.check_send(
+            conn,
+            agent,
+            thread_id=trigger.thread_id,
+            team_id=thread["team_id"],
+            adapter=state.adapter,
+            causation_id=trigger.id,
+            consume_rate=False,
+        )
+    except RuleViolationError as err:
+        return Refusal("envelope.message", f"{err.code}: {err.message}")
+    return None
+
+
+async def _sender_of(conn: AsyncConnection, env: Envelope) -> tuple[str, str]:
+    """``(display name, org name)`` of an envelope's sender (as ``threads.sender_names``)."""
+    table = agents if env.sender_kind == "agent" else users
+    name = (await conn.execute(select(table.c.name).where(table.c.id == env.sender_id))).scalar()
+    org = (await conn.execute(select(orgs.c.name).where(orgs.c.id == env.sender_org_id))).scalar()
+    return str(name or "(deleted)"), str(org or "")
+
+
+class ClaimService:
+    """Claims on triggers for the agents a credential owns (an org key: every agent of its org;
+    an agent token: its own agent). Any other agent answers 404 like everywhere."""
+
+    def __init__(self, ctx: ServiceContext, *, rules: RuleService | None = None) -> None:
+        self.ctx = ctx
+        self.rules = rules or RuleService(ctx)
+
+    # --------------------------------------------------------------- scope
+
+    async def _agent(self, conn: AsyncConnection, principal: Principal, agent_id: str) -> Any:
+        require_org(principal)
+        if principal.is_member_scoped and (
+            principal.kind != "agent" or principal.subject_id != agent_id
+        ):
+            raise NotFoundError("agent", agent_id)
+        agent = await own_agent(conn, principal, agent_id)
+        org_name = (
+            await conn.execute(select(orgs.c.name).where(orgs.c.id == agent["org_id"]))
+        ).scalar_one()
+        return {**agent, "org_name": org_name}
+
+    async def _target(
+        self, conn: AsyncConnection, principal: Principal, agent_id: str, thread_id: str
+    ) -> tuple[Any, Any]:
+        """``(agent, thread)`` after the scope checks; NotFoundError / PermissionDeniedError."""
+        agent = await self._agent(conn, principal, agent_id)
+        thread, _team = await visible_thread(conn, principal, thread_id)
+        if not await agent_in_thread(conn, agent_id, thread):
+            raise PermissionDeniedError(
+                f"agent {agent['name']!r} does not take part in thread {thread_id!r}"
+            )
+        return agent, thread
+
+    @staticmethod
+    async def _trigger(conn: AsyncConnection, thread_id: str, seq: int, agent_id: str) -> Envelope:
+        found = await read_envelopes(conn, thread_id, after=seq - 1, limit=1)
+        if not found or found[0].seq != seq or found[0].type != EV_MESSAGE:
+            raise InvalidRequestError(
+                f"trigger_seq {seq} is not a message of thread {thread_id!r}; claim the seq of a "
+                "message envelope"
+            )
+        if found[0].sender_id == agent_id:
+            raise InvalidRequestError(f"trigger_seq {seq} was sent by the agent itself")
+        return found[0]
+
+    @staticmethod
+    def _check(runner_id: str, trigger_seq: int, lease_seconds: float | None = None) -> None:
+        if not 0 < len(runner_id) <= MAX_RUNNER_ID or not runner_id.isprintable():
+            raise InvalidRequestError(f"runner_id must be 1-{MAX_RUNNER_ID} printable characters")
+        if trigger_seq < 1:
+            raise InvalidRequestError("trigger_seq must be >= 1")
+        if lease_seconds is not None and not 0 < lease_seconds <= MAX_LEASE:
+            raise InvalidRequestError(f"lease_seconds must be in (0, {MAX_LEASE:g}]")
+
+    # ------------------------------------------------------------- the API
+
+    async def claim(
+        self,
+        principal: Principal,
+        *,
+        agent_id: str,
+        thread_id: str,
+        trigger_seq: int,
+        runner_id: str,
+        lease_seconds: float,
+    ) -> dict[str, Any]:
+        """Claim trigger ``trigger_seq`` of ``thread_id`` for ``agent_id`` for ``lease_seconds``.
+
+        Granted if the trigger is free, its lease expired (take-over) or ``runner_id`` already
+        holds it (renewal). Returns ``{"granted": True, "agent_id", "thread_id", "trigger_seq",
+        "trigger_id", "runner_id", "expires_at" (epoch seconds, server clock), "lease_seconds"}``.
+
+        Raises NotFoundError (agent or thread outside the caller's scope), PermissionDeniedError
+        (the agent does not take part in the thread), InvalidRequestError (bad runner id or
+        lease, or ``trigger_seq`` is not a message from somebody else), ClaimHeldError (another
+        runner's lease is live; ``details``: ``runner_id``, ``expires_at``, ``retry_after``
+        seconds) and ClaimDoneError (already done, or refused now by the checks before a model
+        call — then marked done and audited; ``details.reason`` says which).
+        """
+        self._check(runner_id, trigger_seq, lease_seconds)
+        now = time.time()
+        async with self.ctx.engine.connect() as conn:
+            agent, thread = await self._target(conn, principal, agent_id, thread_id)
+            trigger = await self._trigger(conn, thread_id, trigger_seq, agent_id)
+        # the claim is the first statement of its transaction: on SQLite it waits for the write
+        # lock (busy timeout) instead of failing on a read snapshot another writer outdated
+        async with self.ctx.engine.begin() as conn:
+            state = await try_claim(
+                conn,
+                agent_id=agent_id,
+                thread_id=thread_id,
+                trigger_seq=trigger_seq,
+                runner_id=runner_id,
+                lease_seconds=lease_seconds,
+                now=now,
+            )
+        self._raise_unless_granted(state, now)
+        refusal = await self._refusal(agent, thread, trigger)
+        if refusal is not None:
+            await self._finish_refused(agent, trigger, runner_id, refusal)
+            raise ClaimDoneError(
+                f"trigger not answered: {refusal.reason}",
+                details={"reason": refusal.reason},
+            )
+        return {
+            "granted": True,
+            "agent_id": agent_id,
+            "thread_id": thread_id,
+            "trigger_seq": trigger_seq,
+            "trigger_id": trigger.id,
+            "runner_id": runner_id,
+            "expires_at": state.expires_at,
+            "lease_seconds": lease_seconds,
+        }
+
+    async def complete(
+        self,
+        principal: Principal,
+        *,
+        agent_id: str,
+        thread_id: str,
+        trigger_seq: int,
+        runner_id: str,
+    ) -> dict[str, Any]:
+        """Mark the trigger done (replied, or deliberately not answered); idempotent.
+
+        Allowed for the runner holding the claim, after its lease expired, or without a claim;
+        ClaimHeldError while another runner's lease is live. Returns ``{"done": True,
+        "agent_id", "thread_id", "trigger_seq"}``. Scope errors as :meth:`claim`.
+        """
+        self._check(runner_id, trigger_seq)
+        now = time.time()
+        async with self.ctx.engine.connect() as conn:
+            await self._target(conn, principal, agent_id, thread_id)
+            await self._trigger(conn, thread_id, trigger_seq, agent_id)
+        async with self.ctx.engine.begin() as conn:
+            state = await complete_claim(
+                conn,
+                agent_id=agent_id,
+                thread_id=thread_id,
+                trigger_seq=trigger_seq,
+                runner_id=runner_id,
+                now=now,
+            )
+        if state.outcome == "held":
+            self._raise_unless_granted(state, now)
+        return {
+            "done": True,
+            "agent_id": agent_id,
+            "thread_id": thread_id,
+            "trigger_seq": trigger_seq,
+        }
+
+    async def done(self, principal: Principal, *, agent_id: str, thread_id: str) -> dict[str, Any]:
+        """``{"agent_id", "thread_id", "done": [seq, ...]}``: the triggers of the thread that are
+        done for the agent (a restarting runner skips them). Scope errors as :meth:`claim`."""
+        async with self.ctx.engine.connect() as conn:
+            await self._target(conn, principal, agent_id, thread_id)
+            seqs = await done_seqs(conn, agent_id, thread_id)
+        return {"agent_id": agent_id, "thread_id": thread_id, "done": seqs}
+
+    async def assignments(self, principal: Principal) -> list[dict[str, Any]]:
+        """The work of a runner using this credential: every agent it owns that has an active
+        ``participate`` routine, with what a prompt needs and the threads it takes part in.
+
+        Returns ``[{"agent": {"id", "name", "org_id", "org_name", "identity", "model"},
+        "threads": [{"thread_id", "title", "since"}]}]`` (``since``: ISO time; messages
+        committed before it are not the agent's to answer). An org key gets all its agents, an
+        agent token its own agent; a user token gets an empty list.
+        """
+        org_id = require_org(principal)
+        if principal.is_member_scoped and principal.kind != "agent":
+            return []
+        async with self.ctx.engine.connect() as conn:
+            q = (
+                select(agents, orgs.c.name.label("org_name"))
+                .join(orgs, orgs.c.id == agents.c.org_id)
+                .where(agents.c.org_id == org_id, agents.c.deleted_at.is_(None))
+                .order_by(agents.c.created_at)
+            )
+            if principal.kind == "agent":
+                q = q.where(agents.c.id == principal.subject_id)
+            rows = list((await conn.execute(q)).mappings())
+            ids = [r["id"] for r in rows]
+            pairs = await participations(conn, ids) if ids else []
+            q_titles = select(threads.c.id, threads.c.title).where(
+                threads.c.id.in_({t for _, t, _ in pairs})
+            )
+            titles = {r[0]: r[1] for r in await conn.execute(q_titles)}
+            with_routine = set(
+                (
+                    await conn.execute(
+                        select(routines.c.agent_id).where(
+                            routines.c.agent_id.in_(ids),
+                            routines.c.status == "active",
+                            routines.c.preset_name == "participate",
+                        )
+                    )
+                ).scalars()
+            )
+        by_agent: dict[str, list[dict[str, str]]] = {}
+        for agent_id, thread_id, since in pairs:
+            by_agent.setdefault(agent_id, []).append(
+                {"thread_id": thread_id, "title": titles.get(thread_id, ""), "since": since}
+            )
+        return [
+            {
+                "agent": {
+                    k: r[k] for k in ("id", "name", "org_id", "org_name", "identity", "model")
+                },
+                "threads": by_agent.get(r["id"], []),
+            }
+            for r in rows
+            if r["id"] in with_routine
+        ]
+
+    # ------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _raise_unless_granted(state: ClaimState, now: float) -> None:
+        if state.outcome == "done":
+            raise ClaimDoneError("this trigger is done already", details={"reason": "done"})
+        if state.outcome == "held":
+            retry = max(0.0, state.expires_at - now)
+            raise ClaimHeldError(
+                f"runner {state.runner_id!r} holds this trigger for {retry:.1f} s more",
+                details={
+                    "runner_id": state.runner_id,
+                    "expires_at": state.expires_at,
+                    "retry_after": round(retry, 3),
+                },
+            )
+
+    async def _refusal(self, agent: Any, thread: Any, trigger: Envelope) -> Refusal | None:
+        async with self.ctx.engine.connect() as conn:
+            sender_name, sender_org = await _sender_of(conn, trigger)
+            if not RuleService.inbound_allows(parse_rule(agent["rule"]), sender_name, sender_org):
+                return Refusal(
+                    "rule.refused",
+                    f"{RuleViolationError.code}: inbound_from does not admit {sender_name!r} "
+                    f"({sender_org})",
+                )
+            return await preflight(self.ctx, self.rules, conn, agent, thread, trigger)
+
+    async def _finish_refused(
+        self, agent: Any, trigger: Envelope, runner_id: str, refusal: Refusal
+    ) -> None:
+        async with self.ctx.engine.begin() as conn:
+            await complete_claim(
+                conn,
+                agent_id=agent["id"],
+                thread_id=trigger.thread_id,
+                trigger_seq=trigger.seq,
+                runner_id=runner_id,
+                now=time.time(),
+            )
+            if refusal.audit:
+                await insert_audit(
+                    conn,
+                    [
+                        audit_row(
+                            org_id=agent["org_id"],
+                            principal_kind="agent",
+                            principal_id=agent["id"],
+                            action=refusal.action,
+                            resource_kind="thread",
+                            resource_id=trigger.thread_id,
+                            outcome="refused",
+                            reason=refusal.reason,
+                            data={"trigger_id": trigger.id, "runner_id": runner_id},
+                        )
+                    ],
+                )
