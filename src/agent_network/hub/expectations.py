@@ -214,8 +214,11 @@ class Sweeper:
         async with self._lock:
             if thread_ids is None:
                 if not self._scanned:
-                    async with self.hub.engine.connect() as conn:
-                        self._watched.update(await lifecycle_thread_ids(conn))
+                    # shielded: cancelling an aiosqlite query half-way leaves an orphan close
+                    # task behind that blocks the event loop's shutdown
+                    with anyio.CancelScope(shield=True):
+                        async with self.hub.engine.connect() as conn:
+                            self._watched.update(await lifecycle_thread_ids(conn))
                     self._scanned = True
                 cached = list(self.hub._states.items())  # the hub's own cache (same package)
                 self._watched.update(tid for tid, st in cached if needs_sweep(st))
@@ -233,7 +236,8 @@ class Sweeper:
     async def _sweep_thread(self, thread_id: str, now: float) -> list[Envelope]:
         written: list[Envelope] = []
         for _ in range(_MAX_STEPS):
-            state = await self.hub.state(thread_id)
+            with anyio.CancelScope(shield=True):  # a store read: see sweep()
+                state = await self.hub.state(thread_id)
             if not needs_sweep(state):
                 self._watched.discard(thread_id)
                 break
