@@ -181,3 +181,16 @@ def test_delivery_resumes_after_restart_and_replies_are_not_repeated(
         assert len({r.causation_id for r in replies}) == 3
 
     anyio.run(main)
+
+
+def test_opening_with_an_unknown_target_says_which_name_is_missing(open_link: LinkFactory) -> None:
+    async def main() -> None:
+        async with open_link() as link, HubClient(link) as hc:
+            alice = await hc.register(Passport(name="Alice"))
+            with pytest.raises(ApiError) as err:
+                await alice.open("to nobody", target=["nobody"])
+            assert err.value.status == 404 and "'nobody'" in err.value.message
+            # nothing was opened
+            assert await alice.threads() == []
+
+    anyio.run(main)
