@@ -18,8 +18,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,68 +26,15 @@ from typing import Any
 
 import httpx
 
-from agent_network.services import create_admin_key
-from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from _server import ServerProcess, ok, proc_status
 
 TARGET_MIB = 150.0  # "< 150 MiB with no model loaded", from the issue
 CONTENT = "benchmark message " + "x" * 82  # 100 characters
 
-SERVER_CODE = """
-import sys
-import uvicorn
-from agent_network.api import create_app
-from agent_network.config import Settings
-app = create_app(Settings(database=sys.argv[1], model="test"))
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
-"""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM of ``pid`` in MiB (from /proc/<pid>/status)."""
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) / 1024  # kB -> MiB
-    return out
-
-
-async def bootstrap(db: Path) -> str:
-    """Migrate ``db`` and create a platform admin key on it (before the server starts)."""
-    engine = create_engine(database_url(db))
-    await upgrade_schema(engine)
-    key = await create_admin_key(engine)
-    await engine.dispose()
-    return key
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> float:
-    """Poll the health endpoint; return seconds until it answered."""
-    t0 = time.perf_counter()
-    deadline = t0 + timeout
-    while time.perf_counter() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"server not healthy within {timeout:g} s")
-
-
-def ok(r: httpx.Response) -> Any:
-    if r.status_code >= 300:
-        raise RuntimeError(f"{r.request.method} {r.request.url} -> {r.status_code} {r.text}")
-    return r.json() if r.content else None
+def mib(status: dict[str, float]) -> dict[str, float]:
+    """``proc_status`` figures (KiB) in MiB."""
+    return {k: v / 1024 for k, v in status.items()}
 
 
 def setup(base: str, admin_key: str) -> tuple[str, str, str]:
@@ -144,50 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command   : {cmd}")
     print(f"cpu_count : {os.cpu_count()}")
     work = Path(tempfile.mkdtemp(prefix="an-memory-"))
-    db = work / "an.db"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/api/v1"
-    log_path = work / "server.log"
     figures: dict[str, Any] = {}
-    proc: subprocess.Popen[bytes] | None = None
+    pid = 0
     try:
-        admin_key = asyncio.run(bootstrap(db))
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", SERVER_CODE, str(db), str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
+        with ServerProcess(work, run_routines=True) as server:
+            pid = server.pid
+            figures["startup_s"] = server.startup_s
+            figures["idle"] = mib(proc_status(pid))
+            org_key, user_id, thread_id = setup(server.base, server.admin_key)
+            seconds = asyncio.run(
+                post_messages(
+                    server.base, org_key, user_id, thread_id, args.messages, args.concurrency
+                )
             )
-        figures["startup_s"] = wait_healthy(base, proc)
-        figures["idle"] = proc_status(proc.pid)
-        org_key, user_id, thread_id = setup(base, admin_key)
-        seconds = asyncio.run(
-            post_messages(base, org_key, user_id, thread_id, args.messages, args.concurrency)
-        )
-        figures["post_s"] = seconds
-        figures["after"] = proc_status(proc.pid)
-        with httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {org_key}"}, timeout=60
-        ) as http:
-            figures["last_seq"] = ok(http.get(f"/threads/{thread_id}"))["last_seq"]
-    except Exception:
-        if log_path.exists():
-            sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
-        raise
+            figures["post_s"] = seconds
+            figures["after"] = mib(proc_status(pid))
+            thread = ok(server.client(org_key).get(f"/threads/{thread_id}"))
+            figures["last_seq"] = thread["last_seq"]
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         shutil.rmtree(work, ignore_errors=True)
 
     idle, after = figures["idle"], figures["after"]
     peak = after["VmHWM"]
     verdict = "PASS" if peak < TARGET_MIB else "MISS"
-    pid = proc.pid if proc else "?"
     print(f"server    : pid {pid}, healthy after {figures['startup_s']:.2f} s")
     print(
         f"load      : {args.messages} messages, {args.concurrency} in flight, "

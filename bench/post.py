@@ -41,8 +41,6 @@ import os
 import pstats
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,42 +48,21 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from _server import ServerProcess, bootstrap, cpu_seconds
 from agent_network.config import Settings
 from agent_network.hub import Hub
 from agent_network.model.rule import RateLimit, Rule
-from agent_network.services import ServiceContext, Services, create_admin_key
+from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
 from agent_network.services.threads import MAX_BUDGET
-from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from agent_network.store.engine import create_engine, database_url
 
 HUMAN_EVERY = 50  # in the agent scenarios every 50th post is the user's (budget 1000)
 IN_FLIGHT = 64  # unanswered post frames per connection (the server's per-connection limit)
 CONTENT = "a message of about one hundred characters, like a short chat line between two agents"
-
-SERVER_CODE = """
-import sys
-import uvicorn
-from agent_network.api import create_app
-from agent_network.api.server import GracefulServer
-from agent_network.config import Settings
-app = create_app(Settings(database=sys.argv[1], model="test", run_routines=False))
-config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
-GracefulServer(config).run()
-"""
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of ``pid`` (default: this process), all its threads."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(name: str, posts: int, wall: float, cpu: float, errors: int) -> dict[str, Any]:
@@ -228,12 +205,6 @@ async def service_mode(
 # ----------------------------------------------------------------------------- ws mode
 
 
-def _ok(r: httpx.Response) -> Any:
-    if r.status_code >= 300:
-        raise RuntimeError(f"{r.request.method} {r.request.url} -> {r.status_code} {r.text}")
-    return r.json() if r.content else None
-
-
 async def _open(url: str, key: str) -> ClientConnection:
     ws = await connect(
         url,
@@ -298,78 +269,27 @@ async def ws_run(
     return wall, cpu, errors
 
 
-def ws_mode(work: Path, db: Path, admin_key: str, posts: int, conns: int) -> list[dict[str, Any]]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/api/v1"
-    url = f"ws://127.0.0.1:{port}/api/v1/ws"
-    log_path = work / "server.log"
+def ws_mode(work: Path, posts: int, conns: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_CODE, str(db), str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "AGENT_NETWORK_RUN_ROUTINES": "false"},
-        )
-    try:
-        wait_healthy(base, proc)
-        with httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
-        ) as admin:
-            key = _ok(admin.post("/orgs", json={"name": "ws bench"}))["key"]
-        with httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60
-        ) as http:
-            user = _ok(http.post("/users", json={"name": "ws user"}))
-            team = _ok(http.post("/teams", json={"name": "ws team"}))
-            _ok(http.post(f"/teams/{team['id']}/members", json={"user_id": user["id"]}))
-            for label, warm in (("warm-up", True), ("team user", False)):
-                thread = _ok(http.post(f"/teams/{team['id']}/threads", json={"title": label}))
-                n = min(500, posts) if warm else posts
-                wall, cpu, errors = asyncio.run(
-                    ws_run(url, key, proc.pid, thread["id"], {"user_id": user["id"]}, n, conns)
+    with ServerProcess(work / "ws") as server:
+        org = server.org("ws bench")
+        for label, warm in (("warm-up", True), ("team user", False)):
+            thread_id = org.new_thread(label)
+            n = min(500, posts) if warm else posts
+            wall, cpu, errors = asyncio.run(
+                ws_run(
+                    server.ws_url,
+                    org.key,
+                    server.pid,
+                    thread_id,
+                    {"user_id": org.user_id},
+                    n,
+                    conns,
                 )
-                if not warm:
-                    rows.append(report(f"ws {label}", n, wall, cpu, errors))
-    except Exception:
-        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            )
+            if not warm:
+                rows.append(report(f"ws {label}", n, wall, cpu, errors))
     return rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"server not healthy within {timeout:g} s")
-
-
-async def bootstrap(db: Path) -> str:
-    engine = create_engine(database_url(db))
-    await upgrade_schema(engine)
-    key = await create_admin_key(engine)
-    await engine.dispose()
-    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,9 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 service_mode(db, admin_key, args.posts, args.concurrency, args.profile)
             )
         if "ws" in modes:
-            db = work / "ws.db"
-            admin_key = asyncio.run(bootstrap(db))
-            figures["rows"] += ws_mode(work, db, admin_key, args.posts, args.connections)
+            (work / "ws").mkdir()
+            figures["rows"] += ws_mode(work, args.posts, args.connections)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")

@@ -3,11 +3,13 @@ connections, and the effect of a stalled subscriber. Prints figures, never asser
 
 Run:  .venv/bin/python bench/realtime.py [--quick] [--json]
 
-The server runs as a separate process: uvicorn (``GracefulServer``, the WebSocket-aware
-shutdown) serving ``create_app(Settings(database=<temp db>, model="test", run_routines=False))``
-on 127.0.0.1 and a free port, over a fresh SQLite file with the project's durable settings.
-This process is the only client: it creates an org, a user and a team over REST, then speaks the
-protocol with the ``websockets`` asyncio client (``compression=None`` unless ``--deflate``).
+The server runs as a separate process started by ``bench/_server.py`` (:class:`ServerProcess`)
+the way ``agent-network serve`` runs it (``GracefulServer``, the WebSocket-aware shutdown, with
+the startup heap frozen) over ``create_app(Settings(database=<temp db>, model="test",
+run_routines=False))`` on 127.0.0.1 and a free port, over a fresh SQLite file with the
+project's durable settings. This process is the only client: it creates an org, a user and a
+team over REST, then speaks the protocol with the ``websockets`` asyncio client
+(``compression=None`` unless ``--deflate``).
 
 Phases (each on its own thread):
 
@@ -41,12 +43,11 @@ import shlex
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from agent_network.services import create_admin_key
-from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from _server import Org, ServerProcess, cpu_seconds, load_average, ok, proc_status
 
 TARGET_THROUGHPUT_10 = 20_000  # envelopes/s delivered to 10 subscribers
 TARGET_P99_MS = 5.0  # p99 post-to-delivery at 1,000 env/s
@@ -67,46 +67,6 @@ TARGET_STALL_DELTA = 0.10  # a stalled subscriber changes the others' p99 by < 1
 POSTERS = 4
 IN_FLIGHT = 64  # posts per poster connection (the server processes 64 per connection at once)
 
-SERVER_CODE = """
-import sys
-import uvicorn
-from agent_network.api import create_app
-from agent_network.api.server import GracefulServer
-from agent_network.config import Settings
-app = create_app(Settings(database=sys.argv[1], model="test", run_routines=False))
-config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
-                        backlog=4096)
-GracefulServer(config).run()
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM of ``pid`` in KiB (from /proc/<pid>/status)."""
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = float(value.split()[0])
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
 
 def pct(values: list[float], p: float) -> float:
     """The ``p``-th percentile (nearest rank) of ``values`` (not empty)."""
@@ -115,55 +75,36 @@ def pct(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-async def bootstrap(db: Path) -> str:
-    engine = create_engine(database_url(db))
-    await upgrade_schema(engine)
-    key = await create_admin_key(engine)
-    await engine.dispose()
-    return key
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"server not healthy within {timeout:g} s")
-
-
-def ok(r: httpx.Response) -> Any:
-    if r.status_code >= 300:
-        raise RuntimeError(f"{r.request.method} {r.request.url} -> {r.status_code} {r.text}")
-    return r.json() if r.content else None
-
-
 @dataclass
 class Fixture:
-    """What the phases share: the server, an org key, a user in a team."""
+    """What the phases share: the server process and an org with a user in a team."""
 
-    base: str
-    ws_url: str
-    pid: int
-    key: str
-    user_id: str
-    team_id: str
+    server: ServerProcess
+    org: Org
     compression: str | None
-    http: httpx.Client = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    @property
+    def ws_url(self) -> str:
+        return self.server.ws_url
+
+    @property
+    def user_id(self) -> str:
+        return self.org.user_id
+
+    @property
+    def http(self) -> httpx.Client:
+        return self.org.http
 
     def new_thread(self, title: str) -> str:
-        return str(
-            ok(self.http.post(f"/teams/{self.team_id}/threads", json={"title": title}))["id"]
-        )
+        return self.org.new_thread(title)
 
     async def open(self, **kw: Any) -> ClientConnection:
         options: dict[str, Any] = {
-            "additional_headers": {"Authorization": f"Bearer {self.key}"},
+            "additional_headers": {"Authorization": f"Bearer {self.org.key}"},
             "compression": self.compression,
             "ping_interval": None,
             "max_queue": None,
@@ -572,65 +513,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu_count  : {os.cpu_count()}   load average at start: {load_average()}")
     print(f"nofile     : {nofile}   compression: {'deflate' if args.deflate else 'none'}")
     work = Path(tempfile.mkdtemp(prefix="an-realtime-"))
-    db = work / "an.db"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/api/v1"
-    log_path = work / "server.log"
     figures: dict[str, Any] = {"command": cmd, "cpu_count": os.cpu_count()}
-    proc: subprocess.Popen[bytes] | None = None
     t_all = time.perf_counter()
     try:
-        admin_key = asyncio.run(bootstrap(db))
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", SERVER_CODE, str(db), str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "AGENT_NETWORK_RUN_ROUTINES": "false"},
+        with ServerProcess(work) as server:
+            fx = Fixture(server, server.org(), "deflate" if args.deflate else None)
+            run: Callable[..., dict[str, Any]] = lambda **kw: asyncio.run(  # noqa: E731
+                run_phase(fx, seconds=seconds, warmup=warmup, **kw)
             )
-        wait_healthy(base, proc)
-        with httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
-        ) as admin:
-            key = ok(admin.post("/orgs", json={"name": "bench"}))["key"]
-        http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        user = ok(http.post("/users", json={"name": "bench user"}))
-        team = ok(http.post("/teams", json={"name": "bench team"}))
-        ok(http.post(f"/teams/{team['id']}/members", json={"user_id": user["id"]}))
-        fx = Fixture(
-            base,
-            f"ws://127.0.0.1:{port}/api/v1/ws",
-            proc.pid,
-            key,
-            user["id"],
-            team["id"],
-            "deflate" if args.deflate else None,
-            http,
-        )
-        run: Callable[..., dict[str, Any]] = lambda **kw: asyncio.run(  # noqa: E731
-            run_phase(fx, seconds=seconds, warmup=warmup, **kw)
-        )
-
-        phases = set(args.phases.split(","))
-        if "throughput" in phases:
-            throughput_phase(run, figures)
-        if "latency" in phases:
-            latency_phase(run, figures, args.rate, args.low_rate, args.quick)
-        if "idle" in phases:
-            idle_report(fx, figures, idle)
-        http.close()
-    except Exception:
-        if log_path.exists():
-            sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
-        raise
+            phases = set(args.phases.split(","))
+            if "throughput" in phases:
+                throughput_phase(run, figures)
+            if "latency" in phases:
+                latency_phase(run, figures, args.rate, args.low_rate, args.quick)
+            if "idle" in phases:
+                idle_report(fx, figures, idle)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s; load average at end: {load_average()}")
     if args.json:

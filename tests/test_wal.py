@@ -557,3 +557,66 @@ def test_budget_zero_refuses_every_agent_message(make_org) -> None:
         429,
         "agent_budget_exhausted",
     )
+
+
+def test_checkpoints_run_off_the_commit_path_and_reach_the_database_file(tmp_path: Path) -> None:
+    """The writer never checkpoints inside a commit (``wal_autocheckpoint=0``); its checkpointer
+    thread copies the WAL into the database file while commits go on, and a last time at close:
+    afterwards the database file alone (no WAL beside it) holds every committed row."""
+    from agent_network.store import wal_writer
+    from agent_network.store.wal_writer import SqliteWalWriter
+
+    db = tmp_path / "ckpt.db"
+    asyncio.run(upgrade_schema(create_engine(database_url(db))))
+    commits = 3 * wal_writer.CHECKPOINT_EVERY + 7
+
+    def insert(i: int) -> Any:
+        def fn(session: Any) -> None:
+            session.insert_audit(
+                [
+                    {
+                        "org_id": "org_ckpt",
+                        "principal_kind": "user",
+                        "principal_id": "usr_ckpt",
+                        "action": "test.row",
+                        "resource_kind": "thread",
+                        "resource_id": f"thr_{i}",
+                        "outcome": "accepted",
+                        "reason": None,
+                        "data": {"i": i},
+                        "created_at": "2026-01-01T00:00:00.000000Z",
+                    }
+                ]
+            )
+            assert session.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+
+        return fn
+
+    async def run() -> int:
+        writer = SqliteWalWriter(str(db))
+        await writer.start()
+        try:
+            for i in range(commits):
+                await writer.transaction(insert(i))
+            with anyio.fail_after(30):
+                while writer.checkpoints == 0:  # at least one ran while the writer was open
+                    await anyio.sleep(0.01)
+        finally:
+            await writer.aclose()
+        return writer.checkpoints
+
+    assert asyncio.run(run()) >= 1
+    alone = tmp_path / "copy" / "ckpt.db"
+    alone.parent.mkdir()
+    alone.write_bytes(db.read_bytes())  # the database file only, not ckpt.db-wal
+    conn = sqlite3.connect(alone)
+    try:
+        ids = {
+            r[0]
+            for r in conn.execute(
+                "SELECT resource_id FROM audit_log WHERE org_id = ?", ("org_ckpt",)
+            )
+        }
+    finally:
+        conn.close()
+    assert ids == {f"thr_{i}" for i in range(commits)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import uvicorn
@@ -15,7 +16,27 @@ class GracefulServer(uvicorn.Server):
     (``config.app`` must be an app built by ``create_app``), so WebSocket clients get
     ``disconnect`` ``shutdown`` with their ``resume`` positions and close code 1001 *before*
     uvicorn closes the sockets itself (plain uvicorn closes open WebSockets with 1012 before the
-    app's lifespan shutdown runs)."""
+    app's lifespan shutdown runs).
+
+    ``freeze_gc`` (for a process that runs one server, such as ``agent-network serve``): once
+    startup is done, collect and then :func:`gc.freeze` everything allocated so far (modules,
+    the app, the schema, caches), so the collector's oldest generation no longer walks those
+    objects. Without it a full collection of the startup heap stalls the event loop for tens of
+    milliseconds at unpredictable moments (measured: ~60–100 ms pauses at 1,000 appends/s, the
+    p99 latency of every post in flight). Leave it off where many servers start in one process
+    (tests): frozen objects are never collected.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, freeze_gc: bool = False) -> None:
+        super().__init__(config)
+        self.freeze_gc = freeze_gc
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start as uvicorn does; then freeze the startup heap when ``freeze_gc`` is set."""
+        await super().startup(sockets)
+        if self.freeze_gc:
+            gc.collect()
+            gc.freeze()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Close the realtime connections, then shut down as uvicorn does."""
@@ -29,5 +50,6 @@ class GracefulServer(uvicorn.Server):
 
 def serve(app: FastAPI, *, host: str, port: int, log_level: str = "warning") -> None:
     """Run ``app`` on ``host``:``port`` until SIGINT/SIGTERM (blocking), with a graceful
-    realtime shutdown."""
-    GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    realtime shutdown and the startup heap frozen (``GracefulServer(freeze_gc=True)``)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+    GracefulServer(config, freeze_gc=True).run()
