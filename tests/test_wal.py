@@ -568,7 +568,7 @@ def test_checkpoints_run_off_the_commit_path_and_reach_the_database_file(tmp_pat
 
     db = tmp_path / "ckpt.db"
     asyncio.run(upgrade_schema(create_engine(database_url(db))))
-    commits = 3 * wal_writer.CHECKPOINT_EVERY + 7
+    commits = 5 * wal_writer.CHECKPOINT_EVERY + 7
 
     def insert(i: int) -> Any:
         def fn(session: Any) -> None:
@@ -592,20 +592,32 @@ def test_checkpoints_run_off_the_commit_path_and_reach_the_database_file(tmp_pat
 
         return fn
 
-    async def run() -> int:
+    wal = Path(f"{db}-wal")
+
+    def wal_size() -> int:
+        return wal.stat().st_size
+
+    async def run() -> tuple[int, int, int]:
         writer = SqliteWalWriter(str(db))
         await writer.start()
         try:
-            for i in range(commits):
+            await writer.transaction(insert(0))
+            one_commit = wal_size()  # the WAL header and the frames of one commit
+            for i in range(1, commits):
                 await writer.transaction(insert(i))
             with anyio.fail_after(30):
-                while writer.checkpoints == 0:  # at least one ran while the writer was open
+                # a counter set by the checkpointer thread: poll it
+                while writer.checkpoints == 0:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
+            size = wal_size()
         finally:
             await writer.aclose()
-        return writer.checkpoints
+        return writer.checkpoints, one_commit, size
 
-    assert asyncio.run(run()) >= 1
+    checkpoints, one_commit, size = asyncio.run(run())
+    assert checkpoints >= 1
+    # the WAL restarted from its beginning after checkpoints instead of holding every commit
+    assert size < 0.5 * one_commit * commits, (size, one_commit, commits)
     alone = tmp_path / "copy" / "ckpt.db"
     alone.parent.mkdir()
     alone.write_bytes(db.read_bytes())  # the database file only, not ckpt.db-wal

@@ -16,6 +16,7 @@ Both store the same rows (JSON columns as ``json.dumps`` text, as SQLAlchemy's J
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import sqlite3
@@ -186,9 +187,6 @@ class _SqliteSession:
 CHECKPOINT_EVERY = 200
 """Commits between two WAL checkpoints of :class:`SqliteWalWriter` (a hub commit writes about
 five pages, so ~1,000 pages: SQLite's own ``wal_autocheckpoint`` default)."""
-CHECKPOINT_PASSES = 4
-"""Passive checkpoints run back to back while commits keep arriving during them."""
-
 _PRAGMAS = ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=10000")
 
 
@@ -196,15 +194,18 @@ class SqliteWalWriter:
     """One stdlib ``sqlite3`` connection (WAL mode, ``synchronous=FULL``) owned by one dedicated
     thread; each transaction costs one hand-over to that thread and one wake-up of the event loop.
 
-    Checkpoints (copying the WAL back into the database file) never run on the commit path:
-    the writer's connection has ``wal_autocheckpoint=0`` and a second thread with its own
-    connection runs ``PRAGMA wal_checkpoint(PASSIVE)`` every :data:`CHECKPOINT_EVERY` commits
-    (and when the writer stops). SQLite's automatic checkpoint would run inside the
-    ``COMMIT`` of every ~200th transaction, copying ~4 MiB and fsyncing the database file while
-    every append queued behind it waits. A passive checkpoint runs concurrently with the writer
-    (https://www.sqlite.org/wal.html#checkpointing); when it has copied every frame, the next
-    commit restarts the WAL from its beginning, so the file stops growing. ``checkpoints``
-    counts the checkpoint passes run, ``wal_frames`` is the WAL size (frames) seen by the last.
+    Checkpoints (copying the WAL back into the database file) stay off the commit path: the
+    writer's connection has ``wal_autocheckpoint=0``, and every :data:`CHECKPOINT_EVERY`
+    commits a second thread with its own connection runs ``PRAGMA wal_checkpoint(PASSIVE)``,
+    which copies the bulk concurrently with the writer
+    (https://www.sqlite.org/wal.html#checkpointing). The frames committed during that pass are
+    then copied by the writer itself, right after a commit has been acknowledged and while no
+    transaction waits: with no concurrent writer that small pass completes, so the next commit
+    restarts the WAL from its beginning and the file stops growing (a restart needs every frame
+    copied when a write transaction starts). SQLite's automatic checkpoint would instead run
+    inside the ``COMMIT`` of every ~200th transaction, copying ~4 MiB and fsyncing the database
+    file while every append queued behind it waits. ``checkpoints`` counts the passes of the
+    checkpointer thread, ``wal_frames`` is the WAL size (frames) seen by the last one.
 
     Both threads are started by :meth:`start` and stopped by :meth:`aclose`, which joins them.
     """
@@ -222,6 +223,7 @@ class SqliteWalWriter:
         )
         self._due = threading.Event()  # set by the writer: a checkpoint is due
         self._stopping = False
+        self._finish = False  # set by the checkpointer: the writer copies the last frames
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.checkpoints = 0
@@ -266,6 +268,14 @@ class SqliteWalWriter:
                     if commits >= CHECKPOINT_EVERY:
                         commits = 0
                         self._due.set()
+                    if self._finish and self._jobs.empty():
+                        # the checkpointer copied the bulk; copy the rest (the few frames
+                        # committed during its pass) while no commit is waiting: with no
+                        # concurrent writer this pass completes, and the next commit restarts
+                        # the WAL from its beginning instead of growing the file
+                        self._finish = False
+                        with contextlib.suppress(sqlite3.Error):  # a later one catches up
+                            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
             conn.close()
 
@@ -280,17 +290,15 @@ class SqliteWalWriter:
             while not self._stopping:
                 self._due.wait()
                 self._due.clear()
-                for _ in range(CHECKPOINT_PASSES):
-                    try:
-                        _, frames, copied = conn.execute(
-                            "PRAGMA wal_checkpoint(PASSIVE)"
-                        ).fetchone()
-                    except sqlite3.Error:
-                        break  # busy or I/O trouble: try again at the next due checkpoint
-                    self.checkpoints += 1
-                    self.wal_frames = frames
-                    if copied >= frames:
-                        break  # caught up: the next commit restarts the WAL
+                try:
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:
+                    continue  # busy or I/O trouble: try again at the next due checkpoint
+                self.checkpoints += 1
+                self.wal_frames = frames
+                # commits made during this pass are not copied yet: the writer copies them
+                # after its next commit, when nothing else writes, so the WAL restarts
+                self._finish = True
         finally:
             conn.close()
 
