@@ -603,8 +603,15 @@ def test_checkpoints_run_off_the_commit_path_and_reach_the_database_file(tmp_pat
         try:
             await writer.transaction(insert(0))
             one_commit = wal_size()  # the WAL header and the frames of one commit
-            for i in range(1, commits):
-                await writer.transaction(insert(i))
+            numbers = iter(range(1, commits))
+
+            async def committer() -> None:  # 8 of them keep the writer busy at all times
+                for i in numbers:
+                    await writer.transaction(insert(i))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(committer)
             with anyio.fail_after(30):
                 # a counter set by the checkpointer thread: poll it
                 while writer.checkpoints == 0:  # noqa: ASYNC110

@@ -199,10 +199,10 @@ class SqliteWalWriter:
     commits a second thread with its own connection runs ``PRAGMA wal_checkpoint(PASSIVE)``,
     which copies the bulk concurrently with the writer
     (https://www.sqlite.org/wal.html#checkpointing). The frames committed during that pass are
-    then copied by the writer itself, right after a commit has been acknowledged and while no
-    transaction waits: with no concurrent writer that small pass completes, so the next commit
-    restarts the WAL from its beginning and the file stops growing (a restart needs every frame
-    copied when a write transaction starts). SQLite's automatic checkpoint would instead run
+    then copied by the writer itself, right after its next commit has been acknowledged: with
+    no concurrent writer that small pass completes, so the next commit restarts the WAL from
+    its beginning and the file stops growing (a restart needs every frame copied when a write
+    transaction starts). SQLite's automatic checkpoint would instead run
     inside the ``COMMIT`` of every ~200th transaction, copying ~4 MiB and fsyncing the database
     file while every append queued behind it waits. ``checkpoints`` counts the passes of the
     checkpointer thread, ``wal_frames`` is the WAL size (frames) seen by the last one.
@@ -268,11 +268,11 @@ class SqliteWalWriter:
                     if commits >= CHECKPOINT_EVERY:
                         commits = 0
                         self._due.set()
-                    if self._finish and self._jobs.empty():
-                        # the checkpointer copied the bulk; copy the rest (the few frames
-                        # committed during its pass) while no commit is waiting: with no
-                        # concurrent writer this pass completes, and the next commit restarts
-                        # the WAL from its beginning instead of growing the file
+                    if self._finish:
+                        # the checkpointer copied the bulk; copy the rest (the frames committed
+                        # during its pass) here, between two transactions: with no concurrent
+                        # writer this pass completes, and the next commit restarts the WAL from
+                        # its beginning instead of growing the file
                         self._finish = False
                         with contextlib.suppress(sqlite3.Error):  # a later one catches up
                             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
