@@ -22,7 +22,7 @@ class GracefulServer(uvicorn.Server):
     startup is done, collect and then :func:`gc.freeze` everything allocated so far (modules,
     the app, the schema, caches), so the collector's oldest generation no longer walks those
     objects. Without it a full collection of the startup heap stalls the event loop for tens of
-    milliseconds at unpredictable moments (measured: ~60–100 ms pauses at 1,000 appends/s, the
+    milliseconds at unpredictable moments (measured: ~60-100 ms pauses at 1,000 appends/s, the
     p99 latency of every post in flight). Leave it off where many servers start in one process
     (tests): frozen objects are never collected.
     """
