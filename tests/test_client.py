@@ -497,9 +497,11 @@ def test_models_keep_fields_a_newer_server_adds() -> None:
             "sender": {"kind": "user", "id": "usr_1", "name": "Ann", "pronouns": "she"},
             "created_at": "2026-01-01T00:00:00+00:00",
             "audience": ["agt_1"],
+            "priority": "high",
         }
     )
-    assert env.model_extra == {"audience": ["agt_1"]}
+    assert env.audience == ["agt_1"]  # a field of its own since protocol threads
+    assert env.model_extra == {"priority": "high"}
     assert env.sender.model_extra == {"pronouns": "she"}
 
 

@@ -42,9 +42,10 @@ class Call:
     principal: Principal
 
 
-# What a user or agent token may do besides reading: post into its threads as itself.
+# What a user or agent token may do besides reading: post into its threads as itself, and
+# take part in a protocol thread's lifecycle as itself (ack, reject, close, workflow context).
 TOKEN_WRITES = (
-    ("POST", re.compile(r"^/api/v1/threads/[^/]+/messages$")),
+    ("POST", re.compile(r"^/api/v1/threads/[^/]+/(messages|ack|reject|close|context)$")),
     ("POST", re.compile(r"^/api/v1/claims(/complete)?$")),  # an agent token runs its agent
 )
 # What it may not even read: its org's administration, secrets and knowledge.
@@ -60,7 +61,8 @@ def check_credential_may(principal: Principal, method: str, path: str) -> None:
     """The one place that says what a credential may do at all, by HTTP method and URL path.
 
     Read-only credentials (scope ``read`` only) may only read. User and agent tokens may read
-    what their subject is a member of and post messages as themselves, nothing else (no
+    what their subject is a member of, post messages and ack/reject/close/set context in
+    protocol threads as themselves, nothing else (no
     administration, no audit log, no credentials, no secrets, no knowledge). Raises
     PermissionDeniedError otherwise; finer checks (which ids are in scope) happen in services.
     """

@@ -42,9 +42,13 @@ class OrgCreate(Body):
     name: str = Field(min_length=1, max_length=200)
 
 
+AUTO_ACK = "acknowledge invitations to protocol threads automatically"
+
+
 class UserCreate(Body):
     name: str = Field(min_length=1, max_length=200)
     email: str | None = Field(default=None, max_length=320)
+    auto_ack: bool = Field(default=False, description=AUTO_ACK)
 
 
 class UserUpdate(PatchBody):
@@ -52,6 +56,19 @@ class UserUpdate(PatchBody):
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     email: str | None = Field(default=None, max_length=320)
+    auto_ack: bool | None = Field(default=None, description=AUTO_ACK)
+
+
+class Resume(Body):
+    """What an agent claims it can do (the hub adds the observed track record later)."""
+
+    capabilities: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=50
+    )
+    domains: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=50
+    )
+    summary: str = Field(default="", max_length=4000)
 
 
 class AgentCreate(Body):
@@ -60,16 +77,18 @@ class AgentCreate(Body):
     identity: str = Field(default="", max_length=20_000)
     model: str | None = Field(default=None, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    resume: Resume | None = None
 
 
 class AgentUpdate(PatchBody):
-    nullable = frozenset({"model"})
+    nullable = frozenset({"model", "resume"})
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     lookup_key: str | None = Field(default=None, min_length=1, max_length=100)
     identity: str | None = Field(default=None, max_length=20_000)
     model: str | None = Field(default=None, max_length=200)
     metadata: dict[str, Any] | None = None
+    resume: Resume | None = None
 
 
 class RoutineCreate(Body):
@@ -118,14 +137,81 @@ class Participant(Body):
     id: str = Field(min_length=1, max_length=40)
 
 
+class ExpectationBody(Body):
+    """A deadline rule on a protocol thread (``agent_network.adapters.Expectation``)."""
+
+    kind: Literal["reply_within", "acks_within", "max_silence", "turn_within"]
+    seconds: float = Field(gt=0, description="seconds")
+    handler: Literal["audit", "notify", "auto_close"] = "audit"
+    name: str | None = Field(
+        default=None, min_length=1, max_length=60, description="default: the kind"
+    )
+
+
 class ThreadCreate(Body):
     title: str = Field(min_length=1, max_length=300)
     agent_budget: int | None = Field(default=None, ge=0, le=1000)
     visibility: Literal["members", "restricted"] = "members"
     participants: list[Participant] = Field(default_factory=list, max_length=200)
+    adapter: str = Field(
+        default="open",
+        min_length=1,
+        max_length=60,
+        description="the thread's protocol: open (default), conversation, consulting, "
+        "discussion, workflow or a registered custom adapter",
+    )
+    initiator: Participant | None = Field(
+        default=None, description="protocol threads: who opens it (default: first participant)"
+    )
+    invitees: list[Participant] | None = Field(
+        default=None,
+        max_length=200,
+        description="protocol threads: who must ack first (default: every participant but the "
+        "initiator; [] = nobody)",
+    )
+    ttl: float | None = Field(default=None, gt=0, description="seconds until it closes")
+    ack_timeout: float | None = Field(
+        default=None, gt=0, description="seconds the invitees have to ack"
+    )
+    expectations: list[ExpectationBody] = Field(default_factory=list, max_length=20)
+    names: dict[str, str] | None = Field(
+        default=None,
+        description="participant name -> id for workflow targets (default: built from the "
+        "participants' names and lookup keys)",
+    )
+    graph: dict[str, Any] | None = Field(
+        default=None, description="workflow: TransitionGraph.to_dict()"
+    )
+    order: list[str] | None = Field(
+        default=None, max_length=200, description="discussion: speaking order (participant ids)"
+    )
+    ordering: str | None = Field(default=None, max_length=60, description="discussion ordering")
+    knobs: dict[str, Any] | None = Field(
+        default=None, description="further knobs of a custom adapter (thread.created data)"
+    )
 
     def participant_pairs(self) -> list[tuple[str, str]]:
         return [(str(p.kind), p.id) for p in self.participants]
+
+    def protocol(self) -> dict[str, Any]:
+        """The protocol knobs given, as ``ThreadService.create`` keyword arguments."""
+        out: dict[str, Any] = {"adapter": self.adapter}
+        if self.initiator is not None:
+            out["initiator"] = (str(self.initiator.kind), self.initiator.id)
+        if self.invitees is not None:
+            out["invitees"] = [(str(p.kind), p.id) for p in self.invitees]
+        out["ttl"] = self.ttl
+        out["ack_timeout"] = self.ack_timeout
+        out["expectations"] = [e.model_dump(exclude_none=True) for e in self.expectations]
+        out["names"] = self.names
+        out["graph"] = self.graph
+        knobs = dict(self.knobs or {})
+        if self.order is not None:
+            knobs["order"] = self.order
+        if self.ordering is not None:
+            knobs["ordering"] = self.ordering
+        out["knobs"] = knobs
+        return out
 
 
 class ThreadUpdate(PatchBody):
@@ -143,8 +229,46 @@ class ParticipantsAdd(Body):
     participants: list[Participant] = Field(min_length=1, max_length=200)
 
 
+class ToolCallBody(Body):
+    """One tool call of a message (stored in ``data["tool_calls"]``; the workflow adapter reads
+    them: a ``result`` ``{"kind": "handoff", "target", "reason"}`` picks the next speaker,
+    ``{"kind": "finish", "summary", "reason"}`` ends the workflow)."""
+
+    name: str = Field(min_length=1, max_length=100)
+    args: dict[str, Any] | None = None
+    result: Any = None
+
+
+class SenderBody(Body):
+    agent_id: str | None = None
+    user_id: str | None = None
+
+
+class AckBody(SenderBody):
+    """Ack an invitation as one of the caller's own agents or users (a token: itself)."""
+
+
+class RejectBody(SenderBody):
+    reason: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class CloseBody(Body):
+    reason: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ContextSet(SenderBody):
+    values: dict[str, Any] = Field(min_length=1, max_length=100, description="key -> JSON value")
+
+
 class MessageCreate(Body):
     content: str = Field(min_length=1, max_length=32_000)
+    audience: list[Annotated[str, Field(min_length=1, max_length=40)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="participant ids (agents, users) who receive it; omit for everyone",
+    )
+    tool_calls: list[ToolCallBody] | None = Field(default=None, max_length=50)
     agent_id: str | None = None
     user_id: str | None = None
     idempotency_key: str | None = Field(

@@ -26,6 +26,16 @@ Every agent and person acts with **its own** token (issued by the org key when r
 revoked when the HubClient closes), so an AgentClient can only ever act as itself and sees only
 the threads its agent takes part in — exactly what a remote runner would see.
 
+Protocol threads (``docs/protocols.md``): :meth:`AgentClient.open` takes ``adapter``
+(``consulting``, ``conversation``, ``discussion``, ``workflow``...), ``ttl``, ``ack_timeout``,
+``expectations`` and a workflow ``graph``; invited agents ack automatically when their rule
+admits the adapter and the initiator, people with :meth:`HumanClient.ack` /
+:meth:`HumanClient.reject` (or automatically with their ``auto_ack`` setting); either side
+closes with ``close``. :meth:`Channel.send` takes an ``audience`` and workflow ``tool_calls``;
+:meth:`Channel.info` shows the protocol state (status, pending acks, expected speaker, close
+reason, workflow turns and context). The hub refuses what the protocol does not allow (e.g.
+``NotYourTurn``); a handler's refused reply is logged, not raised.
+
 Delivery to handlers is at-least-once and resumable: each agent follows each of its threads with
 a durable cursor named ``hubclient``; an envelope is acknowledged after its handler returned, so
 a crashed process resumes after the last handled envelope. Replies are idempotent on
@@ -38,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -52,7 +62,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import BaseModel, Field
 
 from agent_network.client.errors import ApiError, NotFound
-from agent_network.client.models import Agent, Envelope, Thread, User
+from agent_network.client.models import Agent, Envelope, Thread, Tool, User
 from agent_network.client.rest import AsyncClient
 
 log = structlog.get_logger(__name__)
@@ -85,6 +95,20 @@ class Resume(BaseModel):
     capabilities: list[str] = Field(default_factory=list)
     domains: list[str] = Field(default_factory=list)
     summary: str = ""
+
+
+def _stored_resume(agent: Agent) -> Resume:
+    """The resume stored for ``agent``: its ``resume`` field, else the ``metadata.resume`` of
+    agents registered before resumes had a field of their own, else an empty one."""
+    if agent.resume is not None:
+        return Resume.model_validate(agent.resume.model_dump())
+    old = agent.metadata.get("resume")
+    if isinstance(old, dict):
+        with contextlib.suppress(ValueError):
+            return Resume.model_validate(
+                {k: v for k, v in old.items() if k in ("capabilities", "domains", "summary")}
+            )
+    return Resume()
 
 
 # --------------------------------------------------------------------------- links
@@ -301,11 +325,19 @@ class Channel:
         *,
         audience: Iterable[str] | None = None,
         idempotency_key: str | None = None,
+        causation_id: str | None = None,
+        tool_calls: Iterable[Mapping[str, Any]] | None = None,
     ) -> Envelope:
         """Post ``text`` as the owner; returns the stored envelope. ``audience`` (ids of
-        participants) limits who receives it, where the server supports audiences."""
+        participants) limits who receives it; ``tool_calls`` (``[{name, args?, result?}]``)
+        carry workflow tool results (a Handoff/Finish routes the workflow)."""
         return await self._owner.send(
-            self.thread_id, text, audience=audience, idempotency_key=idempotency_key
+            self.thread_id,
+            text,
+            audience=audience,
+            idempotency_key=idempotency_key,
+            causation_id=causation_id,
+            tool_calls=tool_calls,
         )
 
     async def read(self) -> list[Envelope]:
@@ -313,8 +345,22 @@ class Channel:
         return await self._owner.read_wal(self.thread_id)
 
     async def info(self) -> Thread:
-        """The thread with its folded state (``status``, ``last_seq``...)."""
+        """The thread with its folded state: ``status``, ``last_seq``, and the protocol state
+        (``adapter``, ``participants``, ``initiator``, ``pending_acks``, ``expected_speaker``,
+        ``close_reason``; workflow ``turns`` and ``context``)."""
         return await self._owner.rest.threads.get(self.thread_id)
+
+    async def close(self, reason: str | None = None) -> Thread:
+        """Close the thread as the owner (see :meth:`_Participant.close`)."""
+        return await self._owner.close(self.thread_id, reason)
+
+    async def set_context(self, values: Mapping[str, Any]) -> Thread:
+        """Set workflow context keys as the owner (the turn does not advance)."""
+        return await self._owner.rest.threads.set_context(self.thread_id, values)
+
+    async def tools(self) -> list[Tool]:
+        """The workflow tools the owner (an agent) gets in this thread now."""
+        return await self._owner.rest.threads.tools(self.thread_id)
 
 
 # --------------------------------------------------------------------------- participants
@@ -352,17 +398,25 @@ class _Participant:
         audience: Iterable[str] | None = None,
         idempotency_key: str | None = None,
         causation_id: str | None = None,
+        tool_calls: Iterable[Mapping[str, Any]] | None = None,
     ) -> Envelope:
-        """Post ``text`` into ``thread_id`` as this participant (its own token)."""
-        body: dict[str, Any] = {"content": text}
-        if idempotency_key is not None:
-            body["idempotency_key"] = idempotency_key
-        if causation_id is not None:
-            body["causation_id"] = causation_id
-        if audience is not None:
-            body["audience"] = list(audience)
-        data = await self.rest.request("POST", f"/threads/{thread_id}/messages", json=body)
-        return Envelope.model_validate(data)
+        """Post ``text`` into ``thread_id`` as this participant (its own token); ``audience``
+        and ``tool_calls`` as in :meth:`Channel.send`."""
+        return await self.rest.threads.post(
+            thread_id,
+            text,
+            idempotency_key=idempotency_key,
+            causation_id=causation_id,
+            audience=audience,
+            tool_calls=tool_calls,
+        )
+
+    async def close(self, thread_id: str, reason: str | None = None) -> Thread:
+        """Close ``thread_id`` as this participant (``reason``: its ``close_reason``, default
+        ``closed``). A protocol thread moves to ``closing`` and then ``closed``.
+        ProtocolViolation when this participant does not take part, ThreadClosed when it is
+        already closing or closed."""
+        return await self.rest.threads.close(thread_id, reason=reason)
 
     async def read_wal(self, thread_id: str) -> list[Envelope]:
         """Every envelope of ``thread_id`` this participant may see, in ``seq`` order."""
@@ -433,21 +487,49 @@ class AgentClient(_Participant):
         title: str,
         *,
         target: str | Iterable[str] = (),
-        team_id: str | None = None,
+        adapter: str = "open",
+        ttl: float | None = None,
+        ack_timeout: float | None = None,
+        expectations: Iterable[Any] = (),
+        graph: Any = None,
         restricted: bool = True,
+        team_id: str | None = None,
+        **knobs: Any,
     ) -> Channel:
         """Open a thread with ``target`` (agent names, lookup keys or ids of agents registered
         in this org) in the HubClient's team (or ``team_id``); ``restricted`` (default) makes
-        it visible to these participants only. Every target that is registered in this
-        HubClient starts following it at once."""
+        it visible to these participants only. This agent is the initiator and the first
+        participant, the targets follow in order.
+
+        ``adapter`` (default ``open``) picks the protocol (``conversation``, ``consulting``,
+        ``discussion``, ``workflow``...); ``ttl``/``ack_timeout`` are seconds,
+        ``expectations`` Expectations (``agent_network.adapters.reply_within(...)``) or their
+        dicts, ``graph`` a TransitionGraph (or its dict) for a workflow, whose targets may use
+        the agents' names; ``knobs`` pass further fields of the thread: ``invitees`` (default
+        every target), ``names``, ``order`` (discussion), ``agent_budget``, and any other
+        adapter knob. Every target registered in this HubClient starts following it at once.
+        InvalidRequest (nothing opened) for bad knobs; NotFound for an unknown target.
+        """
         names = [target] if isinstance(target, str) else list(target)
         agents = await self.hub._resolve_agents(names)
         team = team_id or await self.hub._team()
+        fields = {
+            k: knobs.pop(k) for k in ("invitees", "names", "order", "agent_budget") if k in knobs
+        }
+        participants = [("agent", self.id), *(("agent", a.id) for a in agents)]
         thread = await self.hub.rest.threads.create(
             title,
             team_id=team,
             visibility="restricted" if restricted else "members",
-            participants=[("agent", self.id), *(("agent", a.id) for a in agents)],
+            participants=participants,
+            adapter=adapter,
+            initiator=("agent", self.id) if adapter != "open" else None,
+            ttl=ttl,
+            ack_timeout=ack_timeout,
+            expectations=expectations,
+            graph=graph,
+            knobs=knobs or None,
+            **fields,
         )
         for who in (self, *(self.hub.agents.get(a.id) for a in agents)):
             if who is not None:
@@ -491,6 +573,15 @@ class HumanClient(_Participant):
     def user_id(self) -> str:
         """The person's user id."""
         return self.id
+
+    async def ack(self, thread_id: str) -> Thread:
+        """Accept this person's invitation to a protocol thread (the last ack makes it
+        ``active``); ProtocolViolation without a pending invitation."""
+        return await self.rest.threads.ack(thread_id)
+
+    async def reject(self, thread_id: str, reason: str | None = None) -> Thread:
+        """Decline this person's invitation: the thread closes with ``invite_rejected``."""
+        return await self.rest.threads.reject(thread_id, reason=reason)
 
     def on_envelope(self, callback: EnvelopeCallback) -> None:
         """Call ``callback(envelope)`` (sync or async) for every envelope delivered."""
@@ -576,23 +667,29 @@ class HubClient:
         handler: Handler | None = None,
     ) -> AgentClient:
         """Register an agent: reuse the org's agent with ``passport.key()`` (persistent
-        identity) or create it; store ``resume`` and ``rule`` (a Rule as a dict, see
-        ``agent_network.model.rule``); add it to the HubClient's team; issue its token.
+        identity) or create it; store ``resume`` (the agent's ``resume`` field; when None, an
+        already-registered agent keeps its stored resume, read from ``metadata.resume`` for
+        agents registered before resumes had their own field) and ``rule`` (a Rule as a dict,
+        see ``agent_network.model.rule``); add it to the HubClient's team; issue its token.
         Returns the :class:`AgentClient`; ``handler`` as described there."""
-        resume = resume or Resume()
         agent = await self._agent_by_key(passport.key())
-        meta = {"resume": resume.model_dump()}
         if agent is None:
+            resume = resume or Resume()
             agent = await self.rest.agents.create(
                 passport.name,
                 passport.key(),
                 identity=passport.identity,
                 model=passport.model,
-                metadata=meta,
+                resume=resume.model_dump(),
             )
         else:
+            if resume is None:
+                resume = _stored_resume(agent)
             agent = await self.rest.agents.update(
-                agent.id, name=passport.name, identity=passport.identity, metadata=meta
+                agent.id,
+                name=passport.name,
+                identity=passport.identity,
+                resume=resume.model_dump(),
             )
         if rule is not None:
             await self.rest.request("PUT", f"/agents/{agent.id}/rule", json=rule)

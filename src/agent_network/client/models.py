@@ -48,11 +48,20 @@ class User(Model):
     org_id: str
     name: str
     email: str | None = None
+    auto_ack: bool = False
     created_at: datetime
 
 
+class AgentResume(Model):
+    """What an agent claims it can do: ``capabilities``, ``domains``, a free ``summary``."""
+
+    capabilities: list[str] = Field(default_factory=list)
+    domains: list[str] = Field(default_factory=list)
+    summary: str = ""
+
+
 class Agent(Model):
-    """An agent of an org (its passport plus identity prompt, model and metadata)."""
+    """An agent of an org (its passport plus identity prompt, model, metadata and resume)."""
 
     id: str
     org_id: str
@@ -61,6 +70,7 @@ class Agent(Model):
     identity: str = ""
     model: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    resume: AgentResume | None = None
     created_at: datetime
     updated_at: datetime | None = None
 
@@ -208,8 +218,20 @@ class JoinResult(Model):
     members: list[Member] = Field(default_factory=list)
 
 
+class Participant(Model):
+    """A participant of a protocol thread (``kind``: ``agent`` or ``user``)."""
+
+    kind: str
+    id: str
+    name: str = ""
+
+
 class Thread(Model):
-    """A thread with its folded state (``status``, ``last_seq``, runaway budget)."""
+    """A thread with its folded state: ``status`` (open, invited, active, closing, closed),
+    ``last_seq``, runaway budget, and the protocol state: ``adapter``, ``participants``,
+    ``initiator``, ``pending_acks`` (invitees still to ack), ``expected_speaker`` (id of whose
+    turn it is; ``None``: anyone or nobody), ``close_reason``; for a workflow ``turns`` and
+    ``context``."""
 
     id: str
     team_id: str
@@ -222,6 +244,24 @@ class Thread(Model):
     agent_budget: int | None = None
     consecutive_agent_messages: int = 0
     created_at: datetime
+    participants: list[Participant] = Field(default_factory=list)
+    initiator: Participant | None = None
+    pending_acks: list[Participant] = Field(default_factory=list)
+    expected_speaker: str | None = None
+    close_reason: str | None = None
+    turns: int | None = None
+    context: dict[str, Any] | None = None
+
+
+class Tool(Model):
+    """A workflow tool an agent gets in a thread (``GET /threads/{id}/tools``): calling it
+    hands off to ``handoff`` or finishes with reason ``finish`` when set."""
+
+    name: str
+    description: str = ""
+    speakers: list[str] | None = None
+    handoff: str | None = None
+    finish: str | None = None
 
 
 class Sender(Model):
@@ -244,6 +284,7 @@ class Envelope(Model):
     content: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     sender: Sender
+    audience: list[str] | None = None
     causation_id: str | None = None
     idempotency_key: str | None = None
     created_at: datetime
@@ -374,6 +415,7 @@ class Typing(Model):
 
 __all__ = [
     "Agent",
+    "AgentResume",
     "AssignedAgent",
     "AssignedThread",
     "Assignment",
@@ -396,6 +438,7 @@ __all__ = [
     "Network",
     "Org",
     "OrgCreated",
+    "Participant",
     "Principal",
     "RateLimit",
     "Routine",
@@ -405,6 +448,7 @@ __all__ = [
     "Sender",
     "Team",
     "Thread",
+    "Tool",
     "Typing",
     "User",
     "VerifyReport",

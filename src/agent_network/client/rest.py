@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Self, Ty
 from urllib.parse import quote
 
 import httpx
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from agent_network.client.errors import TransportError, error_from_body
 from agent_network.client.models import (
     Agent,
+    AgentResume,
     Assignment,
     AuditRecord,
     Claim,
@@ -49,6 +50,7 @@ from agent_network.client.models import (
     Secret,
     Team,
     Thread,
+    Tool,
     User,
     VerifyReport,
     Visa,
@@ -394,6 +396,15 @@ def _participants(items: Iterable[ParticipantSpec]) -> list[dict[str, str]]:
     return out
 
 
+def _sender(agent_id: str | None, user_id: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if agent_id is not None:
+        body["agent_id"] = agent_id
+    if user_id is not None:
+        body["user_id"] = user_id
+    return body
+
+
 class Resource:
     """Base of the resource groups: holds the :class:`AsyncClient`."""
 
@@ -423,9 +434,10 @@ class Users(Resource):
     """``client.users``: the people of the caller's org."""
 
     @endpoint("POST", "/users", User.model_validate)
-    def create(self, name: str, *, email: str | None = None) -> Req:
-        """Create a person in the caller's org."""
-        return Req({"name": name, "email": email})
+    def create(self, name: str, *, email: str | None = None, auto_ack: bool = False) -> Req:
+        """Create a person in the caller's org; ``auto_ack`` makes them acknowledge
+        invitations to protocol threads automatically."""
+        return Req({"name": name, "email": email, "auto_ack": auto_ack})
 
     @endpoint("GET", "/users", list_of(User))
     def list(self) -> Req:
@@ -444,9 +456,10 @@ class Users(Resource):
         *,
         name: str | _Unset = UNSET,
         email: str | _Unset | None = UNSET,
+        auto_ack: bool | _Unset = UNSET,
     ) -> Req:
-        """Change a user's name and/or email (``email=None`` clears it)."""
-        return Req(_patch(name=name, email=email))
+        """Change a user's name, email (``email=None`` clears it) and/or ``auto_ack``."""
+        return Req(_patch(name=name, email=email, auto_ack=auto_ack))
 
     @endpoint("DELETE", "/users/{user_id}", nothing)
     def delete(self, user_id: str) -> Req:
@@ -595,9 +608,11 @@ class Agents(Resource):
         identity: str = "",
         model: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        resume: Mapping[str, Any] | AgentResume | None = None,
     ) -> Req:
         """Create an agent; ``lookup_key`` is unique in the org (Conflict otherwise);
-        ``model`` (e.g. ``"test"``, ``"local:smollm2"``) ``None`` uses the server's default."""
+        ``model`` (e.g. ``"test"``, ``"local:smollm2"``) ``None`` uses the server's default;
+        ``resume``: ``{"capabilities": [...], "domains": [...], "summary": "..."}``."""
         return Req(
             {
                 "name": name,
@@ -605,6 +620,7 @@ class Agents(Resource):
                 "identity": identity,
                 "model": model,
                 "metadata": dict(metadata or {}),
+                "resume": _resume(resume),
             }
         )
 
@@ -628,11 +644,18 @@ class Agents(Resource):
         identity: str | _Unset = UNSET,
         model: str | _Unset | None = UNSET,
         metadata: Mapping[str, Any] | _Unset = UNSET,
+        resume: Mapping[str, Any] | AgentResume | _Unset | None = UNSET,
     ) -> Req:
-        """Change fields of an agent (``model=None`` resets it to the server default)."""
+        """Change fields of an agent (``model=None`` resets it to the server default,
+        ``resume=None`` clears the resume)."""
         return Req(
             _patch(
-                name=name, lookup_key=lookup_key, identity=identity, model=model, metadata=metadata
+                name=name,
+                lookup_key=lookup_key,
+                identity=identity,
+                model=model,
+                metadata=metadata,
+                resume=resume if resume is UNSET else _resume(resume),
             )
         )
 
@@ -646,16 +669,79 @@ class Agents(Resource):
 # Teams and networks
 
 
+def _resume(resume: Mapping[str, Any] | AgentResume | None) -> dict[str, Any] | None:
+    if resume is None:
+        return None
+    if isinstance(resume, BaseModel):
+        return resume.model_dump(include={"capabilities", "domains", "summary"})
+    return dict(resume)
+
+
+def _participant(item: ParticipantSpec) -> dict[str, str]:
+    return _participants([item])[0]
+
+
+def _jsonable(item: Any, method: str) -> Any:
+    """``item.<method>()`` for objects of the protocol API (Expectation.to_data,
+    TransitionGraph.to_dict), else ``item`` as given (already JSON)."""
+    convert = getattr(item, method, None)
+    return convert() if callable(convert) else item
+
+
+@dataclass(frozen=True)
+class ThreadOptions:
+    """The protocol knobs of a new thread (see :meth:`Threads.create`)."""
+
+    adapter: str = "open"
+    initiator: ParticipantSpec | None = None
+    invitees: Iterable[ParticipantSpec] | None = None
+    ttl: float | None = None
+    ack_timeout: float | None = None
+    expectations: Iterable[Any] = ()
+    names: Mapping[str, str] | None = None
+    graph: Any = None
+    order: Sequence[str] | None = None
+    knobs: Mapping[str, Any] | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The JSON fields (only those given)."""
+        out: dict[str, Any] = {}
+        if self.adapter != "open":
+            out["adapter"] = self.adapter
+        if self.initiator is not None:
+            out["initiator"] = _participant(self.initiator)
+        if self.invitees is not None:
+            out["invitees"] = _participants(self.invitees)
+        if self.ttl is not None:
+            out["ttl"] = self.ttl
+        if self.ack_timeout is not None:
+            out["ack_timeout"] = self.ack_timeout
+        expectations = [_jsonable(e, "to_data") for e in self.expectations]
+        if expectations:
+            out["expectations"] = expectations
+        if self.names is not None:
+            out["names"] = dict(self.names)
+        if self.graph is not None:
+            out["graph"] = _jsonable(self.graph, "to_dict")
+        if self.order is not None:
+            out["order"] = list(self.order)
+        if self.knobs:
+            out["knobs"] = dict(self.knobs)
+        return out
+
+
 def _thread_body(
     title: str,
     agent_budget: int | None,
     visibility: Literal["members", "restricted"],
     participants: Iterable[ParticipantSpec],
+    options: ThreadOptions,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "title": title,
         "visibility": visibility,
         "participants": _participants(participants),
+        **options.body(),
     }
     if agent_budget is not None:
         body["agent_budget"] = agent_budget
@@ -725,9 +811,22 @@ class Teams(Resource):
         agent_budget: int | None = None,
         visibility: Literal["members", "restricted"] = "members",
         participants: Iterable[ParticipantSpec] = (),
+        adapter: str = "open",
+        initiator: ParticipantSpec | None = None,
+        invitees: Iterable[ParticipantSpec] | None = None,
+        ttl: float | None = None,
+        ack_timeout: float | None = None,
+        expectations: Iterable[Any] = (),
+        names: Mapping[str, str] | None = None,
+        graph: Any = None,
+        order: Sequence[str] | None = None,
+        knobs: Mapping[str, Any] | None = None,
     ) -> Req:
         """Open a thread in the team (see :meth:`Threads.create`)."""
-        return Req(_thread_body(title, agent_budget, visibility, participants))
+        options = ThreadOptions(
+            adapter, initiator, invitees, ttl, ack_timeout, expectations, names, graph, order, knobs
+        )
+        return Req(_thread_body(title, agent_budget, visibility, participants, options))
 
     @endpoint("GET", "/teams/{team_id}/threads", list_of(Thread))
     def threads(self, team_id: str) -> Req:
@@ -838,9 +937,22 @@ class Networks(Resource):
         agent_budget: int | None = None,
         visibility: Literal["members", "restricted"] = "members",
         participants: Iterable[ParticipantSpec] = (),
+        adapter: str = "open",
+        initiator: ParticipantSpec | None = None,
+        invitees: Iterable[ParticipantSpec] | None = None,
+        ttl: float | None = None,
+        ack_timeout: float | None = None,
+        expectations: Iterable[Any] = (),
+        names: Mapping[str, str] | None = None,
+        graph: Any = None,
+        order: Sequence[str] | None = None,
+        knobs: Mapping[str, Any] | None = None,
     ) -> Req:
         """Open a thread in the network (see :meth:`Threads.create`)."""
-        return Req(_thread_body(title, agent_budget, visibility, participants))
+        options = ThreadOptions(
+            adapter, initiator, invitees, ttl, ack_timeout, expectations, names, graph, order, knobs
+        )
+        return Req(_thread_body(title, agent_budget, visibility, participants, options))
 
     @endpoint("GET", "/networks/{team_id}/threads", list_of(Thread))
     def threads(self, team_id: str) -> Req:
@@ -885,31 +997,53 @@ class Threads(Resource):
         agent_budget: int | None = None,
         visibility: Literal["members", "restricted"] = "members",
         participants: Iterable[ParticipantSpec] = (),
+        adapter: str = "open",
+        initiator: ParticipantSpec | None = None,
+        invitees: Iterable[ParticipantSpec] | None = None,
+        ttl: float | None = None,
+        ack_timeout: float | None = None,
+        expectations: Iterable[Any] = (),
+        names: Mapping[str, str] | None = None,
+        graph: Any = None,
+        order: Sequence[str] | None = None,
+        knobs: Mapping[str, Any] | None = None,
     ) -> Thread:
         """Open a thread in a team (``team_id``) or a network (``network_id``), exactly one.
 
         ``agent_budget``: consecutive agent messages allowed without a human one (server default
         when ``None``); ``visibility="restricted"`` limits it to ``participants`` (``(kind,
         id)`` tuples, ``{"kind", "id"}`` dicts, or :class:`Agent`/:class:`User` models).
+        ``adapter`` (default ``open``; ``conversation``, ``consulting``, ``discussion``,
+        ``workflow`` or a custom one) picks the protocol; a protocol thread needs
+        ``participants`` (its speakers, whatever the visibility) and takes ``initiator``
+        (default: the first participant), ``invitees`` (default: everyone but the initiator;
+        ``[]``: no acks), ``ttl``/``ack_timeout`` (seconds), ``expectations`` (dicts or
+        ``agent_network.adapters`` Expectations), ``names`` (name -> participant id), ``graph``
+        (a TransitionGraph or its dict), ``order`` (discussion) and ``knobs`` (custom adapter
+        knobs). InvalidRequest (422) names a bad knob; nothing is written then.
         ValueError when not exactly one of ``team_id``/``network_id`` is given.
         """
         if (team_id is None) == (network_id is None):
             raise ValueError("give exactly one of team_id or network_id")
-        if team_id is not None:
-            return await self._client.teams.create_thread(
-                team_id,
-                title,
-                agent_budget=agent_budget,
-                visibility=visibility,
-                participants=participants,
-            )
-        assert network_id is not None
-        return await self._client.networks.create_thread(
-            network_id,
+        group = self._client.teams if team_id is not None else self._client.networks
+        target = team_id if team_id is not None else network_id
+        assert target is not None
+        return await group.create_thread(
+            target,
             title,
             agent_budget=agent_budget,
             visibility=visibility,
             participants=participants,
+            adapter=adapter,
+            initiator=initiator,
+            invitees=invitees,
+            ttl=ttl,
+            ack_timeout=ack_timeout,
+            expectations=expectations,
+            names=names,
+            graph=graph,
+            order=order,
+            knobs=knobs,
         )
 
     @endpoint("GET", "/threads", list_of(Thread))
@@ -948,11 +1082,17 @@ class Threads(Resource):
         user_id: str | None = None,
         idempotency_key: str | None = None,
         causation_id: str | None = None,
+        audience: Iterable[str] | None = None,
+        tool_calls: Iterable[Mapping[str, Any]] | None = None,
     ) -> Req:
         """Post a message as one of the caller's agents (``agent_id``) or users (``user_id``);
         a token posts as its own subject. Returns the committed envelope; the same
         ``idempotency_key`` from the same sender returns the original envelope.
-        ``causation_id``: the id of the envelope of this thread the message answers."""
+        ``causation_id``: the id of the envelope of this thread the message answers.
+        ``audience``: ids of the participants (agents, users) who receive it (``None``:
+        everyone; InvalidAudience for ids outside the thread). ``tool_calls``: ``[{name,
+        args?, result?}]`` (``agent_network.adapters.tool_call`` builds one), stored in the
+        message's ``data["tool_calls"]``; a workflow routes on a Handoff/Finish result."""
         body: dict[str, Any] = {"content": content}
         for name, value in (
             ("agent_id", agent_id),
@@ -962,7 +1102,61 @@ class Threads(Resource):
         ):
             if value is not None:
                 body[name] = value
+        if audience is not None:
+            body["audience"] = [audience] if isinstance(audience, str) else list(audience)
+        if tool_calls is not None:
+            body["tool_calls"] = [dict(c) for c in tool_calls]
         return Req(body)
+
+    @endpoint("POST", "/threads/{thread_id}/ack", Thread.model_validate)
+    def ack(
+        self, thread_id: str, *, agent_id: str | None = None, user_id: str | None = None
+    ) -> Req:
+        """Accept an invitation to a protocol thread as one of the caller's agents or users
+        (a token: itself); the last ack makes it ``active``. ProtocolViolation without a
+        pending invitation."""
+        return Req(_sender(agent_id, user_id))
+
+    @endpoint("POST", "/threads/{thread_id}/reject", Thread.model_validate)
+    def reject(
+        self,
+        thread_id: str,
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+        reason: str | None = None,
+    ) -> Req:
+        """Decline an invitation: the thread closes with ``invite_rejected``."""
+        body = _sender(agent_id, user_id)
+        if reason is not None:
+            body["reason"] = reason
+        return Req(body)
+
+    @endpoint("POST", "/threads/{thread_id}/close", Thread.model_validate)
+    def close(self, thread_id: str, *, reason: str | None = None) -> Req:
+        """Close a thread (a participant, or an org key of an org with a participant; an
+        open thread: the org that created it or hosts its team). ThreadClosed when it is
+        already closing or closed."""
+        return Req({"reason": reason} if reason is not None else {})
+
+    @endpoint("POST", "/threads/{thread_id}/context", Thread.model_validate)
+    def set_context(
+        self,
+        thread_id: str,
+        values: Mapping[str, Any],
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+    ) -> Req:
+        """Set workflow context keys (the turn does not advance); the sender is the caller's
+        participant (an org key with several participants names ``agent_id``/``user_id``)."""
+        return Req({"values": dict(values), **_sender(agent_id, user_id)})
+
+    @endpoint("GET", "/threads/{thread_id}/tools", list_of(Tool))
+    def tools(self, thread_id: str, *, agent_id: str | None = None) -> Req:
+        """The workflow tools the caller's agent gets in this thread now (``[]`` outside
+        workflows); an agent token may leave ``agent_id`` out."""
+        return Req(params={"agent_id": agent_id})
 
     @endpoint("GET", "/threads/{thread_id}/messages", EnvelopePage.model_validate)
     def messages(self, thread_id: str, *, after: int = 0, limit: int = 100, wait: float = 0) -> Req:
@@ -975,9 +1169,15 @@ class Threads(Resource):
         )
 
     @endpoint("GET", "/threads/{thread_id}/envelopes", EnvelopePage.model_validate)
-    def envelopes(self, thread_id: str, *, after: int = 0, limit: int = 100) -> Req:
-        """Every envelope (messages and thread events) with ``seq > after``."""
-        return Req(params={"after": after, "limit": limit})
+    def envelopes(
+        self, thread_id: str, *, after: int = 0, limit: int = 100, wait: float = 0
+    ) -> Req:
+        """Every envelope (messages and thread events) with ``seq > after``; ``wait`` seconds
+        (<= 60) long-polls until one arrives. Page on with ``after=page.next_after``."""
+        return Req(
+            params={"after": after, "limit": limit, "wait": wait},
+            timeout=self._client.timeout + wait,
+        )
 
     async def history(
         self, thread_id: str, *, after: int = 0, messages_only: bool = False, page: int = 500

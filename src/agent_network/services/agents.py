@@ -30,9 +30,13 @@ AGENT_FIELDS = (
     "identity",
     "model",
     "metadata",
+    "resume",
     "created_at",
     "updated_at",
 )
+MAX_RESUME_ITEMS = 50  # capabilities / domains, each
+MAX_RESUME_ITEM = 200  # characters of one capability or domain
+MAX_RESUME_SUMMARY = 4000  # characters
 ROUTINE_FIELDS = (
     "id",
     "agent_id",
@@ -53,6 +57,38 @@ def _agent(row: Any) -> dict[str, Any]:
 
 def _routine(row: Any) -> dict[str, Any]:
     return {k: row[k] for k in ROUTINE_FIELDS}
+
+
+def check_resume(value: Any) -> dict[str, Any] | None:
+    """An agent's resume as stored: ``{"capabilities": [str], "domains": [str], "summary":
+    str}`` (missing keys default to empty), or None for None. InvalidRequestError for another
+    shape, more than 50 capabilities or domains, an empty or >200-character item, or a summary
+    longer than 4000 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequestError("resume must be an object {capabilities, domains, summary}")
+    unknown = sorted(set(value) - {"capabilities", "domains", "summary"})
+    if unknown:
+        raise InvalidRequestError(f"resume: unknown fields {unknown}")
+    out: dict[str, Any] = {}
+    for key in ("capabilities", "domains"):
+        items = value.get(key) or []
+        if not isinstance(items, list) or len(items) > MAX_RESUME_ITEMS:
+            raise InvalidRequestError(f"resume.{key} must be a list of at most 50 strings")
+        for item in items:
+            if not isinstance(item, str) or not 0 < len(item) <= MAX_RESUME_ITEM:
+                raise InvalidRequestError(
+                    f"resume.{key}: each item is a string of 1-{MAX_RESUME_ITEM} characters"
+                )
+        out[key] = list(items)
+    summary = value.get("summary") or ""
+    if not isinstance(summary, str) or len(summary) > MAX_RESUME_SUMMARY:
+        raise InvalidRequestError(
+            f"resume.summary must be a string of at most {MAX_RESUME_SUMMARY} characters"
+        )
+    out["summary"] = summary
+    return out
 
 
 def _check_lookup_key(key: str) -> str:
@@ -79,8 +115,12 @@ class AgentService:
         identity: str = "",
         model: str | None = None,
         metadata: dict[str, Any] | None = None,
+        resume: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Create an agent. ConflictError when ``lookup_key`` is taken in the org."""
+        """Create an agent; returns its dict (AGENT_FIELDS). ``resume`` is the agent's claimed
+        ``{"capabilities", "domains", "summary"}`` (see :func:`check_resume`; None: none).
+        ConflictError when ``lookup_key`` is taken in the org; InvalidRequestError for an empty
+        name, a bad lookup_key or a bad resume."""
         org_id = require_org(principal)
         if not name.strip():
             raise InvalidRequestError("agent name must not be empty")
@@ -93,6 +133,7 @@ class AgentService:
             "identity": identity,
             "model": model or None,
             "metadata": metadata or {},
+            "resume": check_resume(resume),
             "created_at": ts,
             "updated_at": ts,
         }
@@ -125,12 +166,16 @@ class AgentService:
     async def update_agent(
         self, principal: Principal, agent_id: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
-        """Change any of name, lookup_key, identity, model, metadata."""
+        """Change any of name, lookup_key, identity, model, metadata, resume (None clears
+        it; see :func:`check_resume`). Returns the agent's dict; NotFoundError outside the
+        caller's org, ConflictError for a taken lookup_key, InvalidRequestError for bad values."""
         values = {
             k: v
             for k, v in changes.items()
-            if k in ("name", "lookup_key", "identity", "model", "metadata")
+            if k in ("name", "lookup_key", "identity", "model", "metadata", "resume")
         }
+        if "resume" in values:
+            values["resume"] = check_resume(values["resume"])
         if "lookup_key" in values:
             _check_lookup_key(values["lookup_key"])
         if "name" in values and not str(values["name"]).strip():

@@ -149,20 +149,28 @@ class OrgService:
     # ------------------------------------------------------------------ users
 
     async def create_user(
-        self, principal: Principal, name: str, email: str | None
+        self, principal: Principal, name: str, email: str | None, *, auto_ack: bool = False
     ) -> dict[str, Any]:
-        """Create a person in the caller's org."""
+        """Create a person in the caller's org.
+
+        ``auto_ack`` (default False): the person acknowledges invitations to protocol threads
+        automatically (``thread.ack`` written right after ``thread.created``); otherwise they
+        stay pending until the person acks or rejects (``POST /threads/{id}/ack|reject``).
+        Returns the user dict (id, org_id, name, email, auto_ack, created_at).
+        """
         org_id = require_org(principal)
-        row = {
-            "id": new_id("usr"),
+        user_id = new_id("usr")
+        row: dict[str, Any] = {
+            "id": user_id,
             "org_id": org_id,
             "name": _clean_name(name, "user name"),
             "email": email,
+            "auto_ack": bool(auto_ack),
             "created_at": now_iso(),
         }
         async with self.ctx.engine.begin() as conn:
             await conn.execute(users.insert().values(**row))
-            await record(conn, principal, "user.create", "user", row["id"])
+            await record(conn, principal, "user.create", "user", user_id)
         return row
 
     async def list_users(self, principal: Principal) -> list[dict[str, Any]]:
@@ -184,10 +192,13 @@ class OrgService:
     async def update_user(
         self, principal: Principal, user_id: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
-        """Change ``name`` and/or ``email`` of one of the caller's users."""
+        """Change ``name``, ``email`` and/or ``auto_ack`` (bool) of one of the caller's users;
+        NotFoundError outside the caller's org."""
         async with self.ctx.engine.begin() as conn:
             await own_user(conn, principal, user_id)
-            values = {k: v for k, v in changes.items() if k in ("name", "email")}
+            values = {k: v for k, v in changes.items() if k in ("name", "email", "auto_ack")}
+            if "auto_ack" in values:
+                values["auto_ack"] = bool(values["auto_ack"])
             if "name" in values:
                 values["name"] = _clean_name(values["name"], "user name")
             if values:
@@ -213,4 +224,6 @@ async def soft_delete_member(conn: AsyncConnection, table: Any, member_id: str) 
 
 
 def _user(row: Any) -> dict[str, Any]:
-    return {k: row[k] for k in ("id", "org_id", "name", "email", "created_at")}
+    out = {k: row[k] for k in ("id", "org_id", "name", "email", "created_at")}
+    out["auto_ack"] = bool(row["auto_ack"])
+    return out

@@ -171,6 +171,8 @@ class _PostFrame(_Frame):
     user_id: str | None = None
     idempotency_key: str | None = None
     causation_id: str | None = Field(default=None, min_length=1, max_length=40)
+    audience: list[str] | None = Field(default=None, min_length=1, max_length=200)
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=50)
 
 
 class _AckFrame(_Frame):
@@ -746,6 +748,8 @@ class Connection:
                 user_id=frame.user_id,
                 idempotency_key=frame.idempotency_key,
                 causation_id=frame.causation_id,
+                audience=frame.audience,
+                tool_calls=frame.tool_calls,
             )
             self.reply({"type": "posted", "ref": frame.ref, "envelope": env})
         except AgentNetworkError as err:

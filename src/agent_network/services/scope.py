@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Set
 from typing import Any
 
-from sqlalchemy import and_, exists, null, select
+from sqlalchemy import and_, exists, null, select, union_all
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -104,7 +104,7 @@ def audience_admits(
     viewer: Principal | Actor, envelope: Envelope, acts_for: Set[str] = frozenset()
 ) -> bool:
     """Whether ``viewer`` may see ``envelope`` given its ``audience`` (the one audience rule,
-    for every path that hands envelopes out: WebSocket frames now, REST pages later).
+    for every path that hands envelopes out: WebSocket frames, REST pages and long-polls).
 
     ``audience`` None means everyone who can read the thread. Otherwise it lists agent, user or
     org ids, and the viewer is admitted when it is named: an :class:`Actor` or a user/agent
@@ -125,6 +125,20 @@ def audience_admits(
     if viewer.org_id == envelope.sender_org_id or viewer.org_id in audience:
         return True
     return not acts_for.isdisjoint(audience)
+
+
+async def org_member_ids(conn: AsyncConnection, principal: Principal) -> frozenset[str]:
+    """Ids of the live agents and users of an org key's org (the ``acts_for`` of
+    :func:`audience_admits`); empty for tokens and the platform admin."""
+    if principal.kind != "org" or principal.org_id is None:
+        return frozenset()
+    q = union_all(
+        select(agents.c.id).where(
+            agents.c.org_id == principal.org_id, agents.c.deleted_at.is_(None)
+        ),
+        select(users.c.id).where(users.c.org_id == principal.org_id, users.c.deleted_at.is_(None)),
+    )
+    return frozenset(str(r[0]) for r in await conn.execute(q))
 
 
 def system_actor(principal: Principal) -> Actor:

@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
+import structlog
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from agent_network.adapters import (
+    OpenRequest,
+    check_created,
+    get_adapter,
+    thread_created_data,
+    tools_for,
+)
+from agent_network.adapters.graph import parse_tool_calls
+from agent_network.adapters.model import parse_expectations
+from agent_network.adapters.workflow import WorkflowState
 from agent_network.errors import (
     AgentNetworkError,
+    InvalidAudienceError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    ProtocolViolationError,
     ThreadClosedError,
 )
 from agent_network.hub import (
     EV_BUDGET_SET,
+    EV_CONTEXT_SET,
     EV_MESSAGE,
     EV_PARTICIPANTS_ADDED,
+    EV_THREAD_ACK,
+    EV_THREAD_CLOSED,
+    EV_THREAD_CLOSING,
     EV_THREAD_CREATED,
+    EV_THREAD_REJECT,
     EV_VISIBILITY_SET,
+    ThreadState,
     VerifyReport,
 )
 from agent_network.model.envelope import Actor, Envelope, client_key
@@ -41,7 +61,9 @@ from agent_network.services.policy import (
 from agent_network.services.principal import Principal
 from agent_network.services.rules import AgentRow, RuleService, parse_rule
 from agent_network.services.scope import (
+    audience_admits,
     credential_in_force,
+    org_member_ids,
     own_agent,
     own_user,
     post_access,
@@ -63,6 +85,8 @@ from agent_network.store.tables import (
     threads,
     users,
 )
+
+log = structlog.get_logger(__name__)
 
 SenderKind = Literal["agent", "user"]
 
@@ -94,39 +118,118 @@ class ThreadService:
         agent_budget: int | None = None,
         visibility: str = "members",
         participants: list[tuple[str, str]] | None = None,
+        adapter: str = "open",
+        initiator: tuple[str, str] | None = None,
+        invitees: list[tuple[str, str]] | None = None,
+        ttl: float | None = None,
+        ack_timeout: float | None = None,
+        expectations: list[dict[str, Any]] | None = None,
+        names: Mapping[str, str] | None = None,
+        graph: Mapping[str, Any] | None = None,
+        knobs: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Create a thread on a visible, open team or network; its WAL opens with thread.created.
 
-        ``visibility`` is ``members`` (everyone in the team/network) or ``restricted``: only
-        ``participants`` (``(kind, id)`` of members of the team/network, any org) read and post
-        in it. InvalidRequestError for a participant who is not a member.
+        ``visibility`` is ``members`` (everyone in the team/network reads it) or ``restricted``:
+        only its participants (``(kind, id)`` of members of the team/network, any org) read and
+        post in it.
+
+        ``adapter`` names the thread's protocol (default ``open``: any member, any time; see
+        ``agent_network.adapters.adapter_names()``). An ``open`` thread takes ``participants``
+        only when restricted, and of the protocol knobs only ``ttl`` and ``expectations``.
+        Any other adapter needs ``participants`` (the speakers, incl. the initiator; stored as
+        the thread's participants whatever its visibility) and takes the knobs of
+        ``thread.created``: ``initiator`` (default the first participant; one of the caller's
+        own agents or users), ``invitees`` (who must ack before it is live; default every
+        participant but the initiator, ``[]`` nobody), ``ttl`` and ``ack_timeout`` (seconds),
+        ``expectations`` (``[{kind, seconds, handler?, name?}]``), ``names`` (name -> id, merged
+        over the participants' names and lookup keys, used by workflow targets), ``graph``
+        (workflow) and ``knobs`` (adapter-specific, e.g. discussion ``order``). Everything is
+        validated before anything is written.
+
+        Right after ``thread.created`` each invitee may ack automatically: an agent when its
+        rule admits the adapter (``allowed_adapters``) and the initiator (``inbound_from``;
+        otherwise it stays pending and a ``rule.refused`` audit record in the agent's org says
+        why), a user when its ``auto_ack`` setting is on. Returns the thread as :meth:`get`.
+
+        Raises InvalidRequestError (422) naming the bad knob or a participant who is not a
+        member, NotFoundError for a team outside scope, ThreadClosedError for a closed network.
         """
         org_id = require_org(principal)
         if not title.strip():
             raise InvalidRequestError("thread title must not be empty")
         if visibility not in ("members", "restricted"):
             raise InvalidRequestError("visibility must be 'members' or 'restricted'")
-        if visibility == "members" and participants:
-            raise InvalidRequestError("participants are only for a restricted thread")
-        if visibility == "restricted" and not participants:
-            raise InvalidRequestError("a restricted thread needs at least one participant")
+        protocol = adapter != "open"
+        if not protocol:
+            given = {
+                "initiator": initiator is not None,
+                "invitees": invitees is not None,
+                "ack_timeout": ack_timeout is not None,
+                "names": names is not None,
+                "graph": graph is not None,
+                "knobs": bool(knobs),
+            }
+            bad = sorted(k for k, v in given.items() if v)
+            if bad:
+                raise InvalidRequestError(
+                    f"{', '.join(bad)}: only for protocol threads (adapter other than 'open')"
+                )
+            if visibility == "members" and participants:
+                raise InvalidRequestError("participants are only for a restricted thread")
+            if visibility == "restricted" and not participants:
+                raise InvalidRequestError("a restricted thread needs at least one participant")
+        else:
+            get_adapter(adapter)  # InvalidRequestError naming the known adapters
+            if not participants:
+                raise InvalidRequestError(
+                    f"participants: a {adapter} thread needs its participants (the speakers, "
+                    "incl. the initiator)"
+                )
         budget = self.ctx.settings.agent_budget if agent_budget is None else agent_budget
         _check_budget(budget)
         async with self.ctx.engine.connect() as conn:
             team = await visible_team(conn, principal, team_id, kind=kind)
             people = await self._members_of(conn, team_id, participants or [])
+            info = await _participant_info(conn, participants or []) if protocol else {}
         if team["status"] == "closed":
             raise ThreadClosedError(f"the {team['kind']} is closed; no new threads")
+        data: dict[str, Any] = {"title": title.strip(), "team_id": team_id}
+        pairs = list(participants or [])
+        if protocol:
+            opener = initiator or pairs[0]
+            if opener in info and info[opener]["org_id"] != org_id:
+                raise InvalidRequestError(
+                    f"initiator: {opener[0]} {opener[1]!r} is not one of your org's agents or "
+                    "users (a thread is opened in the name of its initiator)"
+                )
+            data.update(
+                thread_created_data(
+                    adapter,
+                    pairs,
+                    initiator=opener,
+                    invitees=[p for p in pairs if p != opener] if invitees is None else invitees,
+                    ttl=ttl,
+                    ack_timeout=ack_timeout,
+                    expectations=parse_expectations(expectations or []),
+                    names={**_default_names(info), **dict(names or {})},
+                    graph=graph,
+                    **_extra_knobs(knobs),
+                )
+            )
+        else:
+            data["adapter"] = "open"
+            if ttl is not None:
+                data["ttl"] = ttl
+            if expectations:
+                data["expectations"] = expectations
+        data["agent_budget"] = budget
+        request = check_created(data)  # (again) the very check the hub runs on append
         thread_id = new_id("thr")
         await self.ctx.hub.append(
             thread_id,
             type=EV_THREAD_CREATED,
-            data={
-                "title": title.strip(),
-                "team_id": team_id,
-                "adapter": "open",
-                "agent_budget": budget,
-            },
+            data=data,
             sender=system_actor(principal),
             acted_by=(principal.kind, principal.key_id),
         )
@@ -135,15 +238,69 @@ class ThreadService:
             "team_id": team_id,
             "org_id": org_id,
             "title": title.strip(),
-            "adapter": "open",
+            "adapter": adapter,
             "visibility": visibility,
             "created_at": now_iso(),
         }
         async with self.ctx.engine.begin() as conn:
             await conn.execute(threads.insert().values(**row))
             await _add_participants(conn, thread_id, people)
-            await record(conn, principal, "thread.create", "thread", thread_id)
+            await record(
+                conn, principal, "thread.create", "thread", thread_id, data={"adapter": adapter}
+            )
+        if request.invitees:
+            await self._auto_ack(principal, thread_id, request, info)
         return await self.get(principal, thread_id)
+
+    async def _auto_ack(
+        self,
+        principal: Principal,
+        thread_id: str,
+        request: OpenRequest,
+        info: Mapping[tuple[str, str], Mapping[str, Any]],
+    ) -> None:
+        """Ack for every invitee whose rule (agent) or setting (user) says so; audit an agent
+        whose rule refuses (``rule.refused``, in the agent's org) and leave it pending."""
+        assert request.initiator is not None
+        opener = info[request.initiator]
+        for who in request.invitees:
+            p = info[who]
+            refusal: str | None = None
+            if who[0] == "agent":
+                rule = parse_rule(p["rule"])
+                allowed = rule.allowed_adapters if rule is not None else None
+                if allowed is not None and request.adapter not in allowed:
+                    refusal = f"adapter {request.adapter!r} is not in allowed_adapters"
+                if refusal is None and not RuleService.inbound_allows(
+                    rule, opener["name"], opener["org_name"]
+                ):
+                    refusal = f"inbound_from does not admit the initiator {opener['name']!r}"
+            elif not p["auto_ack"]:
+                continue  # a person acks explicitly
+            if refusal is not None:
+                async with self.ctx.engine.begin() as conn:
+                    await record(
+                        conn,
+                        principal,
+                        "rule.refused",
+                        "thread",
+                        thread_id,
+                        org_id=p["org_id"],
+                        reason=f"rule of {p['name']!r}: {refusal}; the invitation stays pending",
+                        data={"agent_id": who[1], "envelope": "thread.ack"},
+                    )
+                continue
+            try:
+                await self.ctx.hub.append(
+                    thread_id,
+                    type=EV_THREAD_ACK,
+                    data={"auto": True},
+                    sender=Actor(
+                        "agent" if who[0] == "agent" else "user", who[1], p["org_id"], p["name"]
+                    ),
+                )
+            except AgentNetworkError as err:  # e.g. closed meanwhile: it stays pending
+                log.info("thread.auto_ack_refused", thread=thread_id, code=err.code)
 
     @staticmethod
     async def _members_of(
@@ -190,6 +347,11 @@ class ThreadService:
             people = await self._members_of(conn, team["id"], participants or [])
         if visibility == "restricted" and row["visibility"] == "members":
             raise InvalidRequestError("visibility can be widened, never narrowed")
+        if people and row["adapter"] != "open":
+            raise InvalidRequestError(
+                f"participants of a {row['adapter']} thread are fixed when it opens; open a new "
+                "thread to include someone else"
+            )
         if visibility not in (None, "members", "restricted"):
             raise InvalidRequestError("visibility must be 'members' or 'restricted'")
         system = system_actor(principal)
@@ -239,17 +401,59 @@ class ThreadService:
                 await visible_team(conn, principal, team_id)
                 q = q.where(threads.c.team_id == team_id)
             rows = list((await conn.execute(q)).mappings())
-        return [await self._describe(r) for r in rows]
+        return await self._describe(rows)
 
     async def get(self, principal: Principal, thread_id: str) -> dict[str, Any]:
-        """A visible thread with its folded state (status, last_seq, budget)."""
+        """A visible thread with its folded state; NotFoundError outside scope.
+
+        Keys: ``id``, ``team_id``, ``org_id``, ``title``, ``adapter``, ``visibility``,
+        ``status`` (open | invited | active | closing | closed), ``last_seq``, ``agent_budget``,
+        ``consecutive_agent_messages``, ``created_at``, ``participants`` (``[{kind, id,
+        name}]``: the protocol's speakers in order, or the participants of a restricted open
+        thread; ``[]`` for an open members thread), ``initiator`` (``{kind, id, name}`` or
+        None), ``pending_acks`` (invitees still to ack, same shape), ``expected_speaker`` (id
+        of whose turn it is, None = anyone or nobody), ``close_reason`` (None while live), and
+        for a workflow ``turns`` (messages taken) and ``context`` (``{key: JSON}``).
+        """
         async with self.ctx.engine.connect() as conn:
             row, _team = await visible_thread(conn, principal, thread_id)
-        return await self._describe(row)
+        return (await self._describe([row]))[0]
 
-    async def _describe(self, row: Any) -> dict[str, Any]:
-        state = await self.ctx.hub.state(row["id"])
-        return {
+    async def _describe(self, rows: list[Any]) -> list[dict[str, Any]]:
+        """Thread rows with their folded state (see :meth:`get`); one connection for the
+        participants' names of all of them."""
+        states = [await self.ctx.hub.state(row["id"]) for row in rows]
+        listed: list[list[tuple[str, str]]] = [list(st.participants) for st in states]
+        names: dict[str, str] = {}
+        if any(listed) or any(r["visibility"] == "restricted" for r in rows):
+            async with self.ctx.engine.connect() as conn:
+                for i, row in enumerate(rows):
+                    if not listed[i] and row["visibility"] == "restricted":
+                        q = (
+                            select(
+                                thread_participants.c.member_kind,
+                                thread_participants.c.member_id,
+                            )
+                            .where(thread_participants.c.thread_id == row["id"])
+                            .order_by(thread_participants.c.created_at)
+                        )
+                        listed[i] = [(str(k), str(m)) for k, m in await conn.execute(q)]
+                everyone = [p for pairs in listed for p in pairs]
+                if everyone:
+                    names = await _display_names(conn, everyone)
+        return [
+            self._thread_dict(row, state, pairs, names)
+            for row, state, pairs in zip(rows, states, listed, strict=True)
+        ]
+
+    @staticmethod
+    def _thread_dict(
+        row: Any, state: ThreadState, pairs: list[tuple[str, str]], names: Mapping[str, str]
+    ) -> dict[str, Any]:
+        def person(p: tuple[str, str]) -> dict[str, Any]:
+            return {"kind": p[0], "id": p[1], "name": names.get(p[1], "(deleted)")}
+
+        out = {
             "id": row["id"],
             "team_id": row["team_id"],
             "org_id": row["org_id"],
@@ -261,7 +465,17 @@ class ThreadService:
             "agent_budget": state.agent_budget,
             "consecutive_agent_messages": state.consecutive_agent,
             "created_at": row["created_at"],
+            "participants": [person(p) for p in pairs],
+            "initiator": person(state.initiator) if state.initiator else None,
+            "pending_acks": [person(p) for p in state.pending_acks],
+            "expected_speaker": state.expected_speaker,
+            "close_reason": state.close_reason,
         }
+        proto = state.protocol
+        if isinstance(proto, WorkflowState):
+            out["turns"] = proto.turns
+            out["context"] = proto.context_dict()
+        return out
 
     async def set_budget(self, principal: Principal, thread_id: str, budget: int) -> dict[str, Any]:
         """Set the thread's budget of consecutive agent messages (org that created it only)."""
@@ -289,8 +503,19 @@ class ThreadService:
         user_id: str | None = None,
         idempotency_key: str | None = None,
         causation_id: str | None = None,
+        audience: list[str] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Post a message as one of the caller's own agents or users who is a thread member.
+
+        ``audience`` (ids of agents/users; None = everyone who reads the thread) limits who
+        receives the message: nobody else reads it through any API; the sender always does. In
+        a protocol thread the hub checks that it names participants only; in an ``open`` thread
+        every id must be a member of the thread's team or network (InvalidAudienceError, 422
+        ``invalid_audience``, otherwise). ``tool_calls`` (``[{name, args?, result?}]``, at most
+        50) are stored as ``data["tool_calls"]`` in the form
+        ``agent_network.adapters.tool_call`` builds; a workflow thread routes on them (a
+        Handoff/Finish result). InvalidRequestError for a bad shape.
 
         An org key names the sender (``agent_id`` or ``user_id``); a user or agent token posts
         as its own user/agent (naming anyone else is refused). In a **network** thread the
@@ -325,9 +550,13 @@ class ThreadService:
         connection that outlived it).
         """
         try:
+            calls = _tool_calls(tool_calls)
+            _check_audience_shape(audience)
             grant, content, redactions = await self._check_post(
                 principal, thread_id, content, agent_id, user_id, idempotency_key, causation_id
             )
+            if audience is not None:
+                await self._check_open_audience(grant, thread_id, audience)
         except (
             NotFoundError,
             PermissionDeniedError,
@@ -337,11 +566,15 @@ class ThreadService:
             await self._audit_refused_post(principal, thread_id, err)
             raise
         sender = grant.sender
+        data: dict[str, Any] = {"content": content}
+        if calls:
+            data["tool_calls"] = calls
         env = await self.ctx.hub.append(
             thread_id,
             type=EV_MESSAGE,
-            data={"content": content},
+            data=data,
             sender=sender,
+            audience=list(audience) if audience is not None else None,
             idempotency_key=stored_key(sender.kind, sender.id, idempotency_key, causation_id)
             if idempotency_key
             else None,
@@ -363,6 +596,25 @@ class ThreadService:
             return render_envelope(env, sender.name, grant.sender_org_name)
         async with self.ctx.engine.connect() as conn:  # not ours: an idempotent duplicate
             return (await render(conn, [env]))[0]
+
+    async def _check_open_audience(
+        self, grant: PostGrant, thread_id: str, audience: list[str]
+    ) -> None:
+        """In an open thread (no participant list: the hub cannot check it) every audience id
+        must be a member of the thread's team or network; InvalidAudienceError otherwise."""
+        if (await self.ctx.hub.state(thread_id)).participants:
+            return  # a protocol thread: the hub checks the audience against its participants
+        async with self.ctx.engine.connect() as conn:
+            q = select(members.c.member_id).where(
+                members.c.team_id == grant.team_id, members.c.member_id.in_(set(audience))
+            )
+            known = {r[0] for r in await conn.execute(q)}
+        strangers = sorted(set(audience) - known)
+        if strangers:
+            raise InvalidAudienceError(
+                "audience may only name members (agent or user ids) of this thread's team or "
+                f"network; not members: {', '.join(strangers)}"
+            )
 
     async def _check_post(
         self,
@@ -545,7 +797,11 @@ class ThreadService:
         return _grant_of(row, kind, egress, updated_at)
 
     async def _audit_refused_post(
-        self, principal: Principal, thread_id: str, err: AgentNetworkError
+        self,
+        principal: Principal,
+        thread_id: str,
+        err: AgentNetworkError,
+        action: str = "envelope.message",
     ) -> None:
         """Audit a refused post in the caller's own org (principal = the credential); never the
         message text."""
@@ -553,7 +809,7 @@ class ThreadService:
             await record(
                 conn,
                 principal,
-                "envelope.message",
+                action,
                 "thread",
                 thread_id[:40],  # the id as given (a guess may be longer than any real one)
                 outcome="refused",
@@ -572,8 +828,14 @@ class ThreadService:
     ) -> dict[str, Any]:
         """Envelopes with ``seq > after`` (at most ``limit``, 1-1000), rendered with sender names.
 
-        With ``wait`` > 0 (seconds, at most 60) and nothing new yet, waits for the next envelope.
+        Only envelopes whose audience admits the caller are returned
+        (:func:`~agent_network.services.scope.audience_admits`: no audience, the caller named in
+        it, or sent by the caller; an org key also for its own org's senders and the agents and
+        users it acts for). ``next_after`` still moves past the envelopes left out, so a reader
+        never loops on a hidden one. With ``wait`` > 0 (seconds, at most 60) and nothing
+        visible yet, waits until a visible envelope arrives or ``wait`` runs out.
         Returns ``{"items": [...], "next_after": seq}``; pass ``next_after`` back as ``after``.
+        InvalidRequestError for a bad ``limit``/``after``/``wait``, NotFoundError outside scope.
         """
         if not 1 <= limit <= 1000:
             raise InvalidRequestError("limit must be between 1 and 1000")
@@ -583,21 +845,254 @@ class ThreadService:
             raise InvalidRequestError("wait must be between 0 and 60 seconds")
         async with self.ctx.engine.connect() as conn:
             await visible_thread(conn, principal, thread_id)
-        envs = await self.ctx.hub.read(thread_id, after=after, limit=limit)
-        if not envs and wait > 0 and await self.ctx.hub.wait_for(thread_id, after, wait):
-            envs = await self.ctx.hub.read(thread_id, after=after, limit=limit)
-        next_after = envs[-1].seq if envs else after
-        if messages_only:
-            envs = [e for e in envs if e.type == EV_MESSAGE]
+        hub = self.ctx.hub
+        deadline = anyio.current_time() + wait
+        acts_for: frozenset[str] | None = None
+        cursor = after
+        shown: list[Envelope] = []
+        while True:
+            envs = await hub.read(thread_id, after=cursor, limit=limit)
+            if not envs:
+                left = deadline - anyio.current_time()
+                if left > 0 and await hub.wait_for(thread_id, cursor, left):
+                    continue
+                break
+            cursor = envs[-1].seq
+            if acts_for is None and _needs_acts_for(principal, envs):
+                async with self.ctx.engine.connect() as conn:
+                    acts_for = await org_member_ids(conn, principal)
+            admitted = [e for e in envs if audience_admits(principal, e, acts_for or frozenset())]
+            shown = [e for e in admitted if not messages_only or e.type == EV_MESSAGE]
+            if shown or len(admitted) == len(envs) or wait <= 0:
+                break  # (nothing hidden by an audience: answered as before audiences)
+            if anyio.current_time() >= deadline:
+                break
         async with self.ctx.engine.connect() as conn:
-            items = await render(conn, envs)
-        return {"items": items, "next_after": next_after}
+            items = await render(conn, shown)
+        return {"items": items, "next_after": cursor}
+
+    # ------------------------------------------------------------------ protocol lifecycle
+
+    async def ack(
+        self,
+        principal: Principal,
+        thread_id: str,
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Accept an invitation to a protocol thread as one of the caller's own agents or users
+        (exactly one; a user/agent token acts as itself): a ``thread.ack`` envelope. The last
+        pending ack makes the thread ``active``. Returns the thread as :meth:`get`.
+
+        Raises NotFoundError (thread or sender outside scope), PermissionDeniedError (not the
+        token's own subject, not a member), InvalidRequestError (not exactly one sender),
+        ProtocolViolationError (409: no pending invitation for this sender), ThreadClosedError.
+        """
+        await self._lifecycle(principal, thread_id, EV_THREAD_ACK, {}, agent_id, user_id)
+        return await self.get(principal, thread_id)
+
+    async def reject(
+        self,
+        principal: Principal,
+        thread_id: str,
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        """Decline an invitation (a ``thread.reject`` envelope with the optional ``reason``, at
+        most 200 characters): the thread moves to ``closing`` with ``invite_rejected`` and then
+        closes. Same senders and errors as :meth:`ack`."""
+        data = {"reason": reason} if reason is not None else {}
+        await self._lifecycle(principal, thread_id, EV_THREAD_REJECT, data, agent_id, user_id)
+        return await self.get(principal, thread_id)
+
+    async def close(
+        self, principal: Principal, thread_id: str, *, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Close a thread; ``reason`` (at most 200 characters, default ``closed``) becomes its
+        ``close_reason``. Returns the thread as :meth:`get`.
+
+        A protocol thread: a participant (its user/agent token) or an org key of an org that
+        has a participant writes ``thread.closing`` (sender: the participant, or the org as
+        ``system``); the hub's sweeper then writes ``thread.closed``. An open thread: the org
+        key of the org that created it or hosts its team/network writes ``thread.closed`` at
+        once. Raises NotFoundError outside scope, PermissionDeniedError (not allowed to close
+        it), ProtocolViolationError (409: a token whose subject is not a participant),
+        ThreadClosedError (409: already closing or closed), InvalidRequestError (bad reason).
+        """
+        data = {"reason": reason} if reason is not None else {}
+        async with self.ctx.engine.connect() as conn:
+            row, team = await visible_thread(conn, principal, thread_id)
+            org_part = await self._org_participants(conn, principal, thread_id)
+        state = await self.ctx.hub.state(thread_id)
+        acted_by = (principal.kind, principal.key_id)
+        if not state.participants:
+            if principal.is_member_scoped or principal.org_id not in (
+                row["org_id"],
+                team["org_id"],
+            ):
+                raise PermissionDeniedError(
+                    "only an org key of the org that created this open thread or hosts its "
+                    f"{team['kind']} may close it"
+                )
+            await self.ctx.hub.append(
+                thread_id,
+                type=EV_THREAD_CLOSED,
+                data=data,
+                sender=system_actor(principal),
+                acted_by=acted_by,
+            )
+        elif principal.is_member_scoped:
+            await self._lifecycle(principal, thread_id, EV_THREAD_CLOSING, data, None, None)
+        else:
+            if not org_part:
+                raise PermissionDeniedError(
+                    "only a participant of this thread, or an org key of an org with a "
+                    "participant, may close it"
+                )
+            await self.ctx.hub.append(
+                thread_id,
+                type=EV_THREAD_CLOSING,
+                data=data,
+                sender=system_actor(principal),
+                acted_by=acted_by,
+            )
+        async with self.ctx.engine.begin() as conn:
+            await record(conn, principal, "thread.close", "thread", thread_id, data=data or None)
+        return await self.get(principal, thread_id)
+
+    async def set_context(
+        self,
+        principal: Principal,
+        thread_id: str,
+        values: Mapping[str, Any],
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Set workflow context keys (a ``context.set`` envelope, data ``{"values": {key: JSON
+        value}}``); the turn does not advance. The sender is one of the caller's own
+        participants: a token's own subject, or for an org key ``agent_id``/``user_id`` (may be
+        left out when exactly one of the org's agents/users takes part). Returns the thread as
+        :meth:`get` (its ``context`` updated).
+
+        Raises InvalidRequestError (empty values, keys that are not non-empty strings, more
+        than 64 000 characters of JSON, no sender named when the org has several
+        participants), ProtocolViolationError (409: not a workflow thread / not a participant),
+        NotFoundError, PermissionDeniedError, ThreadClosedError as :meth:`ack`.
+        """
+        if not isinstance(values, Mapping) or not values:
+            raise InvalidRequestError("values must be a non-empty object {key: JSON value}")
+        try:
+            size = len(json.dumps(dict(values), allow_nan=False))
+        except (TypeError, ValueError):
+            raise InvalidRequestError("context values must be JSON") from None
+        if size > MAX_TOOL_CALLS_JSON:
+            raise InvalidRequestError(f"context values exceed {MAX_TOOL_CALLS_JSON} characters")
+        if not principal.is_member_scoped and agent_id is None and user_id is None:
+            async with self.ctx.engine.connect() as conn:
+                await visible_thread(conn, principal, thread_id)
+                mine = await self._org_participants(conn, principal, thread_id)
+            if len(mine) != 1:
+                raise InvalidRequestError(
+                    "name the sender with agent_id or user_id (your org has "
+                    f"{len(mine)} participants in this thread)"
+                )
+            kind, pid = mine[0]
+            agent_id, user_id = (pid, None) if kind == "agent" else (None, pid)
+        await self._lifecycle(
+            principal, thread_id, EV_CONTEXT_SET, {"values": dict(values)}, agent_id, user_id
+        )
+        return await self.get(principal, thread_id)
+
+    async def tools(
+        self, principal: Principal, thread_id: str, *, agent_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The workflow tools (``ToolSpec.to_data()``: name, description, speakers, handoff,
+        finish) the caller's agent ``agent_id`` gets in this thread now (an agent token: its
+        own agent, ``agent_id`` optional); ``[]`` outside workflow threads or while the thread
+        is not active. Raises NotFoundError (thread/agent outside scope),
+        PermissionDeniedError (not the token's own agent, not a member), InvalidRequestError
+        (an org key without ``agent_id``)."""
+        if principal.kind == "user":
+            raise PermissionDeniedError("workflow tools are for agents; use an agent token")
+        if principal.kind == "org" and agent_id is None:
+            raise InvalidRequestError("agent_id: name the agent whose tools you want")
+        agent, _ = _sender_for(principal, agent_id, None)
+        assert agent is not None
+        async with self.ctx.engine.connect() as conn:
+            grant = await self._checked_grant(conn, principal, thread_id, agent, None, None)
+        state = await self.ctx.hub.state(thread_id)
+        return [t.to_data() for t in tools_for(state, grant.sender)]
+
+    async def _lifecycle(
+        self,
+        principal: Principal,
+        thread_id: str,
+        kind: str,
+        data: dict[str, Any],
+        agent_id: str | None,
+        user_id: str | None,
+    ) -> Envelope:
+        """Append a lifecycle envelope of ``kind`` as one of the caller's own agents/users
+        after the scope checks of a post (refusals before the hub are audited like a post's)."""
+        try:
+            agent_id, user_id = _sender_for(principal, agent_id, user_id)
+            async with self.ctx.engine.connect() as conn:
+                grant = await self._checked_grant(
+                    conn, principal, thread_id, agent_id, user_id, None
+                )
+        except (NotFoundError, PermissionDeniedError, InvalidRequestError) as err:
+            await self._audit_refused_post(principal, thread_id, err, f"envelope.{kind}")
+            raise
+        if kind == EV_CONTEXT_SET and not (await self.ctx.hub.state(thread_id)).participants:
+            # (after the scope checks: a thread outside scope must look missing)
+            raise ProtocolViolationError("context is for workflow threads; this one is open")
+        return await self.ctx.hub.append(
+            thread_id,
+            type=kind,
+            data=data,
+            sender=grant.sender,
+            acted_by=(principal.kind, principal.key_id),
+        )
+
+    @staticmethod
+    async def _org_participants(
+        conn: AsyncConnection, principal: Principal, thread_id: str
+    ) -> list[tuple[str, str]]:
+        """``(kind, id)`` of the participants of ``thread_id`` from the caller's org."""
+        if principal.org_id is None:
+            return []
+        q = (
+            select(thread_participants.c.member_kind, thread_participants.c.member_id)
+            .where(
+                thread_participants.c.thread_id == thread_id,
+                thread_participants.c.org_id == principal.org_id,
+            )
+            .order_by(thread_participants.c.created_at)
+        )
+        return [(str(k), str(m)) for k, m in await conn.execute(q)]
 
     async def verify(self, principal: Principal, thread_id: str) -> VerifyReport:
         """Recompute the thread's hash chain (any member org may verify shared history)."""
         async with self.ctx.engine.connect() as conn:
             await visible_thread(conn, principal, thread_id)
         return await self.ctx.hub.verify(thread_id)
+
+
+def _needs_acts_for(principal: Principal, envs: Iterable[Envelope]) -> bool:
+    """Whether an org key needs the ids of its agents/users to judge these envelopes' audiences
+    (some envelope has an audience, from another org, not naming the org itself)."""
+    if principal.kind != "org" or principal.is_member_scoped:
+        return False
+    return any(
+        e.audience is not None
+        and e.sender_org_id != principal.org_id
+        and principal.org_id not in e.audience
+        for e in envs
+    )
 
 
 async def _check_causation(conn: AsyncConnection, thread_id: str, envelope_id: str) -> None:
@@ -701,6 +1196,142 @@ async def _add_participants(
             )
 
 
+MAX_AUDIENCE = 200
+MAX_TOOL_CALLS = 50
+MAX_TOOL_CALLS_JSON = 64_000  # characters of data["tool_calls"] as JSON
+
+
+def _check_audience_shape(audience: list[str] | None) -> None:
+    """InvalidAudienceError unless ``audience`` is None or 1-200 non-empty id strings."""
+    if audience is None:
+        return
+    if (
+        not isinstance(audience, list)
+        or not 0 < len(audience) <= MAX_AUDIENCE
+        or not all(isinstance(a, str) and 0 < len(a) <= 40 for a in audience)
+    ):
+        raise InvalidAudienceError(
+            f"audience must list 1-{MAX_AUDIENCE} participant ids (omit it to address everyone)"
+        )
+
+
+def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """``calls`` in the stored form ``{"name", "args", "result"}`` (see
+    ``agent_network.adapters.tool_call``); InvalidRequestError for a bad shape, more than 50
+    calls, or more than 64 000 characters of JSON."""
+    if not calls:
+        return []
+    if not isinstance(calls, list) or len(calls) > MAX_TOOL_CALLS:
+        raise InvalidRequestError(f"tool_calls must be a list of at most {MAX_TOOL_CALLS} calls")
+    out: list[dict[str, Any]] = []
+    for call in calls:
+        if not isinstance(call, Mapping):
+            raise InvalidRequestError(
+                f"each tool call is an object {{name, args, result}}: {call!r}"
+            )
+        unknown = sorted(set(call) - {"name", "args", "result"})
+        if unknown:
+            raise InvalidRequestError(f"tool_calls: unknown fields {unknown}")
+        args = call.get("args")
+        if args is not None and not isinstance(args, Mapping):
+            raise InvalidRequestError("tool_calls: args must be an object")
+        out.append(
+            {"name": call.get("name"), "args": dict(args or {}), "result": call.get("result")}
+        )
+    parse_tool_calls({"tool_calls": out})  # names, at most one Handoff/Finish, their shapes
+    try:
+        size = len(json.dumps(out, allow_nan=False))
+    except (TypeError, ValueError):
+        raise InvalidRequestError(
+            "tool_calls must be JSON (objects, lists, strings, numbers)"
+        ) from None
+    if size > MAX_TOOL_CALLS_JSON:
+        raise InvalidRequestError(f"tool_calls exceed {MAX_TOOL_CALLS_JSON} characters of JSON")
+    return out
+
+
+RESERVED_KNOBS = frozenset(
+    {
+        "title",
+        "team_id",
+        "adapter",
+        "participants",
+        "initiator",
+        "invitees",
+        "ttl",
+        "ack_timeout",
+        "expectations",
+        "names",
+        "graph",
+        "agent_budget",
+        "visibility",
+    }
+)
+
+
+def _extra_knobs(knobs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Adapter-specific knobs of ``thread.created``; InvalidRequestError for a reserved name."""
+    extra = dict(knobs or {})
+    clash = sorted(set(extra) & RESERVED_KNOBS)
+    if clash:
+        raise InvalidRequestError(
+            f"knobs: {', '.join(clash)} cannot be given as adapter knobs; use the field itself"
+        )
+    return extra
+
+
+async def _participant_info(
+    conn: AsyncConnection, pairs: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """``(kind, id) -> {name, org_id, org_name, lookup_key, rule, auto_ack}`` of live agents and
+    users (absent ids are left out)."""
+    wanted = list(pairs)
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    agent_ids = [pid for k, pid in wanted if k == "agent"]
+    user_ids = [pid for k, pid in wanted if k == "user"]
+    if agent_ids:
+        q = (
+            select(
+                agents.c.id,
+                agents.c.name,
+                agents.c.org_id,
+                agents.c.lookup_key,
+                agents.c.rule,
+                orgs.c.name.label("org_name"),
+            )
+            .join(orgs, orgs.c.id == agents.c.org_id)
+            .where(agents.c.id.in_(agent_ids), agents.c.deleted_at.is_(None))
+        )
+        for r in (await conn.execute(q)).mappings():
+            out[("agent", r["id"])] = {**dict(r), "auto_ack": False}
+    if user_ids:
+        q = (
+            select(
+                users.c.id,
+                users.c.name,
+                users.c.org_id,
+                users.c.auto_ack,
+                orgs.c.name.label("org_name"),
+            )
+            .join(orgs, orgs.c.id == users.c.org_id)
+            .where(users.c.id.in_(user_ids), users.c.deleted_at.is_(None))
+        )
+        for r in (await conn.execute(q)).mappings():
+            out[("user", r["id"])] = {**dict(r), "lookup_key": None, "rule": None}
+    return out
+
+
+def _default_names(info: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[str, str]:
+    """``name -> id`` from the participants' display names and agents' lookup keys, leaving out
+    a name two participants share (a workflow can always use ids, or give ``names``)."""
+    seen: dict[str, set[str]] = {}
+    for (_, pid), p in info.items():
+        for name in (p["name"], p["lookup_key"]):
+            if isinstance(name, str) and name:
+                seen.setdefault(name, set()).add(pid)
+    return {name: next(iter(ids)) for name, ids in seen.items() if len(ids) == 1}
+
+
 def _egress_data(sender: Actor, **extra: Any) -> dict[str, Any]:
     return {"sender": {"kind": sender.kind, "id": sender.id}, **extra}
 
@@ -708,6 +1339,20 @@ def _egress_data(sender: Actor, **extra: Any) -> dict[str, Any]:
 def _check_budget(budget: int) -> None:
     if not 0 <= budget <= MAX_BUDGET:
         raise InvalidRequestError(f"agent_budget must be between 0 and {MAX_BUDGET}")
+
+
+async def _display_names(conn: AsyncConnection, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``id -> display name`` of the agents and users in ``pairs`` (deleted ones included)."""
+    ids: dict[str, set[str]] = {"agent": set(), "user": set()}
+    for kind, pid in pairs:
+        if kind in ids:
+            ids[kind].add(pid)
+    out: dict[str, str] = {}
+    for kind, table in (("agent", agents), ("user", users)):
+        if ids[kind]:
+            q = select(table.c.id, table.c.name).where(table.c.id.in_(ids[kind]))
+            out.update({r[0]: r[1] for r in await conn.execute(q)})
+    return out
 
 
 async def sender_names(
@@ -763,6 +1408,7 @@ def render_envelope(e: Envelope, name: str, org_name: str) -> dict[str, Any]:
         },
         "causation_id": e.causation_id,
         "idempotency_key": client_key(e.sender_id, e.idempotency_key),
+        "audience": e.audience,
         "created_at": e.created_at,
         "hash": e.hash,
         "prev_hash": e.prev_hash,

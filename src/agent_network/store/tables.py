@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData(
@@ -92,6 +93,8 @@ users = Table(
     Column("org_id", String(40), ForeignKey("orgs.id"), nullable=False, index=True),
     Column("name", String(200), nullable=False),
     Column("email", String(320)),
+    # protocol threads: acknowledge invitations automatically (migration 0006)
+    Column("auto_ack", Boolean, nullable=False, default=False, server_default=false()),
     Column("created_at", String(32), nullable=False),
     Column("deleted_at", String(32)),
 )

@@ -21,7 +21,8 @@ router = APIRouter(tags=["agents"])
 
 @router.post("/agents", status_code=201)
 async def create_agent(body: AgentCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """Create an agent; ``lookup_key`` is unique in the org (409 otherwise)."""
+    """Create an agent; ``lookup_key`` is unique in the org (409 otherwise); ``resume``: its
+    claimed capabilities, domains and summary."""
     return await call.services.agents.create_agent(call.principal, **body.model_dump())
 
 
@@ -41,7 +42,8 @@ async def get_agent(agent_id: str, call: Call = Depends(get_call)) -> dict[str, 
 async def update_agent(
     agent_id: str, body: AgentUpdate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
-    """Change an agent's name, lookup_key, identity, model or metadata."""
+    """Change an agent's name, lookup_key, identity, model, metadata or resume (``null``
+    clears model and resume)."""
     return await call.services.agents.update_agent(
         call.principal, agent_id, body.model_dump(exclude_unset=True)
     )

@@ -30,8 +30,11 @@ async def my_org(call: Call = Depends(get_call)) -> dict[str, Any]:
 
 @router.post("/users", status_code=201)
 async def create_user(body: UserCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """Create a person in the caller's org."""
-    return await call.services.orgs.create_user(call.principal, body.name, body.email)
+    """Create a person in the caller's org (``auto_ack``: acknowledge invitations to protocol
+    threads automatically)."""
+    return await call.services.orgs.create_user(
+        call.principal, body.name, body.email, auto_ack=body.auto_ack
+    )
 
 
 @router.get("/users")
@@ -50,7 +53,7 @@ async def get_user(user_id: str, call: Call = Depends(get_call)) -> dict[str, An
 async def update_user(
     user_id: str, body: UserUpdate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
-    """Change a user's name or email."""
+    """Change a user's name, email or ``auto_ack`` setting."""
     return await call.services.orgs.update_user(
         call.principal, user_id, body.model_dump(exclude_unset=True)
     )

@@ -72,6 +72,12 @@ def _router(kind: TeamKind) -> APIRouter:
     async def create_thread(
         team_id: str, body: ThreadCreate, call: Call = Depends(get_call)
     ) -> dict[str, Any]:
+        """Open a thread. ``adapter`` (default ``open``) picks its protocol; a protocol thread
+        needs ``participants`` and takes ``initiator``, ``invitees``, ``ttl``,
+        ``ack_timeout``, ``expectations``, ``names``, ``graph`` (workflow), ``order``
+        (discussion) and adapter ``knobs``; all validated before anything is written (422
+        naming the bad knob). Invitees whose rule (agents) or ``auto_ack`` (users) admits it
+        are acked at once."""
         return await call.services.threads.create(
             call.principal,
             team_id,
@@ -80,6 +86,7 @@ def _router(kind: TeamKind) -> APIRouter:
             agent_budget=body.agent_budget,
             visibility=body.visibility,
             participants=body.participant_pairs(),
+            **body.protocol(),
         )
 
     @router.get("/{team_id}/threads")

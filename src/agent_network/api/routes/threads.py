@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from agent_network.api.deps import Call, get_call
 from agent_network.api.schemas import (
+    AckBody,
+    CloseBody,
+    ContextSet,
     Cursor,
     Limit,
     MessageCreate,
     ParticipantsAdd,
+    RejectBody,
     ThreadUpdate,
     Wait,
 )
@@ -27,7 +31,9 @@ async def list_threads(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
 
 @router.get("/{thread_id}")
 async def get_thread(thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """A thread with its state (status, last_seq, agent budget)."""
+    """A thread with its state: status, last_seq, agent budget, and the protocol state
+    (adapter, participants, initiator, pending_acks, expected_speaker, close_reason; workflow
+    turns and context)."""
     return await call.services.threads.get(call.principal, thread_id)
 
 
@@ -56,7 +62,8 @@ async def add_participants(
 async def post_message(
     thread_id: str, body: MessageCreate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
-    """Post as one of the caller's own agents or users (``agent_id`` or ``user_id``)."""
+    """Post as one of the caller's own agents or users (``agent_id`` or ``user_id``);
+    ``audience`` limits who receives it, ``tool_calls`` carry workflow tool results."""
     return await call.services.threads.post(
         call.principal,
         thread_id,
@@ -65,7 +72,61 @@ async def post_message(
         user_id=body.user_id,
         idempotency_key=body.idempotency_key,
         causation_id=body.causation_id,
+        audience=body.audience,
+        tool_calls=[c.model_dump() for c in body.tool_calls] if body.tool_calls else None,
     )
+
+
+@router.post("/{thread_id}/ack")
+async def ack(thread_id: str, body: AckBody, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Accept an invitation to a protocol thread as one of the caller's own agents or users
+    (a token: itself). 409 ``protocol_violation`` without a pending invitation."""
+    return await call.services.threads.ack(
+        call.principal, thread_id, agent_id=body.agent_id, user_id=body.user_id
+    )
+
+
+@router.post("/{thread_id}/reject")
+async def reject(
+    thread_id: str, body: RejectBody, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Decline an invitation: the thread closes with ``invite_rejected``."""
+    return await call.services.threads.reject(
+        call.principal,
+        thread_id,
+        agent_id=body.agent_id,
+        user_id=body.user_id,
+        reason=body.reason,
+    )
+
+
+@router.post("/{thread_id}/close")
+async def close(thread_id: str, body: CloseBody, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Close a thread (a participant, or an org key of an org with a participant; an open
+    thread: the org that created it or hosts its team/network). 409 ``thread_closed`` when it
+    is already closing or closed."""
+    return await call.services.threads.close(call.principal, thread_id, reason=body.reason)
+
+
+@router.post("/{thread_id}/context")
+async def set_context(
+    thread_id: str, body: ContextSet, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Set workflow context keys (``context.set``; the turn does not advance)."""
+    return await call.services.threads.set_context(
+        call.principal, thread_id, body.values, agent_id=body.agent_id, user_id=body.user_id
+    )
+
+
+@router.get("/{thread_id}/tools")
+async def tools(
+    thread_id: str,
+    agent_id: Annotated[str | None, Query(max_length=40)] = None,
+    call: Call = Depends(get_call),
+) -> list[dict[str, Any]]:
+    """The workflow tools the caller's agent gets in this thread now (``[]`` outside
+    workflows); an agent token may leave ``agent_id`` out."""
+    return await call.services.threads.tools(call.principal, thread_id, agent_id=agent_id)
 
 
 @router.get("/{thread_id}/messages")
@@ -84,11 +145,16 @@ async def list_messages(
 
 @router.get("/{thread_id}/envelopes")
 async def list_envelopes(
-    thread_id: str, after: Cursor = 0, limit: Limit = 100, call: Call = Depends(get_call)
+    thread_id: str,
+    after: Cursor = 0,
+    limit: Limit = 100,
+    wait: Wait = 0.0,
+    call: Call = Depends(get_call),
 ) -> dict[str, Any]:
-    """Every envelope (messages and thread events) with ``seq > after``."""
+    """Every envelope (messages and thread events) with ``seq > after``; ``wait`` (seconds)
+    long-polls for the next one."""
     return await call.services.threads.envelopes(
-        call.principal, thread_id, after=after, limit=limit, messages_only=False
+        call.principal, thread_id, after=after, limit=limit, wait=wait, messages_only=False
     )
 
 
