@@ -115,30 +115,41 @@ def build_prompt(
     thread_title: str,
     history: Sequence[tuple[str, str, str]],
     knowledge: Sequence[dict[str, Any]],
+    notes: Sequence[str] = (),
 ) -> Prompt:
     """Build the prompt for ``agent_name`` answering the last entry of ``history``.
 
     ``history`` holds ``(speaker name, speaker org name, content)``, oldest first, ending with the
-    message to answer; ``knowledge`` holds chunks from :meth:`KnowledgeService.retrieve`.
+    message to answer; empty when the agent opens the thread (its turn came from the thread
+    becoming active, not from a message): then it is asked for the thread's first message.
+    ``knowledge`` holds chunks from :meth:`KnowledgeService.retrieve`; ``notes`` are extra
+    lines placed before the ask (the thread's protocol: whose turn, the workflow's tools).
     """
     system = f"You are {agent_name}, an AI agent working for {org_name}."
     if identity.strip():
         system += " " + " ".join(identity.split())
-    if not history:
-        raise ValueError("history must end with the message to answer")
-    speaker, speaker_org, content = history[-1]
     parts: list[str] = []
+    if not history:
+        parts.append(f'You open the thread "{thread_title}".')
+        notes_text = select_notes(knowledge, thread_title)
+        if notes_text:
+            parts.append(f"What you know: {notes_text}")
+        parts.extend(notes)
+        parts.append(f'Write the first message of "{thread_title}" (1-2 sentences).')
+        return Prompt(system=system, user="\n".join(parts))
+    speaker, speaker_org, content = history[-1]
     earlier = history[:-1][-CONTEXT_LINES:]
     if earlier:
         parts.append(
             f'Earlier in "{thread_title}":\n' + "\n".join(transcript_line(*h) for h in earlier)
         )
     parts.append(f'Message from {speaker} of {speaker_org}: "{" ".join(content.split())}"')
-    notes = select_notes(knowledge, content)
-    if notes:
-        parts.append(f"What you know: {notes}")
+    notes_text = select_notes(knowledge, content)
+    if notes_text:
+        parts.append(f"What you know: {notes_text}")
         ask = f"Write your reply to {speaker} (1-2 sentences) that tells them what you know."
     else:
         ask = f"Write your reply to {speaker} (1-2 sentences)."
+    parts.extend(notes)
     parts.append(ask)
     return Prompt(system=system, user="\n".join(parts))

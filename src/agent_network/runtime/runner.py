@@ -1,16 +1,63 @@
 """The in-process runner: executes ``participate`` routines for the agents of every org.
 
-For each committed ``message`` envelope, every active participate routine whose agent is a
-member of the thread's team/network (and did not send it) gets a job: claim the trigger (a lease
-in ``runner_claims``, shared with remote runners: ``services/claims.py``), run the checks before
-a model call (:func:`~agent_network.services.claims.preflight`), assemble the prompt, call the
-agent's model through pydantic-ai (:func:`generate_reply`, also used by the remote runner), clean
-the reply, post it through the hub with the trigger as causation and the idempotency key
+For each trigger envelope, every active participate routine whose agent it triggers gets a job:
+claim the trigger (a lease in ``runner_claims``, shared with remote runners:
+``services/claims.py``), run the checks before a model call
+(:func:`~agent_network.services.claims.preflight`), assemble the prompt, call the agent's model
+through pydantic-ai (:func:`generate_reply`, also used by the remote runner), clean the reply,
+post it through the hub with the trigger as causation and the idempotency key
 ``reply:<agent>:<trigger>`` — so an agent answers one trigger at most once, also after a restart,
 a redelivery or a double claim — then complete the claim. A trigger whose claim another runner
 holds is retried when that lease expires (take-over if it crashed). A durable cursor per (agent,
 thread) records progress; on start the runner catches up from its cursors and from claims left
 open by a runner that died.
+
+Protocol threads (adapters ``consulting``, ``conversation``, ``discussion``, ``workflow``, or
+any thread with a participant list):
+
+- **Speak only when allowed.** Before the model call the runner asks
+  :func:`~agent_network.adapters.may_speak` on the thread's current state (status, membership,
+  acks, budget, turn order — the hub's own rules, without writing). When it says no, no model is
+  called and the trigger is done (cursor advanced, claim completed). While the thread is live
+  that is audited: as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``), or
+  — a spent runaway budget, already caught by the preflight — as ``envelope.message`` with
+  ``agent_budget_exhausted``, as the hub would; a closing, closed or not yet active thread is
+  not audited. The same question is asked again right before the append (the state may have
+  moved while the model ran), with the same outcome; the hub's own refusal at the append
+  (NotYourTurnError, ProtocolViolationError) ends the job without a reply like
+  ThreadClosedError. An agent that already spoke after its trigger does not speak again for it
+  (its turn was used), and one agent's turns in one protocol thread run one at a time in this
+  runner (two runners may still both call a model for two triggers of one turn; the hub keeps
+  the second reply out).
+- **Triggers.** In an open thread a ``message`` from somebody else triggers every member agent.
+  In a protocol thread (see :func:`~agent_network.runtime.protocol.turn_takers`) ANY envelope
+  triggers the agent that is the expected speaker in the state right after it (folded up to it):
+  the ``thread.created``/``thread.ack`` that made the thread active when the first speaker is an
+  agent (it then writes the thread's opening message, prompted with the title), a
+  ``context.set``, a workflow Handoff naming it, the previous speaker's message. Where anyone may
+  speak (``conversation``) a message triggers the other participant agents. An envelope whose
+  ``audience`` excludes the agent never triggers it. Keys and claims are per trigger envelope as
+  above, so there is still one reply per (agent, trigger).
+- **Audience.** The history in the prompt holds only the messages the agent may see (audience
+  None = everyone; else the sender and the listed ids). A reply to an envelope with an audience
+  goes to that audience plus the trigger's sender, minus the agent itself
+  (:func:`~agent_network.runtime.protocol.reply_audience`); a reply to an envelope without one
+  goes to everyone.
+- **Workflow tools.** In an active workflow thread the speaker gets the graph's tools for it
+  (:func:`~agent_network.adapters.tools_for`) plus a generic ``handoff(target, reason)`` (the
+  graph admits a Handoff in any workflow message), in two ways that end in one record
+  (:class:`~agent_network.runtime.protocol.ToolBox`): as pydantic-ai tools, for models that call
+  tools; and as a text convention, for models that do not (the bundled local model): the prompt
+  lists each tool as a tag (``- Approve the draft: [approve]``,
+  ``- Send the draft back: [request_revision: reason]``, ``- pass the turn to writer:
+  [handoff: name]``) and a trailing ``[tool]`` or ``[tool: argument]`` in the model's text (of
+  any model) is taken as a call of that tool and stripped from the content. A tool whose spec
+  has ``handoff`` records ``Handoff(target=spec.handoff, reason=<argument>)``, one with
+  ``finish`` records ``Finish(summary=<argument>, reason=spec.finish)``, any other a plain
+  ``"ok"``; at most one Handoff/Finish per turn. The reply is appended with
+  ``data={"content": ..., "tool_calls": [tool_call(name, result, args=...), ...]}``, which the
+  workflow adapter routes on. A reply that is only a tag gets a short content naming the tool
+  (``"Approve."``).
 """
 
 from __future__ import annotations
@@ -22,6 +69,7 @@ import secrets
 import socket
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +78,34 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic_ai import Agent as ModelAgent
+from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.settings import ModelSettings
 from sqlalchemy import exists, select
 
-from agent_network.errors import AgentNetworkError, RunawayBudgetError, ThreadClosedError
-from agent_network.hub import EV_MESSAGE
+from agent_network.adapters.base import Proposal
+from agent_network.adapters.lifecycle import admit, may_speak
+from agent_network.adapters.model import LIVE_STATUSES
+from agent_network.adapters.workflow import WorkflowState
+from agent_network.errors import (
+    AgentNetworkError,
+    NotYourTurnError,
+    ProtocolViolationError,
+    RunawayBudgetError,
+    ThreadClosedError,
+)
+from agent_network.hub import EV_MESSAGE, ThreadState, step
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.rule import Rule
 from agent_network.runtime.cleaning import clean_reply
 from agent_network.runtime.models import build_model, resolve_model_name
 from agent_network.runtime.prompt import Prompt, build_prompt
+from agent_network.runtime.protocol import (
+    ToolBox,
+    reply_audience,
+    toolbox_for,
+    turn_takers,
+    visible_to,
+)
 from agent_network.services.base import ServiceContext
 from agent_network.services.claims import agent_in_thread, participations, preflight, reply_key
 from agent_network.services.knowledge import KnowledgeService
@@ -62,6 +128,7 @@ from agent_network.store.tables import (
     routines,
     thread_participants,
     threads,
+    users,
 )
 from agent_network.store.wal import find_by_idempotency, read_envelopes
 
@@ -73,8 +140,10 @@ REPLY_MAX_TOKENS = 200
 REPLY_MAX_SENTENCES = 3
 CLAIM_LEASE = 60.0  # seconds a claim of the in-process runner lasts unless renewed
 RETRY_MARGIN = 0.2  # seconds after another runner's lease expires before trying to take over
+DISPATCH_RETRIES = 8  # looks for a protocol thread's rows committed just after its envelope
+STATE_CACHE = 1024  # protocol threads whose folded state (at the last dispatch) is kept
 
-__all__ = ["Job", "Runner", "generate_reply", "new_runner_id", "reply_key"]
+__all__ = ["Job", "Reply", "Runner", "generate_reply", "new_runner_id", "reply_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +161,15 @@ def new_runner_id(kind: str) -> str:
     return f"{kind}:{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A model's cleaned reply: ``content`` ("" when nothing worth posting came out) and the
+    workflow ``tool_calls`` it made (``tool_call`` entries; [] outside workflows)."""
+
+    content: str
+    tool_calls: list[dict[str, Any]]
+
+
 async def generate_reply(
     *,
     model_name: str,
@@ -99,14 +177,22 @@ async def generate_reply(
     speaker_name: str,
     other_names: list[str],
     seed_key: str,
-) -> str:
+    tools: ToolBox | None = None,
+) -> Reply:
     """Call the model ``model_name`` with ``prompt`` and return the cleaned reply.
 
     Up to :data:`REPLY_ATTEMPTS` calls while the cleaned text comes out empty; each call at most
     :data:`REPLY_MAX_TOKENS` tokens and :data:`MODEL_TIMEOUT` seconds. The local model gets a
-    seed derived from ``seed_key`` and the attempt (reproducible per trigger). Returns "" when
-    every attempt came out empty. Raises ModelUnavailableError (the model cannot be built),
-    TimeoutError (a call took too long) and whatever the model's provider raises.
+    seed derived from ``seed_key`` and the attempt (reproducible per trigger). ``tools`` (a
+    workflow speaker's :class:`ToolBox`) are given to the model as pydantic-ai tools, and a
+    trailing ``[tool]``/``[tool: argument]`` tag in its text is taken as a call of that tool
+    (stripped from the content); the calls of the attempt that produced the reply are returned.
+    An attempt where pydantic-ai gives up on the model (UnexpectedModelBehavior, e.g. no text
+    after its output retries) counts as empty.
+    A reply that is only a tool call gets a short content naming the tool. Returns
+    ``Reply("", [])`` when every attempt came out empty. Raises ModelUnavailableError (the
+    model cannot be built), TimeoutError (a call took too long) and whatever the model's
+    provider raises.
     """
     model = build_model(model_name)
     for attempt in range(REPLY_ATTEMPTS):
@@ -114,19 +200,37 @@ async def generate_reply(
         if model_name.startswith("local:"):
             # reproducible per (agent, trigger, attempt); a new sample on each retry
             settings["seed"] = zlib.crc32(f"{seed_key}:{attempt}".encode())
-        with anyio.fail_after(MODEL_TIMEOUT):
-            result = await ModelAgent(model, system_prompt=prompt.system).run(
-                prompt.user, model_settings=settings
-            )
+        if tools:
+            tools.reset()
+        agent = ModelAgent(
+            model,
+            system_prompt=prompt.system,
+            tools=tools.pydantic_tools() if tools else (),
+        )
+        try:
+            with anyio.fail_after(MODEL_TIMEOUT):
+                result = await agent.run(prompt.user, model_settings=settings)
+        except UnexpectedModelBehavior as exc:  # e.g. no text after its retries: an empty try
+            log.info("runner.model_misbehaved", error=str(exc))
+            continue
+        raw = str(result.output)
+        if tools:
+            raw = tools.take_tags(raw)
         reply = clean_reply(
-            str(result.output),
+            raw,
             speaker_name=speaker_name,
             other_names=other_names,
             max_sentences=REPLY_MAX_SENTENCES,
         )
+        calls: list[dict[str, Any]] = []
+        if tools:
+            reply = tools.take_tags(reply)  # a tag the raw text hid behind trailing noise
+            calls = list(tools.calls)
+            if not reply and calls:
+                reply = calls[-1]["name"].replace("_", " ").capitalize() + "."
         if reply:
-            return reply
-    return ""
+            return Reply(reply, calls)
+    return Reply("", [])
 
 
 class Runner:
@@ -163,6 +267,10 @@ class Runner:
         self._idle = anyio.Event()
         self._idle.set()
         self._tg: TaskGroup | None = None
+        # protocol threads: state folded up to the last dispatched envelope (LRU)
+        self._states: OrderedDict[str, ThreadState] = OrderedDict()
+        # (agent_id, thread_id) -> lock: one agent's turns in one protocol thread, one at a time
+        self._turn_locks: dict[tuple[str, str], anyio.Lock] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe, catch up from cursors and open claims, then handle jobs until cancelled.
@@ -187,8 +295,7 @@ class Runner:
                 task_status.started()
                 task_status = anyio.TASK_STATUS_IGNORED
                 async for env in sub:
-                    if env.type == EV_MESSAGE:
-                        await self._dispatch(env)
+                    await self._dispatch(env)
                 if not sub.lagged:
                     return
                 log.warning("runner.lagged; catching up from cursors")
@@ -199,7 +306,38 @@ class Runner:
 
     # ------------------------------------------------------------ dispatching
 
-    async def _dispatch(self, env: Envelope, only_agent: str | None = None) -> None:
+    async def _state_at(self, thread_id: str, seq: int) -> ThreadState:
+        """The thread's state folded up to and including ``seq`` (cached per thread and stepped
+        forward from the last one asked for, so a live thread costs one short read)."""
+        cached = self._states.get(thread_id)
+        if cached is None or cached.last_seq > seq:
+            cached = ThreadState(thread_id=thread_id)
+        if cached.last_seq < seq:
+            for env in await self.ctx.hub.read(
+                thread_id, after=cached.last_seq, limit=seq - cached.last_seq
+            ):
+                cached = step(cached, env)
+        self._states[thread_id] = cached
+        self._states.move_to_end(thread_id)
+        while len(self._states) > STATE_CACHE:
+            self._states.popitem(last=False)
+        return cached
+
+    async def _dispatch(
+        self, env: Envelope, only_agent: str | None = None, *, attempt: int = 0
+    ) -> None:
+        """Queue a job for every agent ``env`` triggers (see the module docstring)."""
+        protocol = bool((await self.ctx.hub.state(env.thread_id)).participants)
+        if not protocol and env.type != EV_MESSAGE:
+            return
+        wanted: set[str] | None = None
+        if protocol:
+            after = await self._state_at(env.thread_id, env.seq)
+            wanted = turn_takers(after, env, after.participant_ids)
+            if only_agent is not None:
+                wanted &= {only_agent}
+            if not wanted:
+                return
         async with self.ctx.engine.begin() as conn:
             q = (
                 select(routines.c.id, routines.c.agent_id, agents.c.rule, agents.c.org_id)
@@ -216,7 +354,6 @@ class Runner:
                     routines.c.preset_name == "participate",
                     routines.c.event_type == "thread.message_added",
                     agents.c.deleted_at.is_(None),
-                    routines.c.agent_id != env.sender_id,
                     (threads.c.visibility == "members")
                     | exists().where(
                         (thread_participants.c.thread_id == threads.c.id)
@@ -225,17 +362,38 @@ class Runner:
                     ),
                 )
             )
+            if wanted is None:
+                q = q.where(routines.c.agent_id != env.sender_id)
+            else:
+                q = q.where(routines.c.agent_id.in_(sorted(wanted)))
             if only_agent is not None:
                 q = q.where(routines.c.agent_id == only_agent)
             jobs: dict[str, Job] = {}
             refusals: list[dict[str, Any]] = []
             sender_name, sender_org = (await sender_names(conn, [env]))[env.sender_id]
-            for routine_id, agent_id, raw_rule, org_id in (await conn.execute(q)).all():
+            rows = (await conn.execute(q)).all()
+            if (
+                not rows
+                and wanted
+                and attempt < DISPATCH_RETRIES
+                and self._tg is not None
+                and await self._rows_pending(conn, env.thread_id, wanted)
+            ):
+                # the thread's rows are written right after its first envelopes: look again
+                self._tg.start_soon(self._dispatch_later, env, only_agent, attempt + 1)
+                return
+            for routine_id, agent_id, raw_rule, org_id in rows:
                 if agent_id in jobs or (agent_id, env.id) in self._queued:
                     continue
+                if not visible_to(agent_id, env):
+                    continue  # an envelope the agent may not see never triggers it
                 job = Job(agent_id, routine_id, env)
                 reason = self._refuse_trigger(
-                    parse_rule(raw_rule), agent_id, sender_name, sender_org
+                    parse_rule(raw_rule),
+                    agent_id,
+                    sender_name,
+                    sender_org,
+                    inbound=env.type == EV_MESSAGE,
                 )
                 if reason is not None:
                     refusals.append(
@@ -272,11 +430,49 @@ class Runner:
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
             await self._send.send(job)
 
+    async def _dispatch_later(self, env: Envelope, only_agent: str | None, attempt: int) -> None:
+        await anyio.sleep(min(0.05 * 2**attempt, 2.0))
+        await self._dispatch(env, only_agent, attempt=attempt)
+
+    @staticmethod
+    async def _rows_pending(conn: Any, thread_id: str, agent_ids: set[str]) -> bool:
+        """True when the ``threads`` row of a protocol thread, or a participant row of one of
+        ``agent_ids`` in a restricted one, is not there (yet): the services write them right
+        after the thread's first envelope."""
+        row = (
+            (await conn.execute(select(threads).where(threads.c.id == thread_id)))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return True
+        if row["visibility"] != "restricted":
+            return False
+        found = set(
+            (
+                await conn.execute(
+                    select(thread_participants.c.member_id).where(
+                        thread_participants.c.thread_id == thread_id,
+                        thread_participants.c.member_kind == "agent",
+                        thread_participants.c.member_id.in_(sorted(agent_ids)),
+                    )
+                )
+            ).scalars()
+        )
+        return found != agent_ids
+
     def _refuse_trigger(
-        self, rule: Rule | None, agent_id: str, sender_name: str, sender_org: str
+        self,
+        rule: Rule | None,
+        agent_id: str,
+        sender_name: str,
+        sender_org: str,
+        *,
+        inbound: bool = True,
     ) -> str | None:
-        """Why the agent's rule drops this trigger (inbound_from, inbox_cap), or None."""
-        if not RuleService.inbound_allows(rule, sender_name, sender_org):
+        """Why the agent's rule drops this trigger (inbound_from for a message — ``inbound`` —,
+        inbox_cap), or None."""
+        if inbound and not RuleService.inbound_allows(rule, sender_name, sender_org):
             return f"inbound_from does not admit {sender_name!r} ({sender_org})"
         cap = rule.inbox_cap if rule is not None else None
         if cap is not None and self._pending_by_agent.get(agent_id, 0) >= cap:
@@ -284,7 +480,7 @@ class Runner:
         return None
 
     async def _catch_up(self) -> None:
-        """Dispatch every message an active participate routine has not handled yet.
+        """Dispatch every trigger an active participate routine has not handled yet.
 
         Per (agent, thread) of the agent's teams and networks: after the durable cursor if there
         is one; otherwise every message committed after both the routine and the membership
@@ -300,8 +496,6 @@ class Runner:
         for agent_id, thread_id, since in pairs:
             seq = cursors.get((agent_id, thread_id))
             for env in await self.ctx.hub.read(thread_id, after=seq or 0):
-                if env.type != EV_MESSAGE or env.sender_id == agent_id:
-                    continue
                 if seq is None and env.created_at <= since:
                     continue
                 await self._dispatch(env, only_agent=agent_id)
@@ -311,7 +505,7 @@ class Runner:
                 continue
             async with self.ctx.engine.connect() as conn:
                 found = await read_envelopes(conn, thread_id, after=trigger_seq - 1, limit=1)
-            if found and found[0].seq == trigger_seq and found[0].type == EV_MESSAGE:
+            if found and found[0].seq == trigger_seq:
                 await self._dispatch(found[0], only_agent=agent_id)
 
     # ------------------------------------------------------------------ jobs
@@ -385,7 +579,8 @@ class Runner:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_claim, job)
             try:
-                await self._answer(job, key)
+                async with self._turn(job):
+                    await self._answer(job, key)
             except Exception as exc:
                 error = exc
             tg.cancel_scope.cancel()
@@ -393,6 +588,22 @@ class Runner:
         if error is not None:
             raise error
         return None
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, job: Job) -> Any:
+        """Hold the (agent, thread) lock of a protocol thread while the job runs (an open
+        thread's jobs run freely, as before)."""
+        if not (await self.ctx.hub.state(job.trigger.thread_id)).participants:
+            yield
+            return
+        key = (job.agent_id, job.trigger.thread_id)
+        lock = self._turn_locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._turn_locks.pop(key, None)
 
     async def _keep_claim(self, job: Job) -> None:
         """Renew ``job``'s claim every third of the lease while it runs (cancelled after)."""
@@ -434,22 +645,34 @@ class Runner:
                 if refusal.audit:
                     await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
                 return
+            state = await self.ctx.hub.state(trigger.thread_id)
+            actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
+            envs = await self.ctx.hub.read(trigger.thread_id)
+            if state.participants and any(
+                e.type == EV_MESSAGE and e.sender_id == agent["id"] and e.seq > trigger.seq
+                for e in envs
+            ):
+                return  # it spoke after this trigger: that was its turn
+            if await self._not_your_turn(job, state, actor):
+                return
             history_envs = [
                 e
-                for e in await self.ctx.hub.read(trigger.thread_id)
-                if e.type == EV_MESSAGE and e.seq <= trigger.seq
+                for e in envs
+                if e.type == EV_MESSAGE and e.seq <= trigger.seq and visible_to(agent["id"], e)
             ][-self.ctx.settings.history_limit :]
             names = await sender_names(conn, history_envs)
+            notes = await self._protocol_notes(conn, state, agent["id"])
         history = [
             (names[e.sender_id][0], names[e.sender_id][1], str(e.data.get("content", "")))
             for e in history_envs
         ]
+        query = history[-1][2] if history else str(thread["title"])
+        if trigger.type == EV_MESSAGE:
+            query = str(trigger.data.get("content", ""))
         knowledge = await self.knowledge.retrieve(
-            agent["org_id"],
-            agent["id"],
-            str(trigger.data.get("content", "")),
-            self.ctx.settings.knowledge_chunks,
+            agent["org_id"], agent["id"], query, self.ctx.settings.knowledge_chunks
         )
+        tools = toolbox_for(state, agent["id"])
         prompt = build_prompt(
             agent_name=agent["name"],
             org_name=agent["org_name"],
@@ -457,21 +680,24 @@ class Runner:
             thread_title=thread["title"],
             history=history,
             knowledge=knowledge,
+            notes=[*notes, *tools.prompt_lines()],
         )
         model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
         try:
-            reply = await generate_reply(
+            answer = await generate_reply(
                 model_name=model_name,
                 prompt=prompt,
                 speaker_name=agent["name"],
                 other_names=sorted({n for n, _, _ in history if n != agent["name"]}),
                 seed_key=key,
+                tools=tools or None,
             )
         except AgentNetworkError as err:
             await self._audit(
                 job, "routine.failed", f"{err.code}: {err.message}", org_id=agent["org_id"]
             )
             return
+        reply = answer.content
         if not reply:
             await self._audit(
                 job,
@@ -501,18 +727,67 @@ class Runner:
                 job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
             )
             return
-        sender = Actor("agent", agent["id"], agent["org_id"], agent["name"])
+        now = await self.ctx.hub.state(trigger.thread_id)
+        if await self._not_your_turn(job, now, actor):  # the state moved while the model ran
+            return
+        data: dict[str, Any] = {"content": reply}
+        if answer.tool_calls:
+            data["tool_calls"] = answer.tool_calls
         try:
             await self.ctx.hub.append(
                 trigger.thread_id,
                 type=EV_MESSAGE,
-                data={"content": reply},
-                sender=sender,
+                data=data,
+                sender=actor,
+                audience=reply_audience(
+                    trigger.audience,
+                    (trigger.sender_kind, trigger.sender_id),
+                    agent["id"],
+                    now.participant_ids,
+                ),
                 causation_id=trigger.id,
                 idempotency_key=key,
             )
-        except (RunawayBudgetError, ThreadClosedError):
+        except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
             return  # the hub audited the refusal
+
+    async def _protocol_notes(self, conn: Any, state: ThreadState, agent_id: str) -> list[str]:
+        """Prompt lines about the thread's protocol for the agent whose turn it is: the adapter
+        and the participants (by name), and a workflow's context. [] for an open thread."""
+        if not state.participants or state.adapter == "open":
+            return []
+        ids = [pid for pid in state.participant_ids if pid != agent_id]
+        found = {
+            r[0]: r[1]
+            for t in (agents, users)
+            for r in await conn.execute(select(t.c.id, t.c.name).where(t.c.id.in_(ids)))
+        }
+        others = ", ".join(found.get(pid, pid) for pid in ids)
+        lines = [f"This is a {state.adapter} thread with {others}; it is your turn to speak."]
+        ws = state.protocol
+        if isinstance(ws, WorkflowState) and ws.context:
+            shown = ", ".join(f"{k}={v}" for k, v in ws.context)
+            lines.append(f"Workflow context: {shown}")
+        return lines
+
+    async def _not_your_turn(self, job: Job, state: ThreadState, actor: Actor) -> bool:
+        """Whether the agent may NOT speak now (the hub's own rules, via :func:`admit` without
+        writing). A refusal is audited while the thread is live: a spent budget as
+        ``envelope.message`` with ``agent_budget_exhausted`` (as the hub would), anything else
+        as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``); a closing,
+        closed or not yet active thread is not audited."""
+        if may_speak(state, actor):
+            return False
+        try:
+            admit(state, Proposal(type=EV_MESSAGE, data={"content": ""}, sender=actor))
+        except AgentNetworkError as err:
+            if state.status in LIVE_STATUSES:
+                action = (
+                    "envelope.message" if isinstance(err, RunawayBudgetError) else "routine.skipped"
+                )
+                reason = f"{err.code}: {err.message}; no reply posted"
+                await self._audit(job, action, reason, org_id=actor.org_id)
+        return True
 
     async def _audit(
         self,
