@@ -24,6 +24,7 @@ import pytest
 from agent_network.client import (
     AsyncClient,
     Envelope,
+    InvalidAudience,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -408,3 +409,41 @@ def test_quickstart_example_runs_end_to_end(module_server: LiveServer) -> None:
             assert printed == lines  # the room printed the thread's messages, in order, once
 
     anyio.run(check_thread)
+
+
+def test_room_post_with_an_audience_reaches_only_that_audience(module_server: LiveServer) -> None:
+    """``Room.post(audience=...)``: the envelope carries the audience; a member outside it never
+    receives it live, a member inside does; a stranger id is refused with InvalidAudience."""
+
+    async def scenario() -> None:
+        client, _ = await new_org(module_server)
+        async with client:
+            thread_id, ann = await setup_thread(client)
+            team_id = (await client.threads.get(thread_id)).team_id
+            bob = await client.users.create("Bob")
+            cid = await client.users.create("Cid")
+            for u in (bob, cid):
+                await client.teams.add_member(team_id, user_id=u.id)
+            tokens = {
+                u: (await client.credentials.issue("user_token", subject_id=u)).secret
+                for u in (bob.id, cid.id)
+            }
+            async with (
+                AsyncClient(module_server.url, tokens[bob.id]) as as_bob,
+                AsyncClient(module_server.url, tokens[cid.id]) as as_cid,
+                as_bob.realtime() as rt_bob,
+                as_cid.realtime() as rt_cid,
+                client.realtime() as rt,
+            ):
+                bob_room = await rt_bob.join(thread_id, after=1)
+                cid_room = await rt_cid.join(thread_id, after=1)
+                room = await rt.join(thread_id, after=1)
+                private = await room.post("for Bob only", user_id=ann, audience=[bob.id])
+                assert private.audience == [bob.id]
+                public = await room.post("for everyone", user_id=ann)
+                assert [e.id for e in await take(bob_room, 2)] == [private.id, public.id]
+                assert [e.id for e in await take(cid_room, 1)] == [public.id]
+                with pytest.raises(InvalidAudience):
+                    await room.post("to a stranger", user_id=ann, audience=["usr_nobody"])
+
+    run(scenario)

@@ -265,9 +265,13 @@ class Room:
         user_id: str | None = None,
         idempotency_key: str | None = None,
         causation_id: str | None = None,
+        audience: list[str] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> Envelope:
         """Post a message into the thread (same rules as ``POST /threads/{id}/messages``;
-        ``causation_id``: the envelope it answers); returns the committed envelope.
+        ``causation_id``: the envelope it answers; ``audience``: ids of the participants who
+        may see it, None = everyone; ``tool_calls``: workflow tool calls, ``[{"name", "args",
+        "result"}]``); returns the committed envelope.
 
         Without ``idempotency_key`` a random one is used, so a post whose reply was lost with
         the connection is sent again after reconnecting without ever appending twice. Raises
@@ -283,6 +287,8 @@ class Room:
             ("agent_id", agent_id),
             ("user_id", user_id),
             ("causation_id", causation_id),
+            ("audience", audience),
+            ("tool_calls", tool_calls),
         ):
             if value is not None:
                 frame[name] = value

@@ -57,7 +57,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select, union_all
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import (
@@ -74,6 +74,7 @@ from agent_network.services.orgs import OrgService
 from agent_network.services.principal import WRITE, Principal
 from agent_network.services.scope import (
     audience_admits,
+    org_member_ids,
     own_agent,
     own_user,
     visible_thread,
@@ -671,7 +672,7 @@ class Connection:
                     except NotFoundError:
                         lost.append(thread_id)
                 if live and self.principal.kind == "org":
-                    self.acts_for = await _org_member_ids(db, self.principal)
+                    self.acts_for = await org_member_ids(db, self.principal)
         if not live:  # (closed outside the database block: closing cancels this task)
             self.request_close("revoked", CLOSE_UNAUTHENTICATED)
             return False
@@ -690,7 +691,7 @@ class Connection:
     async def _load_acts_for(self) -> None:
         with anyio.CancelScope(shield=True):  # never interrupt a query
             async with self.service.db_slots, self.service.ctx.engine.connect() as db:
-                self.acts_for = await _org_member_ids(db, self.principal)
+                self.acts_for = await org_member_ids(db, self.principal)
 
     # ------------------------------------------------------------------ frames
 
@@ -884,16 +885,6 @@ async def credential_live(conn: AsyncConnection, principal: Principal) -> bool:
         return True
     q = select(table.c.id).where(table.c.id == principal.subject_id, table.c.deleted_at.is_(None))
     return (await conn.execute(q)).first() is not None
-
-
-async def _org_member_ids(conn: AsyncConnection, principal: Principal) -> frozenset[str]:
-    """Ids of the live agents and users of the principal's org (an org key acts for them)."""
-    org_id = principal.org_id
-    q = union_all(
-        select(agents.c.id).where(agents.c.org_id == org_id, agents.c.deleted_at.is_(None)),
-        select(users.c.id).where(users.c.org_id == org_id, users.c.deleted_at.is_(None)),
-    )
-    return frozenset(r[0] for r in await conn.execute(q))
 
 
 # ------------------------------------------------------------------------------ service
