@@ -19,8 +19,10 @@ Phases (each on its own thread):
 2. latency: 10 subscribers; the posters offer ``--rate`` posts/s on a fixed schedule; each
    post carries its send time (``perf_counter_ns`` of this process) and each subscriber records
    send-to-receive time of every envelope. p50/p99/max over all deliveries.
-3. stalled subscriber: phase 2 again with one more subscriber that never reads (a socket with a
-   4 KiB receive buffer); the others' p99 with and without it.
+3. stalled subscriber: at ``--low-rate`` posts/s, windows with and without one more subscriber
+   that never reads (a socket with a 4 KiB receive buffer) alternate in ABBA order on one
+   thread with the same 10 subscribers; the others' latencies are pooled per condition and
+   their p99s compared (interleaving puts machine-load drift on both conditions alike).
 4. idle connections: opens ``--idle`` connections (each authenticates and joins one thread, then
    only answers pings), reads the server's VmRSS before and after (``/proc/<pid>/status``) and
    prints the delta per connection; then posts one message and times its delivery to all.
@@ -159,6 +161,8 @@ class Subscriber:
                         if self.timed:
                             now, wall = time.perf_counter_ns(), time.time()
                             env = json.loads(text)["envelope"]
+                            if env["type"] != "message":
+                                continue  # the thread.created replayed after the join
                             sent = int(env["content"].split(" ", 1)[0])
                             self.latencies_ms.append((now - sent) / 1e6)
                             stamped = datetime.fromisoformat(env["created_at"]).timestamp()
@@ -217,6 +221,74 @@ class Posters:
         )
 
 
+async def open_stalled(fx: Fixture, thread_id: str) -> ClientConnection:
+    """A subscriber of ``thread_id`` that never reads: a socket with a 4 KiB receive buffer and
+    ``max_queue=1`` (the client library stops reading the socket once one frame waits, and
+    nothing ever reads it, so the TCP window closes)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(fx.ws_url.split(":")[2].split("/")[0])))
+    ws = await fx.open(sock=sock, max_queue=1)
+    await join(ws, thread_id)
+    return ws
+
+
+async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -> dict[str, Any]:
+    """The stalled-subscriber comparison, interleaved: one thread, 10 timed subscribers and the
+    posters stay up while ``windows`` windows of ``window_s`` seconds alternate between clean
+    and "one more subscriber that never reads" in ABBA order (a fresh stalled connection
+    joins for each stalled window and is dropped after it). Latencies are pooled per condition,
+    so drift in the machine's load (other processes, fsync latency) falls on both alike,
+    which separate runs minutes apart did not give."""
+    thread_id = fx.new_thread("bench stalled")
+    subs = [Subscriber(await fx.open(), timed=True) for _ in range(10)]
+    for sub in subs:
+        await join(sub.ws, thread_id)
+    poster_conns = [await fx.open() for _ in range(POSTERS)]
+    posters = Posters(poster_conns, thread_id, fx.user_id)
+    pooled: dict[bool, dict[str, list[float]]] = {
+        c: {"post": [], "stamp": []} for c in (False, True)
+    }
+    disconnected_stalled = 0
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(sub.run()) for sub in subs]
+        tasks += [tg.create_task(posters.read_replies(i)) for i in range(len(poster_conns))]
+        for w in range(windows):
+            stalled = w % 4 in (1, 2)  # A B B A ...
+            stall_ws = await open_stalled(fx, thread_id) if stalled else None
+            marks = [(len(sub.latencies_ms), len(sub.fanout_ms)) for sub in subs]
+            for sub in subs:
+                sub.recording = True
+            start, sent = time.perf_counter(), 0
+            while (now := time.perf_counter()) < start + window_s:
+                due = int((now - start) * rate)
+                while sent < due:
+                    await posters.post()
+                    sent += 1
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.1)  # the last posts arrive
+            for sub, (n_lat, n_fan) in zip(subs, marks, strict=True):
+                sub.recording = False
+                pooled[stalled]["post"] += sub.latencies_ms[n_lat:]
+                pooled[stalled]["stamp"] += sub.fanout_ms[n_fan:]
+            if stall_ws is not None:
+                disconnected_stalled += stall_ws.close_code is not None
+                stall_ws.transport.abort()
+        for ws in [*poster_conns, *(sub.ws for sub in subs)]:
+            await ws.close()
+        for t in tasks:
+            t.cancel()
+    out: dict[str, Any] = {"windows": windows, "window_s": window_s, "rate": rate}
+    for stalled, name in ((False, "clean"), (True, "stalled")):
+        out[f"{name}_samples"] = len(pooled[stalled]["post"])
+        out[f"{name}_post_p99_ms"] = pct(pooled[stalled]["post"], 99)
+        out[f"{name}_stamp_p99_ms"] = pct(pooled[stalled]["stamp"], 99)
+    out["errors"] = len(posters.errors)
+    out["disconnected"] = sum(1 for sub in subs if sub.disconnect is not None)
+    out["stalled_closed_by_server"] = disconnected_stalled  # lagged within its window
+    return out
+
+
 async def run_phase(
     fx: Fixture,
     *,
@@ -232,15 +304,7 @@ async def run_phase(
     subs = [Subscriber(await fx.open(), timed) for _ in range(subscribers)]
     for s in subs:
         await join(s.ws, thread_id)
-    stall_ws: ClientConnection | None = None
-    if stalled:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", int(fx.ws_url.split(":")[2].split("/")[0])))
-        # max_queue=1: the client library stops reading the socket once one frame waits, and
-        # nothing ever reads it, so the TCP window closes
-        stall_ws = await fx.open(sock=sock, max_queue=1)
-        await join(stall_ws, thread_id)
+    stall_ws = await open_stalled(fx, thread_id) if stalled else None
     poster_conns = [await fx.open() for _ in range(POSTERS)]
     posters = Posters(poster_conns, thread_id, fx.user_id)
     cpu0 = cpu_seconds(fx.pid)
@@ -413,26 +477,22 @@ def throughput_phase(run: Callable[..., dict[str, Any]], figures: dict[str, Any]
 
 def latency_phase(
     run: Callable[..., dict[str, Any]],
+    fx: Fixture,
     figures: dict[str, Any],
     rate: float,
     low_rate: float,
     quick: bool,
 ) -> None:
-    print("\n2./3. latency, 10 subscribers; 'post->recv' = post frame sent -> envelope received,")
+    print("\n2. latency, 10 subscribers; 'post->recv' = post frame sent -> envelope received,")
     print("      'stamp->recv' = envelope stamped by the hub -> received (the fan-out alone)")
     print(
         f"   {'run':<28} {'posts/s':>8} {'post->recv p50/p99 ms':>22} "
         f"{'stamp->recv p50/p99 ms':>23}"
     )
-    runs: list[tuple[str, float, bool]] = [("10 subs", rate, False)]
-    # alternate clean and stalled runs: on a shared machine one pair is mostly noise
-    runs += [("10 subs", low_rate, False), ("10 subs + 1 stalled", low_rate, True)] * (
-        1 if quick else 4
-    )
     lat: dict[str, list[dict[str, Any]]] = {}
-    for name, offered, stalled in runs:
-        r = run(subscribers=10, rate=offered, timed=True, stalled=stalled)
-        key = f"{name} @ {offered:g}/s"
+    for offered in (rate, low_rate):
+        r = run(subscribers=10, rate=offered, timed=True)
+        key = f"10 subs @ {offered:g}/s"
         lat.setdefault(key, []).append(r)
         print(
             f"   {key:<28} {r['posts_per_s']:>8,.0f} "
@@ -446,18 +506,21 @@ def latency_phase(
         f"{full['p99_ms']:.2f} ms (target < {TARGET_P99_MS:g} ms at 1,000/s) "
         f"{mark(full['p99_ms'] < TARGET_P99_MS and full['posts_per_s'] >= 0.98 * 1000)}"
     )
-    clean_runs = lat[f"10 subs @ {low_rate:g}/s"]
-    stalled_runs = lat[f"10 subs + 1 stalled @ {low_rate:g}/s"]
-    for field_name, label in (("p99_ms", "post->recv"), ("fanout_p99_ms", "stamp->recv")):
-        clean = statistics.median(r[field_name] for r in clean_runs)
-        stalled_p99 = statistics.median(r[field_name] for r in stalled_runs)
+    windows, window_s = (8, 1.0) if quick else (24, 1.5)
+    st = asyncio.run(stall_phase(fx, low_rate, windows, window_s))
+    figures["stalled"] = st
+    print(
+        f"\n3. stalled subscriber at {low_rate:,.0f}/s: {windows} windows of {window_s:g} s, "
+        f"clean and stalled interleaved (ABBA), latencies pooled per condition"
+    )
+    for key, label in (("post", "post->recv"), ("stamp", "stamp->recv")):
+        clean, stalled_p99 = st[f"clean_{key}_p99_ms"], st[f"stalled_{key}_p99_ms"]
         delta = stalled_p99 / clean - 1
-        figures[f"stall_delta_{field_name}"] = delta
+        figures[f"stall_delta_{key}"] = delta
         print(
-            f"   at {low_rate:,.0f}/s a stalled subscriber changes the others' {label} p99 "
-            f"(median of {len(clean_runs)} runs each) by {delta:+.1%} ({clean:.2f} -> "
-            f"{stalled_p99:.2f} ms; target < {TARGET_STALL_DELTA:.0%}) "
-            f"{mark(abs(delta) < TARGET_STALL_DELTA)}"
+            f"   the others' {label} p99 {clean:.2f} -> {stalled_p99:.2f} ms "
+            f"({st['clean_samples']:,} / {st['stalled_samples']:,} deliveries): {delta:+.1%} "
+            f"(target < {TARGET_STALL_DELTA:.0%}) {mark(abs(delta) < TARGET_STALL_DELTA)}"
         )
 
 
@@ -525,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput" in phases:
                 throughput_phase(run, figures)
             if "latency" in phases:
-                latency_phase(run, figures, args.rate, args.low_rate, args.quick)
+                latency_phase(run, fx, figures, args.rate, args.low_rate, args.quick)
             if "idle" in phases:
                 idle_report(fx, figures, idle)
     finally:
