@@ -13,10 +13,22 @@ Design
   ``relist_seconds``: a thread that appears gets a follower, one that disappears (membership
   ended, routine paused) loses it, a thread whose set of agents changed gets a new one.
 - **Following a thread: long-poll REST.** One follower task per thread pages through
-  ``GET /threads/{id}/messages`` from ``after=0`` and then long-polls it (``wait=poll_wait``).
-  (Chosen over realtime rooms: the runner needs nothing but the REST surface, and a long-poll
-  survives server restarts without any session state.) Every message from somebody else,
-  committed after the agent's ``since``, is a trigger for the agent.
+  ``GET /threads/{id}/envelopes`` (every envelope the credential may read, not only messages)
+  from ``after=0`` and then long-polls it (``wait=poll_wait``). (Chosen over realtime rooms: the
+  runner needs nothing but the REST surface, and a long-poll survives server restarts without
+  any session state.)
+- **Triggers: the in-process runner's rule** (:func:`~agent_network.runtime.protocol.
+  turn_takers`; the server checks it exactly when the trigger is claimed,
+  :func:`~agent_network.services.claims.trigger_refusal`). Only envelopes committed after the
+  agent's ``since`` whose ``audience`` admits the agent count. In a thread without a protocol
+  (its ``thread.created`` names no participants) a message from somebody else triggers the
+  agent. In a protocol thread the runner has no exact fold (its reads are audience-filtered),
+  so every envelope that may give a participant agent its turn is a candidate — a message (also
+  the agent's own: a workflow ``stay``), the ``thread.created``/``thread.ack`` that activates a
+  thread whose first speaker is the agent, a ``context.set``, a budget change; not
+  ``thread.closing``/``thread.closed``/``thread.reject`` — except one followed by a newer
+  message (the turn follows the latest message). The claim then tells: a candidate that does not
+  make the agent the expected speaker is refused (422) and dropped without a model call.
 - **Catch-up is durable, derived from the server, not local state.** On (re)start a follower
   reads the thread's whole history first; a trigger is skipped when the WAL already holds the
   agent's reply to it (a message from the agent with that ``causation_id``) or when its claim is
@@ -29,14 +41,32 @@ Design
   already, or refused by the server's checks before a model call (closed thread, spent budget,
   the agent's rule) — drop it. After replying (or deciding not to) the runner completes the
   claim (``POST /claims/complete``).
-- **The reply** is built exactly as in the in-process runner: :func:`~agent_network.runtime.
-  prompt.build_prompt` over the last ``history_limit`` messages up to the trigger and the best
-  ``knowledge_chunks`` chunks of ``GET /knowledge/search`` (skipped when the credential may not
-  read knowledge, e.g. an agent token), then :func:`~agent_network.runtime.runner.generate_reply`
-  with the agent's model resolved locally (``default_model`` for agents without one; ``test``
-  works). It is posted with ``causation_id`` = the trigger and ``idempotency_key`` =
-  ``reply:<agent>:<trigger>``, which the server stores exactly as the in-process runner's key, so
-  two runners can never store two replies to one trigger, whatever happens to claims.
+- **The reply** is built as in the in-process runner: :func:`~agent_network.runtime.
+  prompt.build_prompt` over the last ``history_limit`` messages up to the trigger that the agent
+  may see (audience), the protocol notes (adapter, participants, a workflow's context) and the
+  best ``knowledge_chunks`` chunks of ``GET /knowledge/search`` (skipped when the credential may
+  not read knowledge, e.g. an agent token), then :func:`~agent_network.runtime.runner.
+  generate_reply` with the agent's model resolved locally (``default_model`` for agents without
+  one; ``test`` works). A trigger that is not a message (the agent opens the thread, or resumes
+  after a context change) is answered from the history before it (none: the thread's first
+  message, prompted with the title). The reply is posted with ``causation_id`` = the trigger
+  (any envelope of the thread) and ``idempotency_key`` = ``reply:<agent>:<trigger>``, which the
+  server stores exactly as the in-process runner's key, so two runners can never store two
+  replies to one trigger, whatever happens to claims.
+- **Protocol threads** (see ``runtime/runner.py`` for the whole behaviour). Before the model call
+  the runner reads ``GET /threads/{id}`` and asks
+  :func:`~agent_network.runtime.protocol.thread_may_speak` (``status``, ``participants``,
+  ``expected_speaker``, ``pending_acks``, budget): when the agent may not speak, no model is
+  called and the trigger is completed (logged as ``runner.not_your_turn``). A trigger is
+  dropped when a newer message exists (the agent already spoke, or the turn moved on). One
+  agent's turns in one protocol thread run one at a time in this runner. The check is repeated
+  right before the post. The reply's ``audience`` is the trigger's audience plus its sender,
+  minus the agent (:func:`~agent_network.runtime.protocol.reply_audience`; none when the
+  trigger had none). In a workflow the agent gets the graph's tools from
+  ``GET /threads/{id}/tools?agent_id=`` (falling back to the thread's ``thread.created``
+  envelope, :func:`~agent_network.runtime.protocol.graph_tools`, when the server has no such
+  endpoint) and a generic ``handoff`` to the other participants, as pydantic-ai tools and as
+  the ``[tool: argument]`` text convention; the calls are posted as ``tool_calls``.
 - **Failures.** Connection errors and 502/503/504 answers are retried with jittered exponential
   backoff (up to ``max_backoff`` seconds), indefinitely: a restarting server is waited for, and
   the idempotent reply key makes a retried post safe. A refused post (closed thread, budget,
@@ -53,10 +83,12 @@ server's own checks at claim time are audited there).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -66,6 +98,14 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from agent_network.adapters.graph import ToolSpec
+from agent_network.adapters.model import (
+    EV_MESSAGE,
+    EV_THREAD_CLOSED,
+    EV_THREAD_CLOSING,
+    EV_THREAD_CREATED,
+    EV_THREAD_REJECT,
+)
 from agent_network.client import (
     ApiError,
     Assignment,
@@ -79,6 +119,13 @@ from agent_network.client import (
 from agent_network.errors import AgentNetworkError
 from agent_network.runtime.models import resolve_model_name
 from agent_network.runtime.prompt import build_prompt
+from agent_network.runtime.protocol import (
+    ToolBox,
+    graph_tools,
+    participant_id,
+    reply_audience,
+    thread_may_speak,
+)
 from agent_network.runtime.runner import generate_reply, new_runner_id
 from agent_network.services.claims import reply_key
 
@@ -114,13 +161,54 @@ class ThreadPlan:
 
 @dataclass(frozen=True, slots=True)
 class RemoteJob:
-    """One agent answering one trigger, with the messages up to it (oldest first)."""
+    """One agent answering one trigger envelope, with the messages up to it that the agent may
+    see (``(name, org name, content)``, oldest first). ``protocol``: the thread names
+    participants (its ``thread.created`` does)."""
 
     agent: AgentCard
     thread_id: str
     title: str
     trigger: Envelope
     history: tuple[tuple[str, str, str], ...]
+    protocol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """A message kept for prompts: who may see it, and its prompt line."""
+
+    sender_id: str
+    audience: tuple[str, ...] | None
+    line: tuple[str, str, str]
+
+    def visible_to(self, agent_id: str) -> bool:
+        return self.audience is None or agent_id == self.sender_id or agent_id in self.audience
+
+
+NEVER_TRIGGERS = frozenset({EV_THREAD_CLOSING, EV_THREAD_CLOSED, EV_THREAD_REJECT})
+"""Envelope types after which nobody is the expected speaker (the thread stops being live)."""
+
+
+def may_trigger(env: Envelope, agent_id: str, *, protocol: bool) -> bool:
+    """The runner's local filter (the server decides exactly at claim time): ``env`` is visible
+    to the agent (``audience``) and, in a thread without a protocol, a message from somebody
+    else; in a protocol thread any envelope but one that ends the thread."""
+    if env.audience is not None and agent_id != env.sender.id and agent_id not in env.audience:
+        return False
+    if not protocol:
+        return env.type == EV_MESSAGE and env.sender.id != agent_id
+    return env.type not in NEVER_TRIGGERS
+
+
+def context_line(context: Mapping[str, Any] | None) -> str | None:
+    """The prompt line of a workflow's context (as the in-process runner writes it)."""
+    if not context:
+        return None
+    shown = ", ".join(
+        f"{k}={json.dumps(v, sort_keys=True, separators=(',', ':'), ensure_ascii=False)}"
+        for k, v in sorted(context.items())
+    )
+    return f"Workflow context: {shown}"
 
 
 def _when(value: Any) -> datetime:
@@ -191,6 +279,9 @@ class RemoteRunner:
         self._known: set[tuple[str, str]] = set()  # (agent_id, trigger id) seen by this process
         self._followers: dict[str, tuple[ThreadPlan, anyio.CancelScope]] = {}
         self._knowledge_readable = knowledge_chunks > 0
+        self._created: dict[str, dict[str, Any]] = {}  # thread id -> thread.created data
+        # (agent_id, thread_id) -> lock: one agent's turns in one protocol thread, one at a time
+        self._turn_locks: dict[tuple[str, str], anyio.Lock] = {}
         self._tg: TaskGroup | None = None
 
     # ----------------------------------------------------------------- running
@@ -245,37 +336,75 @@ class RemoteRunner:
         for agent, _ in plan.agents:
             done[agent.id] = await self._done(agent.id, tid)
         ours = {a.id for a, _ in plan.agents}
-        history: deque[tuple[str, str, str]] = deque(maxlen=self.history_limit)
+        # messages for prompts; more than history_limit, as each agent sees only its audience
+        seen: deque[_Seen] = deque(maxlen=self.history_limit * 4)
         answered: set[tuple[str, str]] = set()
         backlog: list[RemoteJob] = []
+        protocol = False
+        last_message = 0  # seq of the latest message read
         after, live = 0, False
         while True:
-            page = await self._page(tid, after, self.poll_wait if live else 0.0)
+            wait = self.poll_wait if live else 0.0
+            started = anyio.current_time()
+            page = await self._page(tid, after, wait)
+            found: list[RemoteJob] = []
             for env in page.items:
-                history.append((env.sender.name, env.sender.org_name or "", env.content or ""))
-                if env.sender.id in ours and env.causation_id:
-                    answered.add((env.sender.id, env.causation_id))
+                if env.type == EV_THREAD_CREATED:
+                    self._created[tid] = dict(env.data)
+                    protocol = bool(env.data.get("participants"))
+                if env.type == EV_MESSAGE:
+                    last_message = env.seq
+                    audience = tuple(env.audience) if env.audience is not None else None
+                    line = (env.sender.name, env.sender.org_name or "", env.content or "")
+                    seen.append(_Seen(env.sender.id, audience, line))
+                    if env.sender.id in ours and env.causation_id:
+                        answered.add((env.sender.id, env.causation_id))
                 for agent, since in plan.agents:
-                    if env.sender.id == agent.id or env.created_at <= since:
+                    if env.created_at <= since or env.seq in done[agent.id]:
                         continue
-                    if env.seq in done[agent.id]:
+                    if not may_trigger(env, agent.id, protocol=protocol):
                         continue
-                    job = RemoteJob(agent, tid, plan.title, env, tuple(history))
-                    if live:
-                        await self._enqueue(job)
-                    else:
-                        backlog.append(job)
+                    history = [m.line for m in seen if m.visible_to(agent.id)]
+                    found.append(
+                        RemoteJob(
+                            agent,
+                            tid,
+                            plan.title,
+                            env,
+                            tuple(history[-self.history_limit :]),
+                            protocol,
+                        )
+                    )
+            if live:
+                for job in self._latest(found, last_message):
+                    await self._enqueue(job)
+            else:
+                backlog.extend(found)
             if not live and page.next_after == after:
-                for job in backlog:
+                for job in self._latest(backlog, last_message):
                     if (job.agent.id, job.trigger.id) not in answered:
                         await self._enqueue(job)
                 backlog.clear()
                 live = True
+            elif (
+                live
+                and page.next_after == after
+                and (wait == 0 or anyio.current_time() - started < wait / 2)
+            ):
+                # no long-poll (poll_wait 0, or a server that answers at once): do not spin
+                await anyio.sleep(min(max(wait, 0.1), 1.0))
             after = page.next_after
+
+    @staticmethod
+    def _latest(jobs: list[RemoteJob], last_message: int) -> list[RemoteJob]:
+        """``jobs`` without the protocol-thread triggers older than the latest message
+        ``last_message`` (the turn follows the latest message; :meth:`_answer` would drop
+        them)."""
+        return [j for j in jobs if not j.protocol or j.trigger.seq >= last_message]
 
     async def _page(self, thread_id: str, after: int, wait: float) -> EnvelopePage:
         return await self._retrying(
-            lambda: self.client.threads.messages(thread_id, after=after, limit=PAGE, wait=wait)
+            lambda: self.client.threads.envelopes(thread_id, after=after, limit=PAGE, wait=wait)
         )
 
     async def _done(self, agent_id: str, thread_id: str) -> set[int]:
@@ -323,7 +452,8 @@ class RemoteRunner:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_claim, job)
             try:
-                await self._answer(job)
+                async with self._turn(job):
+                    await self._answer(job)
             except Exception as exc:
                 error = exc
             tg.cancel_scope.cancel()
@@ -357,9 +487,115 @@ class RemoteRunner:
             except (ApiError, TransportError) as err:
                 log.warning("runner.renew_failed", error=str(err))
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, job: RemoteJob) -> AsyncIterator[None]:
+        """Hold the (agent, thread) lock of a protocol thread while the job runs (an open
+        thread's jobs run freely)."""
+        if not job.protocol:
+            yield
+            return
+        key = (job.agent.id, job.thread_id)
+        lock = self._turn_locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._turn_locks.pop(key, None)
+
+    async def _thread_view(self, thread_id: str) -> dict[str, Any]:
+        """``GET /threads/{id}`` as a plain dict (with the fields a newer server adds)."""
+        thread = await self._retrying(lambda: self.client.threads.get(thread_id))
+        return thread.model_dump(mode="json")
+
+    async def _tools(self, job: RemoteJob, view: Mapping[str, Any]) -> ToolBox:
+        """The workflow tools of the job's agent now: the graph's from
+        ``GET /threads/{id}/tools?agent_id=``, plus a generic ``handoff`` to the other
+        participants (``view`` is ``GET /threads/{id}``). A server without that endpoint: the
+        tools read from the thread's ``thread.created`` envelope."""
+        agent_id = job.agent.id
+        try:
+            found = await self._retrying(
+                lambda: self.client.threads.tools(job.thread_id, agent_id=agent_id)
+            )
+        except ApiError as err:
+            created = self._created.get(job.thread_id, {})
+            log.info("runner.tools_from_created", thread_id=job.thread_id, error=str(err))
+            return graph_tools(created, agent_id)
+        specs = tuple(
+            ToolSpec(
+                t.name,
+                t.description,
+                tuple(t.speakers) if t.speakers is not None else None,
+                t.handoff,
+                t.finish,
+            )
+            for t in found
+        )
+        people = [
+            (participant_id(p), str(p.get("name") or "") if isinstance(p, Mapping) else "")
+            for p in view.get("participants") or []
+        ]
+        ids = {pid for pid, _ in people}
+        knob = self._created.get(job.thread_id, {}).get("names")
+        names: dict[str, str] = dict(knob) if isinstance(knob, Mapping) else {}
+        names.update({name: pid for pid, name in people if name})
+
+        def resolve(who: str) -> str | None:
+            if who in ids:
+                return who
+            pid = names.get(who)
+            return pid if pid in ids else None
+
+        targets = tuple(name or pid for pid, name in people if pid != agent_id)
+        return ToolBox(specs, targets, resolve)
+
+    async def _newer_message(self, job: RemoteJob) -> bool:
+        """True when a message newer than the trigger exists (a protocol thread's turn follows
+        the latest message: the agent already spoke, or it answers that one instead)."""
+        page = await self._retrying(
+            lambda: self.client.threads.messages(
+                job.thread_id, after=job.trigger.seq, limit=PAGE, wait=0.0
+            )
+        )
+        return bool(page.items)
+
+    @staticmethod
+    def _protocol_notes(view: Mapping[str, Any], agent_id: str) -> list[str]:
+        """Prompt lines about the thread's protocol for the agent whose turn it is (as the
+        in-process runner writes them): the adapter and the other participants, a workflow's
+        context. [] for an open thread."""
+        adapter = view.get("adapter") or "open"
+        if adapter == "open":
+            return []
+        others = ", ".join(
+            str(p.get("name") or p.get("id")) if isinstance(p, Mapping) else participant_id(p)
+            for p in view.get("participants") or []
+            if participant_id(p) != agent_id
+        )
+        lines = [f"This is a {adapter} thread with {others}; it is your turn to speak."]
+        context = context_line(view.get("context"))
+        if context is not None:
+            lines.append(context)
+        return lines
+
     async def _answer(self, job: RemoteJob) -> None:
         agent, trigger = job.agent, job.trigger
         key = reply_key(agent.id, trigger.id)
+        if job.protocol and await self._newer_message(job):
+            log.debug("runner.superseded", agent_id=agent.id, trigger_id=trigger.id)
+            return
+        view = await self._thread_view(job.thread_id)
+        if not thread_may_speak(view, agent.id):
+            log.info(
+                "runner.not_your_turn",
+                agent_id=agent.id,
+                trigger_id=trigger.id,
+                expected=view.get("expected_speaker"),
+                status=view.get("status"),
+            )
+            return
+        tools = await self._tools(job, view) if view.get("adapter") == "workflow" else None
         prompt = build_prompt(
             agent_name=agent.name,
             org_name=agent.org_name,
@@ -367,30 +603,51 @@ class RemoteRunner:
             thread_title=job.title,
             history=list(job.history),
             knowledge=await self._knowledge(job),
+            notes=[
+                *(self._protocol_notes(view, agent.id) if job.protocol else ()),
+                *(tools.prompt_lines() if tools else ()),
+            ],
         )
         model_name = resolve_model_name(agent.model, self.default_model)
         try:
-            reply = await generate_reply(
+            answer = await generate_reply(
                 model_name=model_name,
                 prompt=prompt,
                 speaker_name=agent.name,
                 other_names=sorted({n for n, _, _ in job.history if n != agent.name}),
                 seed_key=key,
+                tools=tools or None,
             )
         except AgentNetworkError as err:
             log.warning("runner.model_failed", agent_id=agent.id, error=f"{err.code}: {err}")
             return
-        if not reply:
+        if not answer.content:
             log.warning("runner.empty_reply", agent_id=agent.id, trigger_id=trigger.id)
             return
+        view = await self._thread_view(job.thread_id)
+        if not thread_may_speak(view, agent.id):  # the thread moved while the model ran
+            log.info("runner.not_your_turn", agent_id=agent.id, trigger_id=trigger.id)
+            return
+        extra: dict[str, Any] = {}
+        if answer.tool_calls:
+            extra["tool_calls"] = answer.tool_calls
+        audience = reply_audience(
+            trigger.audience,
+            (trigger.sender.kind, trigger.sender.id),
+            agent.id,
+            [participant_id(p) for p in view.get("participants") or []] if job.protocol else [],
+        )
+        if audience is not None:
+            extra["audience"] = audience
         try:
             await self._retrying(
                 lambda: self.client.threads.post(
                     job.thread_id,
-                    reply,
+                    answer.content,
                     agent_id=agent.id,
                     idempotency_key=key,
                     causation_id=trigger.id,
+                    **extra,
                 )
             )
         except ApiError as err:
@@ -404,7 +661,8 @@ class RemoteRunner:
         """Best chunks of the agent's org knowledge for the trigger; [] when not readable."""
         if not self._knowledge_readable:
             return []
-        query = (job.trigger.content or "")[:1000]
+        query = job.trigger.content or (job.history[-1][2] if job.history else job.title)
+        query = query[:1000]
         try:
             hits = await self._retrying(
                 lambda: self.client.knowledge.search(

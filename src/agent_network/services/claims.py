@@ -13,6 +13,14 @@ Before a claim is granted the same checks run as in the in-process runner before
 (:func:`preflight`): the thread is open, the runaway budget is not spent, the agent's rule lets it
 send there and admits the trigger's sender (``inbound_from``). A trigger refused by them is
 marked done (audited like in the in-process runner) and answered with ``claim_done``.
+
+What may be claimed is the runners' trigger rule (:func:`trigger_refusal`): in a thread without a
+protocol a message from somebody else; in a protocol thread any envelope after which the agent is
+the expected speaker (the ``thread.created``/``thread.ack`` that activates a thread whose first
+speaker is the agent, a ``context.set``, a Handoff naming it, the previous speaker's message), or
+where anyone may speak a message of another participant. The rule is decided on the thread's
+state right after the trigger, so it never changes: a claim that was valid stays valid to renew
+and complete.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from agent_network.adapters.model import LIVE_STATUSES
 from agent_network.errors import (
     ConflictError,
     InvalidRequestError,
@@ -32,7 +41,7 @@ from agent_network.errors import (
     PermissionDeniedError,
     RunawayBudgetError,
 )
-from agent_network.hub import EV_MESSAGE
+from agent_network.hub import EV_MESSAGE, ThreadState, fold
 from agent_network.model.envelope import Envelope
 from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
@@ -93,6 +102,46 @@ def stored_key(sender_kind: str, sender_id: str, key: str, causation_id: str | N
     ):
         return key
     return f"{sender_id}:{key}"
+
+
+def trigger_refusal(state_after: ThreadState, env: Envelope, agent_id: str) -> str | None:
+    """Why ``env`` is not a trigger for the agent ``agent_id``, or None when it is.
+
+    ``state_after`` is the thread's state folded up to and including ``env`` (for a thread
+    without a participant list any state of the thread will do: only its empty ``participants``
+    is read). The rule is the runners' (:func:`~agent_network.runtime.protocol.turn_takers`):
+    an envelope whose audience excludes the agent never triggers it; in a thread without a
+    protocol only a ``message`` from somebody else does; in a protocol thread any envelope
+    (a message, ``thread.created``/``thread.ack``, ``context.set``, a Handoff, also one the
+    agent sent itself) after which the agent is the expected speaker, or — where anyone may
+    speak — a message of another participant.
+    """
+    # (imported here: runtime.protocol imports the services package, which imports this module)
+    from agent_network.runtime.protocol import turn_takers, visible_to
+
+    if not visible_to(agent_id, env):
+        return "its audience does not include the agent"
+    if not state_after.participants:
+        if env.type != EV_MESSAGE:
+            return (
+                f"it is a {env.type!r} envelope; in a thread without a protocol only messages "
+                "trigger an agent"
+            )
+        if env.sender_id == agent_id:
+            return "it was sent by the agent itself"
+        return None
+    if agent_id in turn_takers(state_after, env, [agent_id]):
+        return None
+    if agent_id not in state_after.participant_ids:
+        return "the agent is not a participant of this protocol thread"
+    if state_after.status not in LIVE_STATUSES:
+        return f"the thread is {state_after.status} after it"
+    expected = state_after.expected_speaker
+    if expected is not None:
+        return f"after it the turn is {expected!r}'s, not the agent's"
+    if env.type != EV_MESSAGE:
+        return f"it is a {env.type!r} envelope and nobody in particular speaks next"
+    return "it gives the agent no turn (sent by the agent itself, or not admitted to speak)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,17 +293,26 @@ class ClaimService:
             )
         return agent, thread
 
-    @staticmethod
-    async def _trigger(conn: AsyncConnection, thread_id: str, seq: int, agent_id: str) -> Envelope:
+    async def _trigger(
+        self, conn: AsyncConnection, thread_id: str, seq: int, agent_id: str
+    ) -> Envelope:
+        """The envelope ``seq`` of ``thread_id`` if it triggers ``agent_id`` (the rule of both
+        runners, see :func:`trigger_refusal`); InvalidRequestError naming why not otherwise."""
         found = await read_envelopes(conn, thread_id, after=seq - 1, limit=1)
-        if not found or found[0].seq != seq or found[0].type != EV_MESSAGE:
+        if not found or found[0].seq != seq:
             raise InvalidRequestError(
-                f"trigger_seq {seq} is not a message of thread {thread_id!r}; claim the seq of a "
-                "message envelope"
+                f"trigger_seq {seq} is not an envelope of thread {thread_id!r}; claim the seq "
+                "of an envelope that gives the agent its turn"
             )
-        if found[0].sender_id == agent_id:
-            raise InvalidRequestError(f"trigger_seq {seq} was sent by the agent itself")
-        return found[0]
+        env = found[0]
+        state = await self.ctx.hub.state(thread_id)
+        if state.participants and state.last_seq != seq:
+            # the thread's state right after the trigger (the WAL never changes below last_seq)
+            state = fold(thread_id, await read_envelopes(conn, thread_id, after=0, limit=seq))
+        why = trigger_refusal(state, env, agent_id)
+        if why is not None:
+            raise InvalidRequestError(f"trigger_seq {seq} does not trigger the agent: {why}")
+        return env
 
     @staticmethod
     def _check(runner_id: str, trigger_seq: int, lease_seconds: float | None = None) -> None:
@@ -285,7 +343,8 @@ class ClaimService:
 
         Raises NotFoundError (agent or thread outside the caller's scope), PermissionDeniedError
         (the agent does not take part in the thread), InvalidRequestError (bad runner id or
-        lease, or ``trigger_seq`` is not a message from somebody else), ClaimHeldError (another
+        lease, or ``trigger_seq`` is no envelope of the thread or does not trigger the agent:
+        :func:`trigger_refusal`, named in the message), ClaimHeldError (another
         runner's lease is live; ``details``: ``runner_id``, ``expires_at``, ``retry_after``
         seconds) and ClaimDoneError (already done, or refused now by the checks before a model
         call — then marked done and audited; ``details.reason`` says which).
@@ -445,9 +504,13 @@ class ClaimService:
             )
 
     async def _refusal(self, agent: Any, thread: Any, trigger: Envelope) -> Refusal | None:
+        """The checks before a model call; ``inbound_from`` applies to a message trigger only
+        (an ack or a context change is not a message to the agent, as in-process)."""
         async with self.ctx.engine.connect() as conn:
             sender_name, sender_org = await _sender_of(conn, trigger)
-            if not RuleService.inbound_allows(parse_rule(agent["rule"]), sender_name, sender_org):
+            if trigger.type == EV_MESSAGE and not RuleService.inbound_allows(
+                parse_rule(agent["rule"]), sender_name, sender_org
+            ):
                 return Refusal(
                     "rule.refused",
                     f"{RuleViolationError.code}: inbound_from does not admit {sender_name!r} "

@@ -21,7 +21,14 @@ router = APIRouter(tags=["runners"])
 class ClaimTarget(Body):
     agent_id: str = Field(min_length=1, max_length=40)
     thread_id: str = Field(min_length=1, max_length=40)
-    trigger_seq: int = Field(ge=1, le=2**62, description="seq of the message envelope to answer")
+    trigger_seq: int = Field(
+        ge=1,
+        le=2**62,
+        description=(
+            "seq of the envelope to answer (a message, or in a protocol thread any envelope "
+            "that makes the agent the expected speaker)"
+        ),
+    )
     runner_id: str = Field(min_length=1, max_length=MAX_RUNNER_ID)
 
 
