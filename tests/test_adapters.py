@@ -402,9 +402,16 @@ async def test_discussion_round_robin_starts_with_the_creator_and_wraps(db: Path
 async def test_discussion_with_an_explicit_order(db: Path) -> None:
     async with running_hub(db) as hub:
         tid, _ = await open_thread(
-            hub, "discussion", ALICE, BOB, CAROL, order=[CAROL.id, ALICE.id, BOB.id]
+            hub,
+            "discussion",
+            ALICE,
+            BOB,
+            CAROL,
+            order=[CAROL.id, ALICE.id, BOB.id],
+            names={"carol": CAROL.id},
         )
-        await refused_message(hub, tid, ALICE, NotYourTurnError)
+        msg = await refused_message(hub, tid, ALICE, NotYourTurnError)
+        assert f"carol ({CAROL.id})'s turn" in msg  # named where the thread names it
         for speaker in (CAROL, ALICE, BOB, CAROL):
             await say(hub, tid, speaker)
         assert (await consistent(hub, tid)).expected_speaker == ALICE.id
@@ -459,6 +466,7 @@ async def test_a_rejection_closes_the_thread(db: Path) -> None:
         reject = await hub.append(tid, type=EV_THREAD_REJECT, data={"reason": "busy"}, sender=BOB)
         state = await consistent(hub, tid)
         assert (state.status, state.close_reason) == ("closing", "invite_rejected")
+        assert who(BOB) not in state.pending_acks  # Bob answered (no)
         written = await hub.sweep(epoch(reject.created_at) + 10**6)
         # closing is finished; the ack timeout no longer applies
         assert [(e.type, e.data["reason"]) for e in written] == [

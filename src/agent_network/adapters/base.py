@@ -156,3 +156,12 @@ def get_adapter(name: str) -> Adapter:
 def adapter_names() -> list[str]:
     """Names of every registered adapter, sorted."""
     return sorted(_REGISTRY)
+
+
+def speaker_label(state: ThreadState, participant_id: str) -> str:
+    """``participant_id`` as a reader of an error message knows it: ``"Name (id)"`` when the
+    thread's ``names`` knob names it (the first such name), else the id alone."""
+    for name, pid in state.knobs.names:
+        if pid == participant_id:
+            return f"{name} ({participant_id})"
+    return participant_id

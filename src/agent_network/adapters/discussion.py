@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter
+from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter, speaker_label
 from agent_network.adapters.model import EV_MESSAGE, OpenRequest
 from agent_network.errors import InvalidRequestError, NotYourTurnError
 
@@ -73,7 +73,8 @@ class DiscussionAdapter(BaseAdapter):
         if proposal.type == EV_MESSAGE:
             expected = self.expected_speaker(state)
             if proposal.sender.id != expected:
-                raise NotYourTurnError(f"discussion: it is {expected}'s turn (round-robin)")
+                turn = speaker_label(state, str(expected))
+                raise NotYourTurnError(f"discussion: it is {turn}'s turn (round-robin)")
 
     def apply(self, state: ThreadState, env: Envelope) -> ThreadState:
         """Each message passes the turn to the next in the order."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter
+from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter, speaker_label
 from agent_network.adapters.graph import (
     GraphError,
     Terminated,
@@ -124,7 +124,8 @@ class WorkflowAdapter(BaseAdapter):
             return
         ws = _workflow(state)
         if proposal.sender.id != ws.expected:
-            raise NotYourTurnError(f"workflow: it is {ws.expected}'s turn")
+            turn = speaker_label(state, str(ws.expected))
+            raise NotYourTurnError(f"workflow: it is {turn}'s turn")
         self._route(state, proposal.sender.id, proposal.data)
 
     def apply(self, state: ThreadState, env: Envelope) -> ThreadState:

@@ -137,7 +137,9 @@ def step(state: ThreadState, env: Envelope) -> ThreadState:
             s = replace(s, agent_budget=int(env.data["agent_budget"]))
         elif kind == EV_THREAD_ACK:
             s = _ack(s, env)
-        elif kind == EV_THREAD_REJECT:
+        elif kind == EV_THREAD_REJECT:  # the rejecter has answered: no longer pending
+            rejecter = (env.sender_kind, env.sender_id)
+            s = replace(s, pending_acks=tuple(p for p in s.pending_acks if p != rejecter))
             s = begin_closing(s, REASON_INVITE_REJECTED, env)
         elif kind == EV_THREAD_CLOSING:
             s = begin_closing(s, str(env.data.get("reason") or REASON_CLOSED), env)
