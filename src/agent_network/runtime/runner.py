@@ -1,4 +1,5 @@
-"""The in-process runner: executes ``participate`` routines for the agents of every org.
+"""The in-process runner: executes ``participate`` and ``triage`` routines for the agents of every
+org.
 
 For each trigger envelope, every active participate routine whose agent it triggers gets a job:
 claim the trigger (a lease in ``runner_claims``, shared with remote runners:
@@ -58,6 +59,20 @@ any thread with a participant list):
   ``data={"content": ..., "tool_calls": [tool_call(name, result, args=...), ...]}``, which the
   workflow adapter routes on. A reply that is only a tag gets a short content naming the tool
   (``"Approve."``).
+
+Triage routines (hub-and-spoke; the pure parts are in :mod:`agent_network.runtime.triage`):
+
+- **Requests.** A ``message`` in one of the routine's ``intake`` threads, from somebody other
+  than the agent, that is not a forward or reply of any triage agent (``data["triage"]``) and
+  that the agent may see. Where an agent has both routines, its triage routine takes the
+  intake requests (its participate routine answers everything else). Jobs, claims, cursors and
+  catch-up are those of participate (:func:`triage_participations` lists the intake threads).
+- **Handling** (:meth:`Runner._triage`): the participate checks (preflight, may it speak), then
+  classify (the model's first label, else keywords, else the fallback), check the route thread,
+  apply the egress policy to the forwarded text and count it against the rate, forward it
+  (``triage:<agent>:<request>``), and reply in intake (``reply:<agent>:<request>``). A forward
+  already stored (a runner stopped in between) is completed with the reply only, without a
+  model call. The remote runner (``runtime/remote.py``) runs participate routines only.
 """
 
 from __future__ import annotations
@@ -81,6 +96,7 @@ from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.settings import ModelSettings
 from sqlalchemy import exists, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.adapters.base import Proposal
 from agent_network.adapters.lifecycle import admit, may_speak
@@ -88,6 +104,7 @@ from agent_network.adapters.model import LIVE_STATUSES
 from agent_network.adapters.workflow import WorkflowState
 from agent_network.errors import (
     AgentNetworkError,
+    InvalidRequestError,
     NotYourTurnError,
     ProtocolViolationError,
     RunawayBudgetError,
@@ -106,8 +123,27 @@ from agent_network.runtime.protocol import (
     turn_takers,
     visible_to,
 )
+from agent_network.runtime.triage import (
+    MARKER,
+    TriageConfig,
+    classification_prompt,
+    decide,
+    forward_content,
+    forward_key,
+    is_triage_output,
+    marker,
+    parse_config,
+    reply_content,
+    unroutable_content,
+)
 from agent_network.services.base import ServiceContext
-from agent_network.services.claims import agent_in_thread, participations, preflight, reply_key
+from agent_network.services.claims import (
+    Refusal,
+    agent_in_thread,
+    participations,
+    preflight,
+    reply_key,
+)
 from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.policy import EgressRefusedError, apply_egress, load_egress_policy
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
@@ -142,17 +178,21 @@ CLAIM_LEASE = 60.0  # seconds a claim of the in-process runner lasts unless rene
 RETRY_MARGIN = 0.2  # seconds after another runner's lease expires before trying to take over
 DISPATCH_RETRIES = 8  # looks for a protocol thread's rows committed just after its envelope
 STATE_CACHE = 1024  # protocol threads whose folded state (at the last dispatch) is kept
+CLASSIFY_MAX_TOKENS = 16  # tokens of a triage model's answer (a label)
+PRESETS = ("participate", "triage")  # the routine presets this runner executes
 
 __all__ = ["Job", "Reply", "Runner", "generate_reply", "new_runner_id", "reply_key"]
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One agent answering one trigger envelope."""
+    """One agent answering one trigger envelope, by its routine's ``preset`` (``participate``
+    or ``triage``)."""
 
     agent_id: str
     routine_id: str
     trigger: Envelope
+    preset: str = "participate"
 
 
 def new_runner_id(kind: str) -> str:
@@ -231,6 +271,53 @@ async def generate_reply(
         if reply:
             return Reply(reply, calls)
     return Reply("", [])
+
+
+async def triage_participations(conn: AsyncConnection) -> list[tuple[str, str, str]]:
+    """``(agent_id, thread_id, since)`` for every intake thread of an active ``triage`` routine
+    whose agent takes part in it (a member of its team/network; a participant if restricted) —
+    what :func:`~agent_network.services.claims.participations` is for participate routines.
+    ``since`` (ISO time) is when both the routine and the membership existed."""
+    intake: dict[str, set[str]] = {}  # thread id -> agents whose triage routine watches it
+    created: dict[tuple[str, str], str] = {}  # (agent, thread) -> when its routine was created
+    q_routines = select(routines.c.agent_id, routines.c.config, routines.c.created_at).where(
+        routines.c.status == "active", routines.c.preset_name == "triage"
+    )
+    for agent_id, raw, routine_at in await conn.execute(q_routines):
+        try:
+            config = parse_config(raw)
+        except InvalidRequestError:
+            continue
+        for thread_id in config.intake:
+            intake.setdefault(thread_id, set()).add(agent_id)
+            key = (agent_id, thread_id)
+            created[key] = min(created.get(key, routine_at), routine_at)
+    if not intake:
+        return []
+    q = (
+        select(members.c.member_id, threads.c.id, members.c.created_at)
+        .join(threads, threads.c.team_id == members.c.team_id)
+        .join(agents, agents.c.id == members.c.member_id)
+        .where(
+            members.c.member_kind == "agent",
+            members.c.member_id.in_(sorted({a for ids in intake.values() for a in ids})),
+            threads.c.id.in_(sorted(intake)),
+            agents.c.deleted_at.is_(None),
+            threads.c.deleted_at.is_(None),
+            (threads.c.visibility == "members")
+            | exists().where(
+                (thread_participants.c.thread_id == threads.c.id)
+                & (thread_participants.c.member_kind == "agent")
+                & (thread_participants.c.member_id == members.c.member_id)
+            ),
+        )
+    )
+    out = [
+        (agent_id, thread_id, max(created[(agent_id, thread_id)], member_at))
+        for agent_id, thread_id, member_at in await conn.execute(q)
+        if agent_id in intake[thread_id]
+    ]
+    return sorted(out)
 
 
 class Runner:
@@ -326,7 +413,10 @@ class Runner:
     async def _dispatch(
         self, env: Envelope, only_agent: str | None = None, *, attempt: int = 0
     ) -> None:
-        """Queue a job for every agent ``env`` triggers (see the module docstring)."""
+        """Queue a job for every agent ``env`` triggers (see the module docstring): by its
+        participate routine, or by its triage routine when ``env`` is a request in one of that
+        routine's intake threads (:meth:`_triage_request`; it then takes the place of the
+        agent's participate routine for ``env``)."""
         protocol = bool((await self.ctx.hub.state(env.thread_id)).participants)
         if not protocol and env.type != EV_MESSAGE:
             return
@@ -340,7 +430,14 @@ class Runner:
                 return
         async with self.ctx.engine.begin() as conn:
             q = (
-                select(routines.c.id, routines.c.agent_id, agents.c.rule, agents.c.org_id)
+                select(
+                    routines.c.id,
+                    routines.c.agent_id,
+                    agents.c.rule,
+                    agents.c.org_id,
+                    routines.c.preset_name,
+                    routines.c.config,
+                )
                 .join(agents, agents.c.id == routines.c.agent_id)
                 .join(threads, threads.c.id == env.thread_id)
                 .join(
@@ -351,7 +448,7 @@ class Runner:
                 )
                 .where(
                     routines.c.status == "active",
-                    routines.c.preset_name == "participate",
+                    routines.c.preset_name.in_(PRESETS),
                     routines.c.event_type == "thread.message_added",
                     agents.c.deleted_at.is_(None),
                     (threads.c.visibility == "members")
@@ -371,7 +468,7 @@ class Runner:
             jobs: dict[str, Job] = {}
             refusals: list[dict[str, Any]] = []
             sender_name, sender_org = (await sender_names(conn, [env]))[env.sender_id]
-            rows = (await conn.execute(q)).all()
+            rows = list((await conn.execute(q)).all())
             if (
                 not rows
                 and wanted
@@ -382,12 +479,16 @@ class Runner:
                 # the thread's rows are written right after its first envelopes: look again
                 self._tg.start_soon(self._dispatch_later, env, only_agent, attempt + 1)
                 return
-            for routine_id, agent_id, raw_rule, org_id in rows:
+            # an agent's triage routine goes first: where it takes a request, it answers it
+            rows.sort(key=lambda r: r[4] != "triage")
+            for routine_id, agent_id, raw_rule, org_id, preset, config in rows:
+                if preset == "triage" and not self._triage_request(env, agent_id, config):
+                    continue
                 if agent_id in jobs or (agent_id, env.id) in self._queued:
                     continue
                 if not visible_to(agent_id, env):
                     continue  # an envelope the agent may not see never triggers it
-                job = Job(agent_id, routine_id, env)
+                job = Job(agent_id, routine_id, env, preset)
                 reason = self._refuse_trigger(
                     parse_rule(raw_rule),
                     agent_id,
@@ -429,6 +530,20 @@ class Runner:
             self._pending += 1
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
             await self._send.send(job)
+
+    @staticmethod
+    def _triage_request(env: Envelope, agent_id: str, raw_config: Any) -> bool:
+        """Whether ``env`` is a request for the triage routine of ``agent_id`` whose stored
+        config is ``raw_config``: a message in one of its intake threads, not sent by the agent
+        and not a forward or reply of any triage agent (no loops)."""
+        if env.type != EV_MESSAGE or env.sender_id == agent_id or is_triage_output(env):
+            return False
+        try:
+            config = parse_config(raw_config)
+        except InvalidRequestError as err:  # stored before a check existed, or edited by hand
+            log.warning("runner.triage_config_invalid", agent_id=agent_id, error=err.message)
+            return False
+        return env.thread_id in config.intake
 
     async def _dispatch_later(self, env: Envelope, only_agent: str | None, attempt: int) -> None:
         await anyio.sleep(min(0.05 * 2**attempt, 2.0))
@@ -480,18 +595,21 @@ class Runner:
         return None
 
     async def _catch_up(self) -> None:
-        """Dispatch every trigger an active participate routine has not handled yet.
+        """Dispatch every trigger an active participate or triage routine has not handled yet.
 
         Per (agent, thread) of the agent's teams and networks: after the durable cursor if there
         is one; otherwise every message committed after both the routine and the membership
         existed (a message committed just before a crash, whose dispatch never happened, has no
         cursor yet). Then every trigger whose claim was left open (its runner died before
         completing it; it is taken over once the lease ran out). Replies already in the WAL are
-        skipped by their idempotency key.
+        skipped by their idempotency key. A triage routine follows its intake threads
+        (:func:`triage_participations`).
         """
         async with self.ctx.engine.connect() as conn:
             cursors = {(a, t): seq for a, t, seq in await all_cursors(conn)}
             pairs = await participations(conn)
+            followed_pairs = {(a, t) for a, t, _ in pairs}
+            pairs += [p for p in await triage_participations(conn) if p[:2] not in followed_pairs]
             unfinished = await open_claims(conn)
         for agent_id, thread_id, since in pairs:
             seq = cursors.get((agent_id, thread_id))
@@ -618,6 +736,9 @@ class Runner:
                 log.warning("runner.claim_lost", agent_id=job.agent_id, holder=state.runner_id)
 
     async def _answer(self, job: Job, key: str) -> None:
+        if job.preset == "triage":
+            await self._triage(job, key)
+            return
         trigger = job.trigger
         async with self.ctx.engine.connect() as conn:
             agent = (
@@ -750,6 +871,288 @@ class Runner:
             )
         except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
             return  # the hub audited the refusal
+
+    # ---------------------------------------------------------------- triage
+
+    async def _triage(self, job: Job, key: str) -> None:
+        """Route one intake request of a triage routine (see :mod:`agent_network.runtime.triage`).
+
+        Checks as for participate (the routine is still active and watches the thread, the
+        agent takes part, :func:`preflight`, may it speak), then: if a forward of this request
+        is already stored in one of the route threads (a runner stopped between the forward
+        and the reply), only the reply is written, with that forward's label and no model call.
+        Otherwise it classifies (:meth:`_classify`, then keywords, then the fallback), checks
+        the route thread (:meth:`_route_refusal`), applies the egress policy to the forward and
+        counts it against the rate, forwards (key ``triage:<agent>:<request>``, causation the
+        request), then replies in intake (key ``reply:<agent>:<request>``, causation the
+        request): ``Routed to <label>: <route title>``, or that nothing matched. Every refusal
+        is audited as in participate; nothing is posted after one.
+        """
+        trigger = job.trigger
+        async with self.ctx.engine.connect() as conn:
+            agent = (
+                (
+                    await conn.execute(
+                        select(agents, orgs.c.name.label("org_name"))
+                        .join(orgs, orgs.c.id == agents.c.org_id)
+                        .where(agents.c.id == job.agent_id, agents.c.deleted_at.is_(None))
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            thread = (
+                (await conn.execute(select(threads).where(threads.c.id == trigger.thread_id)))
+                .mappings()
+                .first()
+            )
+            routine = (
+                (await conn.execute(select(routines).where(routines.c.id == job.routine_id)))
+                .mappings()
+                .first()
+            )
+            if agent is None or thread is None or routine is None:
+                return
+            if routine["status"] != "active":
+                return  # paused after the request was queued
+            try:
+                config = parse_config(routine["config"])
+            except InvalidRequestError as err:
+                await self._audit(job, "routine.failed", err.message, org_id=agent["org_id"])
+                return
+            if trigger.thread_id not in config.intake:
+                return  # reconfigured after the request was queued
+            if not await agent_in_thread(conn, agent["id"], thread):
+                return
+            refusal = await preflight(self.ctx, self.rules, conn, agent, thread, trigger)
+            if refusal is not None:
+                if refusal.audit:
+                    await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
+                return
+            actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
+            if await self._not_your_turn(job, await self.ctx.hub.state(trigger.thread_id), actor):
+                return
+            fkey = forward_key(agent["id"], trigger.id)
+            stored = await find_by_idempotency(
+                conn, [(r.thread_id, fkey) for r in config.routes.values()]
+            )
+            sender_name = (await sender_names(conn, [trigger]))[trigger.sender_id][0]
+        request = str(trigger.data.get("content", ""))
+        forwarded = next(iter(stored.values()), None)
+        label: str | None
+        how: Any
+        if forwarded is not None:  # stopped between the forward and the reply: reply only
+            mark = forwarded.data.get(MARKER) or {}
+            label, how = mark.get("label"), mark.get("by")
+        else:
+            answer = (
+                await self._classify(agent, config, request, sender_name, key)
+                if config.use_model
+                else None
+            )
+            label, how = decide(config, answer, request)
+            if label is not None:
+                forwarded = await self._forward(
+                    job, agent, actor, config, label, how, thread, sender_name, request
+                )
+                if forwarded is None:
+                    return
+        if forwarded is not None and label is not None:
+            async with self.ctx.engine.connect() as conn:
+                title = (
+                    await conn.execute(
+                        select(threads.c.title).where(threads.c.id == forwarded.thread_id)
+                    )
+                ).scalar()
+            content = reply_content(label, str(title or forwarded.thread_id))
+        else:
+            content = unroutable_content(config.labels)
+            try:  # the only post for this request: it counts against the rate
+                self.rules.take_rate(agent)
+            except RuleViolationError as err:
+                await self._audit(
+                    job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
+                )
+                return
+        posted = await self._egress(job, agent, trigger.thread_id, content)
+        if posted is None:
+            return
+        now = await self.ctx.hub.state(trigger.thread_id)
+        if await self._not_your_turn(job, now, actor):
+            return
+        data = {
+            "content": posted,
+            MARKER: marker(
+                "reply",
+                label=label,
+                how=how,
+                intake_thread_id=trigger.thread_id,
+                request_id=trigger.id,
+            ),
+        }
+        try:
+            await self.ctx.hub.append(
+                trigger.thread_id,
+                type=EV_MESSAGE,
+                data=data,
+                sender=actor,
+                audience=reply_audience(
+                    trigger.audience,
+                    (trigger.sender_kind, trigger.sender_id),
+                    agent["id"],
+                    now.participant_ids,
+                ),
+                causation_id=trigger.id,
+                idempotency_key=key,
+            )
+        except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
+            return  # the hub audited the refusal
+
+    async def _forward(
+        self,
+        job: Job,
+        agent: Any,
+        actor: Actor,
+        config: TriageConfig,
+        label: str,
+        how: Any,
+        intake: Any,
+        sender_name: str,
+        request: str,
+    ) -> Envelope | None:
+        """Forward the request into the thread of route ``label`` (after its checks, the egress
+        policy and the rate); the stored forward, or None when refused (audited)."""
+        trigger = job.trigger
+        route_id = config.route_for(label).thread_id
+        refusal = await self._route_refusal(agent, label, route_id)
+        if refusal is not None:
+            await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
+            return None
+        content = await self._egress(
+            job, agent, route_id, forward_content(sender_name, intake["title"], request)
+        )
+        if content is None:
+            return None
+        try:
+            self.rules.take_rate(agent)
+        except RuleViolationError as err:
+            await self._audit(
+                job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
+            )
+            return None
+        data = {
+            "content": content,
+            MARKER: marker(
+                "forward",
+                label=label,
+                how=how,
+                intake_thread_id=trigger.thread_id,
+                request_id=trigger.id,
+            ),
+        }
+        try:
+            return await self.ctx.hub.append(
+                route_id,
+                type=EV_MESSAGE,
+                data=data,
+                sender=actor,
+                causation_id=trigger.id,
+                idempotency_key=forward_key(agent["id"], trigger.id),
+            )
+        except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
+            return None  # the hub audited the refusal
+
+    async def _route_refusal(self, agent: Any, label: str, thread_id: str) -> Refusal | None:
+        """Why the agent may not forward into route ``label``'s thread ``thread_id`` now (it
+        is gone, the agent no longer takes part, it is closed, its runaway budget is spent, the
+        agent's rule forbids posting there, or its protocol does not let the agent speak), or
+        None."""
+        where = f"route {label!r} (thread {thread_id!r})"
+        async with self.ctx.engine.connect() as conn:
+            route = (
+                (
+                    await conn.execute(
+                        select(threads).where(
+                            threads.c.id == thread_id, threads.c.deleted_at.is_(None)
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if route is None or not await agent_in_thread(conn, agent["id"], route):
+                return Refusal("routine.failed", f"{where}: the agent does not take part in it")
+            state = await self.ctx.hub.state(thread_id)
+            if state.status not in LIVE_STATUSES:
+                return Refusal("routine.failed", f"{where}: the thread is {state.status}")
+            if state.consecutive_agent >= state.agent_budget:
+                return Refusal(
+                    "envelope.message",
+                    f"{RunawayBudgetError.code}: {where}: budget of {state.agent_budget} "
+                    "consecutive agent messages spent; nothing forwarded",
+                )
+            try:
+                await self.rules.check_send(
+                    conn,
+                    agent,
+                    thread_id=thread_id,
+                    team_id=route["team_id"],
+                    adapter=state.adapter,
+                    consume_rate=False,
+                )
+            except RuleViolationError as err:
+                return Refusal("envelope.message", f"{err.code}: {where}: {err.message}")
+            if not may_speak(state, Actor("agent", agent["id"], agent["org_id"], agent["name"])):
+                return Refusal("routine.skipped", f"{where}: the agent may not speak there now")
+        return None
+
+    async def _egress(self, job: Job, agent: Any, thread_id: str, content: str) -> str | None:
+        """``content`` after the org's egress policy for ``thread_id`` (redactions audited), or
+        None when the policy refuses it (audited as ``egress.refused``)."""
+        policy = await load_egress_policy(self.ctx.engine, agent["org_id"], thread_id)
+        try:
+            content, redacted = apply_egress(policy, content)
+        except EgressRefusedError as err:
+            await self._audit(job, "egress.refused", ", ".join(err.rules), org_id=agent["org_id"])
+            return None
+        if redacted:
+            await self._audit(
+                job,
+                "egress.redacted",
+                ", ".join(redacted),
+                org_id=agent["org_id"],
+                outcome="accepted",
+            )
+        return content
+
+    async def _classify(
+        self, agent: Any, config: TriageConfig, request: str, sender_name: str, seed_key: str
+    ) -> str | None:
+        """The agent's model's answer to the classification prompt, cleaned (None when the
+        model fails: unavailable, a timeout, a provider error — then the keywords decide)."""
+        prompt = classification_prompt(
+            config,
+            agent_name=agent["name"],
+            identity=agent["identity"],
+            request=request,
+            sender_name=sender_name,
+        )
+        model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
+        settings: ModelSettings = {"max_tokens": CLASSIFY_MAX_TOKENS, "temperature": 0.0}
+        if model_name.startswith("local:"):
+            settings["seed"] = zlib.crc32(seed_key.encode())
+        try:
+            model = build_model(model_name)
+            with anyio.fail_after(MODEL_TIMEOUT):
+                result = await ModelAgent(model, system_prompt=prompt.system).run(
+                    prompt.user, model_settings=settings
+                )
+        except Exception as exc:  # the keyword classifier still routes the request
+            log.warning("runner.triage_model_failed", agent_id=agent["id"], error=repr(exc))
+            return None
+        return clean_reply(
+            str(result.output), speaker_name=agent["name"], other_names=[], max_sentences=2
+        )
 
     async def _protocol_notes(self, conn: Any, state: ThreadState, agent_id: str) -> list[str]:
         """Prompt lines about the thread's protocol for the agent whose turn it is: the adapter

@@ -12,16 +12,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from agent_network.errors import ConflictError, InvalidRequestError, NotFoundError
 from agent_network.model.ids import new_id, now_iso
 from agent_network.runtime.models import check_model, resolve_model_name
+from agent_network.runtime.triage import parse_config
 from agent_network.services.base import ServiceContext, record
+from agent_network.services.claims import agent_in_thread
 from agent_network.services.orgs import soft_delete_member
 from agent_network.services.principal import Principal
-from agent_network.services.scope import own_agent, require_org
+from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
+from agent_network.services.scope import own_agent, require_org, visible_thread
 from agent_network.store.tables import agents, routines
 
 LOOKUP_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
 ROUTINE_EVENTS = ("thread.message_added",)
 ROUTINE_HANDLERS = ("preset",)
-ROUTINE_PRESETS = ("participate",)
+ROUTINE_PRESETS = ("participate", "triage")
 AGENT_FIELDS = (
     "id",
     "org_id",
@@ -228,8 +231,10 @@ class AgentService:
     ) -> dict[str, Any]:
         """Attach a routine to an agent.
 
-        Raises InvalidRequestError for an unsupported event/handler/preset and
-        ModelUnavailableError when the agent's model cannot run here (checked now, not later).
+        A ``triage`` routine's ``config`` is checked now (:meth:`check_triage_config`) and
+        stored in its normal form. Raises InvalidRequestError for an unsupported
+        event/handler/preset or a bad triage config (naming the key), and ModelUnavailableError
+        when the agent's model cannot run here (checked now, not later).
         """
         if event_type not in ROUTINE_EVENTS:
             raise InvalidRequestError(f"event_type must be one of {', '.join(ROUTINE_EVENTS)}")
@@ -240,6 +245,8 @@ class AgentService:
         async with self.ctx.engine.begin() as conn:
             agent = await own_agent(conn, principal, agent_id)
             check_model(resolve_model_name(agent["model"], self.ctx.settings.model))
+            if preset_name == "triage":
+                config = await self.check_triage_config(conn, principal, agent, config)
             ts = now_iso()
             row = {
                 "id": new_id("rtn"),
@@ -257,6 +264,53 @@ class AgentService:
             await conn.execute(routines.insert().values(**row))
             await record(conn, principal, "routine.create", "routine", row["id"])
         return _routine(row)
+
+    async def check_triage_config(
+        self, conn: AsyncConnection, principal: Principal, agent: Any, raw: Any
+    ) -> dict[str, Any]:
+        """Validate a ``triage`` routine's config for ``agent`` (a row of ``agents``) and return
+        it in normal form (``intake`` a list; see :func:`agent_network.runtime.triage.parse_config`
+        for the shape).
+
+        Every intake and route thread must be visible to ``principal``, the agent must take part
+        in it (a member of its team or network; a participant if it is restricted), it must be
+        live and let any member speak (adapter ``open``: a turn-taking protocol would refuse the
+        forwards), and the agent's rule must let it post there (``allowed_adapters``,
+        ``outbound_to``). Raises InvalidRequestError (422) naming the bad key, e.g.
+        ``config.routes.billing.thread_id``; a thread that does not exist and one outside the
+        caller's scope get the same message (nothing about other orgs leaks).
+        """
+        config = parse_config(raw)
+        keyed = [(f"config.intake[{i}]", tid) for i, tid in enumerate(config.intake)] + [
+            (f"config.routes.{label}.thread_id", route.thread_id)
+            for label, route in config.routes.items()
+        ]
+        rule = parse_rule(agent["rule"])
+        for key, tid in keyed:
+            try:
+                thread, _team = await visible_thread(conn, principal, tid)
+            except NotFoundError:
+                raise InvalidRequestError(f"{key}: thread {tid!r} not found") from None
+            if not await agent_in_thread(conn, agent["id"], thread):
+                raise InvalidRequestError(
+                    f"{key}: agent {agent['name']!r} does not take part in thread {tid!r} (add "
+                    "it to the thread's team or network, and as a participant of a restricted "
+                    "thread)"
+                )
+            state = await self.ctx.hub.state(tid)
+            if state.status == "closed":
+                raise InvalidRequestError(f"{key}: thread {tid!r} is closed")
+            if state.adapter != "open":
+                raise InvalidRequestError(
+                    f"{key}: thread {tid!r} is a {state.adapter} thread; triage reads and posts "
+                    "in threads where any member may speak (adapter 'open')"
+                )
+            try:
+                RuleService.check_adapter(agent, rule, state.adapter)
+                await RuleService.check_outbound(conn, agent, rule, thread["team_id"])
+            except RuleViolationError as err:
+                raise InvalidRequestError(f"{key}: {err.message}") from None
+        return config.model_dump(mode="json")
 
     async def list_routines(self, principal: Principal, agent_id: str) -> list[dict[str, Any]]:
         """Routines of one of the caller's agents."""
@@ -291,12 +345,24 @@ class AgentService:
     async def update_routine(
         self, principal: Principal, agent_id: str, routine_id: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
-        """Change ``name``, ``config`` or ``status`` (``active``/``paused``) of a routine."""
+        """Change ``name``, ``config`` or ``status`` (``active``/``paused``) of a routine.
+
+        A ``triage`` routine's new ``config`` is checked as at creation
+        (:meth:`check_triage_config`); so is its stored config when it is activated (its
+        threads may have changed meanwhile). InvalidRequestError for a bad status or config;
+        NotFoundError for a routine or agent outside the caller's org."""
         values = {k: v for k, v in changes.items() if k in ("name", "config", "status")}
         if "status" in values and values["status"] not in ("active", "paused"):
             raise InvalidRequestError("status must be 'active' or 'paused'")
         async with self.ctx.engine.begin() as conn:
-            await self._own_routine(conn, principal, agent_id, routine_id)
+            current = await self._own_routine(conn, principal, agent_id, routine_id)
+            if current["preset_name"] == "triage" and (
+                "config" in values or values.get("status") == "active"
+            ):
+                agent = await own_agent(conn, principal, agent_id)
+                values["config"] = await self.check_triage_config(
+                    conn, principal, agent, values.get("config", current["config"])
+                )
             values["updated_at"] = now_iso()
             await conn.execute(update(routines).where(routines.c.id == routine_id).values(**values))
             await record(conn, principal, "routine.update", "routine", routine_id, data=values)
