@@ -516,7 +516,8 @@ def latency_phase(
         f"{'stamp->recv p50/p99 ms':>23}"
     )
     lat: dict[str, list[dict[str, Any]]] = {}
-    for offered in (rate, low_rate):
+    reps = 1 if quick else 3  # p99 of one 6 s run moves with every pause of the machine
+    for offered in (rate,) * reps + (low_rate,):
         r = run(subscribers=10, rate=offered, timed=True)
         key = f"10 subs @ {offered:g}/s"
         lat.setdefault(key, []).append(r)
@@ -526,11 +527,14 @@ def latency_phase(
             f"{r.get('fanout_p50_ms', math.nan):>10.2f} /{r.get('fanout_p99_ms', math.nan):>9.2f}"
         )
     figures["latency"] = lat
-    full = lat[f"10 subs @ {rate:g}/s"][0]
+    fulls = lat[f"10 subs @ {rate:g}/s"]
+    p99 = statistics.median(r["p99_ms"] for r in fulls)
+    achieved = min(r["posts_per_s"] for r in fulls)
+    figures["p99_ms_median"] = p99
     print(
-        f"   at {rate:,.0f}/s offered: {full['posts_per_s']:,.0f} posts/s achieved, p99 "
-        f"{full['p99_ms']:.2f} ms (target < {TARGET_P99_MS:g} ms at 1,000/s) "
-        f"{mark(full['p99_ms'] < TARGET_P99_MS and full['posts_per_s'] >= 0.98 * 1000)}"
+        f"   at {rate:,.0f}/s offered: >= {achieved:,.0f} posts/s achieved, p99 {p99:.2f} ms "
+        f"(median of {len(fulls)} runs; target < {TARGET_P99_MS:g} ms at 1,000/s) "
+        f"{mark(p99 < TARGET_P99_MS and achieved >= 0.98 * 1000)}"
     )
     windows, window_s = (8, 1.0) if quick else (24, 1.5)
     st = quiet_gc(asyncio.run)(stall_phase(fx, low_rate, windows, window_s))
