@@ -116,18 +116,24 @@ def build_prompt(
     history: Sequence[tuple[str, str, str]],
     knowledge: Sequence[dict[str, Any]],
     notes: Sequence[str] = (),
+    situation: Sequence[str] = (),
 ) -> Prompt:
     """Build the prompt for ``agent_name`` answering the last entry of ``history``.
 
     ``history`` holds ``(speaker name, speaker org name, content)``, oldest first, ending with the
     message to answer; empty when the agent opens the thread (its turn came from the thread
     becoming active, not from a message): then it is asked for the thread's first message.
-    ``knowledge`` holds chunks from :meth:`KnowledgeService.retrieve`; ``notes`` are extra
-    lines placed before the ask (the thread's protocol: whose turn, the workflow's tools).
+    ``knowledge`` holds chunks from :meth:`KnowledgeService.retrieve`; ``notes`` are
+    instructions placed right before the ask (a workflow's tools as tags); ``situation`` lines
+    describe the thread's protocol (adapter, the others, whose turn, a workflow's context) and
+    go into the system prompt, not next to the ask: the bundled 135M model repeats a sentence
+    placed there instead of answering (measured on ``examples/protocols/workflow.py``).
     """
     system = f"You are {agent_name}, an AI agent working for {org_name}."
     if identity.strip():
         system += " " + " ".join(identity.split())
+    if situation:
+        system += " " + " ".join(" ".join(line.split()) for line in situation)
     parts: list[str] = []
     if not history:
         parts.append(f'You open the thread "{thread_title}".')

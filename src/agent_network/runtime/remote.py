@@ -603,10 +603,8 @@ class RemoteRunner:
             thread_title=job.title,
             history=list(job.history),
             knowledge=await self._knowledge(job),
-            notes=[
-                *(self._protocol_notes(view, agent.id) if job.protocol else ()),
-                *(tools.prompt_lines() if tools else ()),
-            ],
+            notes=tools.prompt_lines() if tools else (),
+            situation=self._protocol_notes(view, agent.id) if job.protocol else (),
         )
         model_name = resolve_model_name(agent.model, self.default_model)
         try:

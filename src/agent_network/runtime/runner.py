@@ -801,7 +801,8 @@ class Runner:
             thread_title=thread["title"],
             history=history,
             knowledge=knowledge,
-            notes=[*notes, *tools.prompt_lines()],
+            notes=tools.prompt_lines(),
+            situation=notes,
         )
         model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
         try:
