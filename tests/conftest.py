@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import socket
 import threading
 import time
@@ -235,3 +237,53 @@ def open_network(
             },
         )
     return net
+
+
+# ----------------------------------------------------------------------------- hub-level tests
+
+
+@pytest.fixture(scope="session")
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SQLite file with the project's schema (alembic), migrated once per test session."""
+    path = tmp_path_factory.mktemp("migrated") / "template.db"
+
+    async def init() -> None:
+        engine = create_engine(database_url(path))
+        await upgrade_schema(engine)
+        await engine.dispose()
+
+    anyio.run(init)
+    return path
+
+
+@pytest.fixture
+def db(migrated_template: Path, tmp_path: Path) -> Path:
+    """A fresh, migrated SQLite file of this test (a copy of :func:`migrated_template`)."""
+    path = tmp_path / "hub.db"
+    shutil.copyfile(migrated_template, path)
+    return path
+
+
+_registered_models: list[str] = []
+
+
+def function_model(prefix: str, body: Any) -> str:
+    """Register ``FunctionModel(body)`` under a fresh model name ``fn:<prefix>-<hex>`` and return
+    the name (to give agents as their model); unregistered after the test."""
+    from pydantic_ai.models.function import FunctionModel
+
+    from agent_network.runtime.models import register_model
+
+    name = f"fn:{prefix}-{secrets.token_hex(4)}"
+    register_model(name, FunctionModel(body))
+    _registered_models.append(name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _unregister_function_models() -> Iterator[None]:
+    yield
+    from agent_network.runtime.models import register_model
+
+    while _registered_models:
+        register_model(_registered_models.pop(), None)

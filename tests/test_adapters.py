@@ -10,7 +10,6 @@ one test of the background sweeper task, which waits for the close it must produ
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,7 +56,7 @@ from agent_network.hub import (
 )
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.ids import new_id
-from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from agent_network.store.engine import create_engine, database_url
 
 ORG = "org_protocols"
 SYSTEM = Actor("system", "key_test", ORG)
@@ -70,33 +69,6 @@ OUTSIDER = Actor("agent", "agt_outsider", ORG)
 
 def who(actor: Actor) -> tuple[str, str]:
     return (actor.kind, actor.id)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("protocols") / "template.db"
-
-    async def init() -> None:
-        engine = create_engine(database_url(path))
-        await upgrade_schema(engine)
-        await engine.dispose()
-
-    anyio.run(init)
-    return path
-
-
-@pytest.fixture
-def db(migrated: Path, tmp_path: Path) -> Path:
-    """A fresh migrated SQLite file per test (a copy of one migrated template), so that a
-    sweep of every thread only sees this test's threads."""
-    path = tmp_path / "hub.db"
-    shutil.copyfile(migrated, path)
-    return path
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,6 @@ pydantic-ai ``FunctionModel``s that count their turns and record prompts and off
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,7 +28,7 @@ from pydantic_ai.messages import (
     ToolCallPart,
     ToolReturnPart,
 )
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo
 
 from agent_network.adapters import (
     AgentTarget,
@@ -39,10 +38,9 @@ from agent_network.adapters import (
     TransitionGraph,
 )
 from agent_network.client import AsyncClient, Envelope, Sender
-from agent_network.runtime.models import register_model
 from agent_network.runtime.protocol import HANDOFF_TOOL
 from agent_network.runtime.remote import AgentCard, RemoteJob, RemoteRunner, may_trigger
-from conftest import LiveServer, Org, all_envelopes, assert_error
+from conftest import LiveServer, Org, all_envelopes, assert_error, function_model
 
 # ------------------------------------------------------------------------------ fixtures
 
@@ -65,16 +63,6 @@ def org(quiet_server: LiveServer) -> Iterator[Org]:
         yield acme
     finally:
         acme.http.close()
-
-
-_registered: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _unregister_models() -> Iterator[None]:
-    yield
-    while _registered:
-        register_model(_registered.pop(), None)
 
 
 # ------------------------------------------------------------------------------ scripted models
@@ -124,10 +112,7 @@ class Scripted:
 
 
 def model(script: Callable[[list[ModelMessage], AgentInfo], Awaitable[ModelResponse]]) -> str:
-    name = f"fn:remote-proto-{secrets.token_hex(4)}"
-    register_model(name, FunctionModel(script))
-    _registered.append(name)
-    return name
+    return function_model("remote-proto", script)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -12,40 +12,21 @@ import secrets
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo
 
-from conftest import LiveServer, Org, all_envelopes, settle
+from conftest import LiveServer, Org, all_envelopes, function_model, settle
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo"
 
 
-_registered: list[str] = []
-
-
 def register(name_hint: str, fn: Any) -> str:
     """Register ``FunctionModel(fn)`` under a fresh model name and return the name."""
-    from agent_network.runtime.models import register_model
-
-    name = f"fn:{name_hint}-{secrets.token_hex(4)}"
-    register_model(name, FunctionModel(fn))
-    _registered.append(name)
-    return name
-
-
-@pytest.fixture(autouse=True)
-def _unregister_models() -> Iterator[None]:
-    yield
-    from agent_network.runtime.models import register_model
-
-    while _registered:
-        register_model(_registered.pop(), None)
+    return function_model(name_hint, fn)
 
 
 def prompt_text(messages: list[ModelMessage]) -> str:

@@ -13,7 +13,6 @@ protocol threads are opened on the hub directly (``thread.created`` plus the ``t
 from __future__ import annotations
 
 import contextlib
-import secrets
 import shutil
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from pydantic_ai.messages import (
     ToolCallPart,
     ToolReturnPart,
 )
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo
 from sqlalchemy import select
 
 from agent_network.adapters import (
@@ -55,7 +54,6 @@ from agent_network.hub import (
 )
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.ids import new_id, now_iso
-from agent_network.runtime.models import register_model
 from agent_network.runtime.protocol import (
     HANDOFF_TOOL,
     ToolBox,
@@ -67,46 +65,11 @@ from agent_network.runtime.remote import RemoteRunner
 from agent_network.runtime.runner import Runner
 from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
-from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from agent_network.store.engine import create_engine, database_url
 from agent_network.store.tables import audit_log, thread_participants, threads
-from conftest import LiveServer, Org, all_envelopes
+from conftest import LiveServer, Org, all_envelopes, function_model
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("runner_protocols") / "template.db"
-
-    async def init() -> None:
-        engine = create_engine(database_url(path))
-        await upgrade_schema(engine)
-        await engine.dispose()
-
-    anyio.run(init)
-    return path
-
-
-@pytest.fixture
-def db(migrated: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "hub.db"
-    shutil.copyfile(migrated, path)
-    return path
-
-
-_registered: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _unregister_models() -> Iterator[None]:
-    yield
-    while _registered:
-        register_model(_registered.pop(), None)
 
 
 # ------------------------------------------------------------------------------ scripted models
@@ -163,10 +126,7 @@ def prompt_text(messages: list[ModelMessage]) -> str:
 
 
 def model(script: Callable[[list[ModelMessage], AgentInfo], Awaitable[ModelResponse]]) -> str:
-    name = f"fn:proto-{secrets.token_hex(4)}"
-    register_model(name, FunctionModel(script))
-    _registered.append(name)
-    return name
+    return function_model("proto", script)
 
 
 # ------------------------------------------------------------------------------ the world

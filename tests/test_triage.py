@@ -11,10 +11,8 @@ validation is tested over REST on a live server.
 from __future__ import annotations
 
 import contextlib
-import secrets
-import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import anyio
 import pytest
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo
 from sqlalchemy import select
 
 from agent_network.config import Settings
@@ -30,7 +28,6 @@ from agent_network.errors import InvalidRequestError
 from agent_network.hub import EV_MESSAGE, Hub
 from agent_network.model.envelope import Envelope
 from agent_network.model.rule import RateLimit, Rule
-from agent_network.runtime.models import register_model
 from agent_network.runtime.runner import Runner
 from agent_network.runtime.triage import (
     decide,
@@ -40,46 +37,11 @@ from agent_network.runtime.triage import (
 )
 from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
-from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from agent_network.store.engine import create_engine, database_url
 from agent_network.store.tables import audit_log
-from conftest import LiveServer, Org, assert_error
+from conftest import LiveServer, Org, assert_error, function_model
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("triage") / "template.db"
-
-    async def init() -> None:
-        engine = create_engine(database_url(path))
-        await upgrade_schema(engine)
-        await engine.dispose()
-
-    anyio.run(init)
-    return path
-
-
-@pytest.fixture
-def db(migrated: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "hub.db"
-    shutil.copyfile(migrated, path)
-    return path
-
-
-_registered: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _unregister_models() -> Iterator[None]:
-    yield
-    while _registered:
-        register_model(_registered.pop(), None)
 
 
 class Labeler:
@@ -99,10 +61,7 @@ class Labeler:
 
 
 def model(body: Any) -> str:
-    name = f"fn:triage-{secrets.token_hex(4)}"
-    register_model(name, FunctionModel(body))
-    _registered.append(name)
-    return name
+    return function_model("triage", body)
 
 
 # ----------------------------------------------------------------------------- pure parts

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import anyio
 import pytest
 
 from agent_network.adapters import (
@@ -63,7 +61,7 @@ from agent_network.hub import (
 )
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.ids import new_id
-from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from agent_network.store.engine import create_engine, database_url
 
 ORG = "org_workflow"
 SYSTEM = Actor("system", "key_test", ORG)
@@ -318,31 +316,6 @@ def test_tool_calls_in_message_data() -> None:
 
 
 # ------------------------------------------------------------------------------ on the hub
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("workflow") / "template.db"
-
-    async def init() -> None:
-        engine = create_engine(database_url(path))
-        await upgrade_schema(engine)
-        await engine.dispose()
-
-    anyio.run(init)
-    return path
-
-
-@pytest.fixture
-def db(migrated: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "hub.db"
-    shutil.copyfile(migrated, path)
-    return path
 
 
 @contextlib.asynccontextmanager
