@@ -95,7 +95,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import exists, select
+from sqlalchemy import RowMapping, exists, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.adapters.base import Proposal
@@ -741,22 +741,7 @@ class Runner:
             return
         trigger = job.trigger
         async with self.ctx.engine.connect() as conn:
-            agent = (
-                (
-                    await conn.execute(
-                        select(agents, orgs.c.name.label("org_name"))
-                        .join(orgs, orgs.c.id == agents.c.org_id)
-                        .where(agents.c.id == job.agent_id, agents.c.deleted_at.is_(None))
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            thread = (
-                (await conn.execute(select(threads).where(threads.c.id == trigger.thread_id)))
-                .mappings()
-                .first()
-            )
+            agent, thread = await _agent_and_thread(conn, job.agent_id, trigger.thread_id)
             if agent is None or thread is None:
                 return
             if not await agent_in_thread(conn, agent["id"], thread):
@@ -891,22 +876,7 @@ class Runner:
         """
         trigger = job.trigger
         async with self.ctx.engine.connect() as conn:
-            agent = (
-                (
-                    await conn.execute(
-                        select(agents, orgs.c.name.label("org_name"))
-                        .join(orgs, orgs.c.id == agents.c.org_id)
-                        .where(agents.c.id == job.agent_id, agents.c.deleted_at.is_(None))
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            thread = (
-                (await conn.execute(select(threads).where(threads.c.id == trigger.thread_id)))
-                .mappings()
-                .first()
-            )
+            agent, thread = await _agent_and_thread(conn, job.agent_id, trigger.thread_id)
             routine = (
                 (await conn.execute(select(routines).where(routines.c.id == job.routine_id)))
                 .mappings()
@@ -1220,3 +1190,24 @@ class Runner:
         )
         async with self.ctx.engine.begin() as conn:
             await insert_audit(conn, [row])
+
+
+async def _agent_and_thread(
+    conn: AsyncConnection, agent_id: str, thread_id: str
+) -> tuple[RowMapping | None, RowMapping | None]:
+    """The live agent row (with ``org_name``) and the thread row; None for what is gone."""
+    agent = (
+        (
+            await conn.execute(
+                select(agents, orgs.c.name.label("org_name"))
+                .join(orgs, orgs.c.id == agents.c.org_id)
+                .where(agents.c.id == agent_id, agents.c.deleted_at.is_(None))
+            )
+        )
+        .mappings()
+        .first()
+    )
+    thread = (
+        (await conn.execute(select(threads).where(threads.c.id == thread_id))).mappings().first()
+    )
+    return agent, thread
