@@ -346,7 +346,10 @@ class Connection:
     __slots__ = (
         "_catchup",
         "_control_running",
+        "_idle_post_workers",
+        "_post_frames",
         "_post_room",
+        "_post_workers",
         "_posts_in_flight",
         "_scope",
         "_tg",
@@ -388,6 +391,11 @@ class Connection:
         self._tg: anyio.abc.TaskGroup | None = None
         self._posts_in_flight = 0
         self._post_room: asyncio.Future[None] | None = None
+        # post frames wait here for a post worker (at most POSTS_IN_FLIGHT workers, started
+        # on demand and kept: spawning a task per post cost ~12% of the event loop's CPU)
+        self._post_frames: asyncio.Queue[_PostFrame | None] | None = None  # at the first post
+        self._post_workers = 0
+        self._idle_post_workers = 0
         self._typing_at: dict[tuple[str, str | None, str | None], float] = {}
         self._typing_senders: dict[tuple[str, str | None, str | None], dict[str, Any]] = {}
         self._typing_epoch = self.checked_epoch
@@ -427,6 +435,9 @@ class Connection:
                 self._tg = None
                 for f in self.follows.values():
                     self.service._unindex(f)
+                for _ in range(self._post_workers):  # each ends after the frames before it
+                    assert self._post_frames is not None
+                    self._post_frames.put_nowait(None)
             await self._finish()
             posts.cancel_scope.deadline = anyio.current_time() + POST_GRACE
 
@@ -513,7 +524,15 @@ class Connection:
                     finally:
                         self._post_room = None
                 self._posts_in_flight += 1
-                posts.start_soon(self._post, frame)
+                if self._post_frames is None:
+                    self._post_frames = asyncio.Queue()
+                self._post_frames.put_nowait(frame)
+                if (
+                    self._post_frames.qsize() > self._idle_post_workers
+                    and self._post_workers < POSTS_IN_FLIGHT
+                ):
+                    self._post_workers += 1
+                    posts.start_soon(self._post_worker)
                 continue
             handler: Callable[[Any], Awaitable[None]] = getattr(self, HANDLERS[kind])
             try:
@@ -736,6 +755,20 @@ class Connection:
     async def _leave(self, frame: _LeaveFrame) -> None:
         self._drop(frame.thread_id)
         self.reply({"type": "left", "ref": frame.ref, "thread_id": frame.thread_id})
+
+    async def _post_worker(self) -> None:
+        """Run queued post frames one after another until a ``None`` says the reader ended."""
+        frames = self._post_frames
+        assert frames is not None, "started by the reader after it queued a frame"
+        while True:
+            self._idle_post_workers += 1
+            try:
+                frame = await frames.get()
+            finally:
+                self._idle_post_workers -= 1
+            if frame is None:
+                return
+            await self._post(frame)
 
     async def _post(self, frame: _PostFrame) -> None:
         try:
