@@ -815,3 +815,23 @@ async def test_only_the_system_writes_hub_envelope_types(db: Path) -> None:
                 hub, tid, InvalidRequestError, type=EV_EXPECTATION_VIOLATED, data={}, sender=SYSTEM
             )
             assert (await consistent(hub, tid)).status in ("open", "active")
+
+
+@pytest.mark.anyio
+async def test_a_running_sweeper_closes_a_closing_thread_at_once(db: Path) -> None:
+    """The commit that begins closing pokes the sweeper: ``thread.closed`` follows without
+    waiting for the sweep interval (an hour here; the bound below only detects a hang)."""
+    async with running_hub(db, sweep_interval=3600) as hub:
+        tid, _ = await open_thread(hub, "consulting", ALICE, BOB)
+        q = await say(hub, tid, ALICE, "Ready?")
+        r = await say(hub, tid, BOB, "Yes.", causation_id=q.id)
+        with anyio.fail_after(30):
+            while (await hub.state(tid)).status != "closed":
+                await hub.wait_for(tid, r.seq, 1.0)
+        envs = await hub.read(tid)
+        assert (envs[-1].type, envs[-1].data["reason"], envs[-1].causation_id) == (
+            EV_THREAD_CLOSED,
+            "consulting_complete",
+            r.id,
+        )
+        assert (await consistent(hub, tid)).status == "closed"

@@ -206,6 +206,12 @@ class Sweeper:
         self._watched: set[str] = set()
         self._scanned = False
         self._lock = anyio.Lock()
+        self._poked = anyio.Event()
+
+    def poke(self) -> None:
+        """Sweep now rather than at the end of the interval (the hub calls this when a commit
+        put a thread into ``closing``, so its ``thread.closed`` follows at once)."""
+        self._poked.set()
 
     async def sweep(self, now: float, thread_ids: Iterable[str] | None = None) -> list[Envelope]:
         """Append every envelope due at ``now`` (epoch seconds) in ``thread_ids`` (default: all
@@ -262,10 +268,13 @@ class Sweeper:
         return written
 
     async def run(self, interval: float) -> None:
-        """Sweep every ``interval`` seconds with the wall clock until cancelled."""
+        """Sweep every ``interval`` seconds with the wall clock, and at once when
+        :meth:`poke` is called, until cancelled."""
         while True:
+            self._poked = anyio.Event()
             try:
                 await self.sweep(time.time())
             except Exception as exc:  # keep sweeping; the next round retries
                 log.error("hub.sweep_failed", error=repr(exc))
-            await anyio.sleep(interval)
+            with anyio.move_on_after(interval):
+                await self._poked.wait()

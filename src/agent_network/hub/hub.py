@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agent_network.adapters import Proposal
 from agent_network.adapters.lifecycle import admit
+from agent_network.adapters.model import STATUS_CLOSING
 from agent_network.errors import (
     AgentNetworkError,
     NotFoundError,
@@ -188,6 +189,7 @@ class Hub:
         self._by_thread: dict[str, set[Subscription]] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._closed = False
+        self._sweeper: Sweeper | None = None  # made by _start
         self.batches = 0  # number of committed transactions (exposed for benchmarks)
 
     @classmethod
@@ -388,6 +390,11 @@ class Hub:
         if result.accepted:
             self.batches += 1
         self._states.update(result.states)
+        states = result.states
+        if self._sweeper is not None and any(
+            states[env.thread_id].status == STATUS_CLOSING for _, env in result.accepted
+        ):
+            self._sweeper.poke()  # an accepted envelope began closing: thread.closed follows now
         for p, env in result.accepted:
             if not p.future.done():
                 p.future.set_result(env)
@@ -478,6 +485,8 @@ class Hub:
         idempotency key derived from what it is about, so a violation fires once, also across
         restarts. Needs a hub started by ``Hub.open``; tests pass their own ``now``.
         """
+        if self._sweeper is None:
+            raise HubClosedError("the hub is not running: open it with Hub.open")
         return await self._sweeper.sweep(now, thread_ids)
 
 
