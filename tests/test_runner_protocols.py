@@ -56,6 +56,7 @@ from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.ids import new_id, now_iso
 from agent_network.runtime.protocol import (
     HANDOFF_TOOL,
+    PASS_REPLY,
     ToolBox,
     graph_tools,
     reply_audience,
@@ -330,6 +331,26 @@ async def test_discussion_three_agents_round_robin_until_the_budget(db: Path) ->
         ]
         state = await w.hub.state(tid)
         assert state.expected_speaker == cast.ids["gamma"] and state.status == "active"
+
+
+async def test_an_empty_model_reply_on_a_protocol_turn_passes_the_turn(db: Path) -> None:
+    """A model that says nothing usable on a turn the discussion waits for posts PASS_REPLY
+    (audited ``routine.passed``) instead of stalling the thread until its TTL."""
+    scripts = {"alpha": Scripted("alpha speaks."), "beta": Scripted(""), "gamma": Scripted("g.")}
+    async with world(db) as w:
+        cast = await seed(w, dict(scripts))
+        tid = await open_thread(w, cast, "discussion", ["alpha", "beta", "gamma"], agent_budget=3)
+        await settle(w, tid)
+        msgs = await messages(w, tid)
+        assert [cast.role(m.sender_id) for m in msgs] == ["alpha", "beta", "gamma"]
+        assert msgs[1].data["content"] == PASS_REPLY
+        assert scripts["beta"].turns >= 1  # its model was asked (and came out empty)
+        q = select(audit_log.c.principal_id).where(
+            audit_log.c.resource_id == tid, audit_log.c.action == "routine.passed"
+        )
+        async with w.ctx.engine.connect() as conn:
+            passed = list((await conn.execute(q)).scalars())
+        assert [cast.role(p) for p in passed] == ["beta"]
 
 
 async def test_a_person_in_the_discussion_takes_turns_and_out_of_turn_posts_trigger_nobody(

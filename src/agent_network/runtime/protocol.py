@@ -16,11 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_ai import Tool
 
+from agent_network.adapters.base import Proposal
 from agent_network.adapters.graph import Finish, GraphError, Handoff, ToolSpec, Turn, tool_call
-from agent_network.adapters.lifecycle import may_speak
-from agent_network.adapters.model import EV_MESSAGE, LIVE_STATUSES, STATUS_ACTIVE
+from agent_network.adapters.lifecycle import admit, may_speak
+from agent_network.adapters.model import (
+    EV_MESSAGE,
+    LIVE_STATUSES,
+    REASON_NO_TRANSITION,
+    STATUS_ACTIVE,
+)
 from agent_network.adapters.workflow import WorkflowState, tools_for
-from agent_network.errors import InvalidRequestError
+from agent_network.errors import AgentNetworkError, InvalidRequestError
+from agent_network.hub.fold import step
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.services.scope import audience_admits
 
@@ -29,14 +36,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HANDOFF_TOOL",
+    "PASS_REPLY",
     "ToolBox",
     "graph_tools",
+    "passes_turn",
     "reply_audience",
     "thread_may_speak",
     "toolbox_for",
     "turn_takers",
     "visible_to",
 ]
+
+PASS_REPLY = "I have nothing to add; I pass my turn."
+"""What an agent posts when its model came out empty on a turn the protocol waits for (see
+:func:`passes_turn`): silence there would stall the thread until its TTL."""
 
 HANDOFF_TOOL = "handoff"
 """Name of the generic tool every workflow speaker gets: ``handoff(target, reason)``."""
@@ -383,3 +396,37 @@ def graph_tools(created: Mapping[str, Any], agent_id: str) -> ToolBox:
         s for s in graph.tools if s.speakers is None or agent_id in {resolve(x) for x in s.speakers}
     )
     return ToolBox(specs, _handoff_targets(ids, names, agent_id), resolve)
+
+
+def passes_turn(state: ThreadState, actor: Actor) -> bool:
+    """Whether an agent whose model produced nothing usable posts :data:`PASS_REPLY` instead of
+    staying silent: only when the protocol waits for exactly this agent (``expected_speaker``)
+    and the pass keeps the thread going — folded on a copy of ``state``, the pass must be
+    admitted and must not end the thread with ``no_transition`` (a workflow whose graph has no
+    rule for this speaker is waiting for something else, e.g. a context change, so silence is
+    right there). A discussion passes the turn on; a round robin moves on; a consulting reply
+    of "nothing to add" completes the consultation. Where anyone may speak, silence is fine."""
+    if state.expected_speaker != actor.id:
+        return False
+    data = {"content": PASS_REPLY}
+    try:
+        admit(state, Proposal(type=EV_MESSAGE, data=data, sender=actor))
+    except AgentNetworkError:
+        return False
+    probe = Envelope(
+        thread_id=state.thread_id,
+        seq=state.last_seq + 1,
+        id="env_pass_probe",
+        type=EV_MESSAGE,
+        data=data,
+        sender_kind=actor.kind,
+        sender_id=actor.id,
+        sender_org_id=actor.org_id,
+        audience=None,
+        causation_id=None,
+        idempotency_key=None,
+        created_at=state.created.at if state.created is not None else "",
+        prev_hash=state.head_hash,
+        hash="",
+    )
+    return step(state, probe).close_reason != REASON_NO_TRANSITION

@@ -120,13 +120,14 @@ from agent_network.errors import AgentNetworkError
 from agent_network.runtime.models import resolve_model_name
 from agent_network.runtime.prompt import build_prompt
 from agent_network.runtime.protocol import (
+    PASS_REPLY,
     ToolBox,
     graph_tools,
     participant_id,
     reply_audience,
     thread_may_speak,
 )
-from agent_network.runtime.runner import generate_reply, new_runner_id
+from agent_network.runtime.runner import Reply, generate_reply, new_runner_id
 from agent_network.services.claims import reply_key
 
 log = structlog.get_logger(__name__)
@@ -619,6 +620,13 @@ class RemoteRunner:
         except AgentNetworkError as err:
             log.warning("runner.model_failed", agent_id=agent.id, error=f"{err.code}: {err}")
             return
+        if (
+            not answer.content
+            and view.get("adapter") == "discussion"
+            and view.get("expected_speaker") == agent.id
+        ):  # the round-robin waits for this agent: pass rather than stall (the in-process
+            # runner also passes in workflows, where it can fold the pass first)
+            answer = Reply(PASS_REPLY, answer.tool_calls)
         if not answer.content:
             log.warning("runner.empty_reply", agent_id=agent.id, trigger_id=trigger.id)
             return

@@ -117,7 +117,9 @@ from agent_network.runtime.cleaning import clean_reply
 from agent_network.runtime.models import build_model, resolve_model_name
 from agent_network.runtime.prompt import Prompt, build_prompt
 from agent_network.runtime.protocol import (
+    PASS_REPLY,
     ToolBox,
+    passes_turn,
     reply_audience,
     toolbox_for,
     turn_takers,
@@ -805,6 +807,16 @@ class Runner:
             )
             return
         reply = answer.content
+        if not reply and passes_turn(state, actor):
+            reply = PASS_REPLY  # the protocol waits for this agent: pass rather than stall
+            await self._audit(
+                job,
+                "routine.passed",
+                f"the model's reply was empty after cleaning ({REPLY_ATTEMPTS} attempts); "
+                "passed the turn",
+                org_id=agent["org_id"],
+                outcome="accepted",
+            )
         if not reply:
             await self._audit(
                 job,
