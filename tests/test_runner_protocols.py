@@ -262,7 +262,7 @@ async def open_thread(
     return tid
 
 
-async def settle(w: World, tid: str, *, quiet: float = 0.3) -> None:
+async def settle(w: World, tid: str, *, quiet: float = 1.0) -> None:
     """Wait until the runner is idle and the thread has not moved for ``quiet`` seconds."""
     with anyio.fail_after(30):
         last, since = -1, time.monotonic()

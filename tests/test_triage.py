@@ -268,8 +268,10 @@ async def add_triage(w: World, d: Desk, **extra: Any) -> dict[str, Any]:
     )
 
 
-async def settle(w: World, *tids: str, quiet: float = 0.3) -> None:
-    """Wait until the runner is idle and the threads have not moved for ``quiet`` seconds."""
+async def settle(w: World, *tids: str, quiet: float = 1.0) -> None:
+    """Wait until the runner is idle and the threads have not moved for ``quiet`` seconds (the
+    runner dispatches a new envelope after a query, before it counts the job as pending, so
+    the quiet period must outlast a query on a loaded machine)."""
     with anyio.fail_after(30):
         last: list[int] = []
         since = time.monotonic()
@@ -312,6 +314,9 @@ async def test_routes_by_the_models_label_and_the_specialist_answers(db: Path) -
         await add_triage(w, d)
         # the text has a technical keyword: the model's label wins over keywords
         request = await ask(w, d, "My upload failed and I want my money back")
+        with anyio.fail_after(30):  # the forward and the specialist's answer
+            while len(await messages(w, d.routes["billing"])) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
         await settle(w, d.intake, *d.routes.values())
 
         billing = await messages(w, d.routes["billing"])
