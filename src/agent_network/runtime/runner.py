@@ -85,6 +85,7 @@ import socket
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,7 @@ from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.settings import ModelSettings
 from sqlalchemy import RowMapping, exists, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agent_network.adapters.base import Proposal
 from agent_network.adapters.lifecycle import admit, may_speak
@@ -370,7 +371,7 @@ class Runner:
             await self._run(task_status)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                async with self.ctx.engine.begin() as conn:
+                async with _transaction(self.ctx.engine) as conn:
                     await release_claims(conn, self.runner_id)
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
@@ -430,7 +431,7 @@ class Runner:
                 wanted &= {only_agent}
             if not wanted:
                 return
-        async with self.ctx.engine.begin() as conn:
+        async with _transaction(self.ctx.engine) as conn:
             q = (
                 select(
                     routines.c.id,
@@ -650,7 +651,7 @@ class Runner:
         await self._send.send(job)
 
     async def _finished(self, job: Job) -> None:
-        async with self.ctx.engine.begin() as conn:
+        async with _transaction(self.ctx.engine) as conn:
             await advance_cursor(conn, job.agent_id, job.trigger.thread_id, job.trigger.seq)
         self._queued.discard((job.agent_id, job.trigger.id))
         self.jobs_done += 1
@@ -660,7 +661,7 @@ class Runner:
             self._idle.set()
 
     async def _claim(self, job: Job) -> ClaimState:
-        async with self.ctx.engine.begin() as conn:
+        async with _transaction(self.ctx.engine) as conn:
             return await try_claim(
                 conn,
                 agent_id=job.agent_id,
@@ -672,7 +673,7 @@ class Runner:
             )
 
     async def _complete(self, job: Job) -> None:
-        async with self.ctx.engine.begin() as conn:
+        async with _transaction(self.ctx.engine) as conn:
             await complete_claim(
                 conn,
                 agent_id=job.agent_id,
@@ -1200,7 +1201,7 @@ class Runner:
             reason=reason,
             data={"trigger_id": job.trigger.id, "routine_id": job.routine_id},
         )
-        async with self.ctx.engine.begin() as conn:
+        async with _transaction(self.ctx.engine) as conn:
             await insert_audit(conn, [row])
 
 
@@ -1223,3 +1224,15 @@ async def _agent_and_thread(
         (await conn.execute(select(threads).where(threads.c.id == thread_id))).mappings().first()
     )
     return agent, thread
+
+
+@contextlib.asynccontextmanager
+async def _transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """``engine.begin()`` shielded from cancellation. A runner stopped while an aiosqlite call
+    of a write transaction is in flight can leave that connection inside its transaction,
+    holding SQLite's write lock: every other writer (the hub, the next runner) then waits out
+    its 10 s busy timeout (measured: a server stop took 10-30 s under load). The blocks are
+    short database work only, so finishing them delays a stop by milliseconds."""
+    with anyio.CancelScope(shield=True):
+        async with engine.begin() as conn:
+            yield conn
