@@ -226,6 +226,90 @@ class Posters:
         )
 
 
+SUBSCRIBER_CODE = """
+import asyncio, gc, json, sys, time
+from websockets.asyncio.client import connect
+url, key, thread_id, count, warmup, seconds = sys.argv[1:7]
+count, warmup, seconds = int(count), float(warmup), float(seconds)
+latencies = []
+recording = False
+
+async def subscriber(ready):
+    ws = await connect(url, additional_headers={"Authorization": f"Bearer {key}"},
+                       compression=None, ping_interval=None, max_queue=None, open_timeout=60)
+    while json.loads(await ws.recv())["type"] != "welcome":
+        pass
+    await ws.send(json.dumps({"type": "join", "thread_id": thread_id, "ref": "j"}))
+    while json.loads(await ws.recv())["type"] != "joined":
+        pass
+    ready.set()
+    async for msg in ws:
+        if recording and msg.startswith('{"type":"envelope"'):
+            now = time.perf_counter_ns()
+            env = json.loads(msg)["envelope"]
+            if env["type"] == "message":
+                latencies.append((now - int(env["content"].split(" ", 1)[0])) / 1e6)
+
+async def main():
+    global recording
+    events = [asyncio.Event() for _ in range(count)]
+    tasks = [asyncio.create_task(subscriber(e)) for e in events]
+    for e in events:
+        await e.wait()
+    print("ready", flush=True)
+    await asyncio.sleep(warmup)
+    recording = True
+    await asyncio.sleep(seconds)
+    recording = False
+    for t in tasks:
+        t.cancel()
+    print(json.dumps(latencies), flush=True)
+
+gc.disable()
+asyncio.run(main())
+"""
+
+
+async def split_run(fx: Fixture, rate: float, seconds: float, warmup: float) -> dict[str, Any]:
+    """Phase 2 with the 10 subscribers in a second client process (``SUBSCRIBER_CODE``) and the
+    posters in this one, as two client machines would be: the post -> receive latency without
+    the single client process queueing its own frames (CLOCK_MONOTONIC is shared by both)."""
+    thread_id = fx.new_thread("bench split")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUBSCRIBER_CODE,
+        fx.ws_url,
+        fx.org.key,
+        thread_id,
+        "10",
+        str(warmup),
+        str(seconds),
+        stdout=asyncio.subprocess.PIPE,
+        limit=2**26,  # the latencies come back as one JSON line
+    )
+    assert proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"ready"
+    conns = [await fx.open() for _ in range(POSTERS)]
+    posters = Posters(conns, thread_id, fx.user_id)
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(posters.read_replies(i)) for i in range(len(conns))]
+        start, sent = time.perf_counter(), 0
+        while (now := time.perf_counter()) < start + warmup + seconds + 0.2:
+            due = int((now - start) * rate)
+            while sent < due:
+                await posters.post()
+                sent += 1
+            await asyncio.sleep(0.001)
+        latencies: list[float] = json.loads(await proc.stdout.readline())
+        await proc.wait()
+        for ws in conns:
+            await ws.close()
+        for t in tasks:
+            t.cancel()
+    return {"samples": len(latencies), "p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99)}
+
+
 async def open_stalled(fx: Fixture, thread_id: str) -> ClientConnection:
     """A subscriber of ``thread_id`` that never reads: a socket with a 4 KiB receive buffer and
     ``max_queue=1`` (the client library stops reading the socket once one frame waits, and
@@ -535,6 +619,17 @@ def latency_phase(
         f"   at {rate:,.0f}/s offered: >= {achieved:,.0f} posts/s achieved, p99 {p99:.2f} ms "
         f"(median of {len(fulls)} runs; target < {TARGET_P99_MS:g} ms at 1,000/s) "
         f"{mark(p99 < TARGET_P99_MS and achieved >= 0.98 * 1000)}"
+    )
+    seconds, warmup = (2.0, 0.5) if quick else (6.0, 1.0)
+    split = [quiet_gc(asyncio.run)(split_run(fx, rate, seconds, warmup)) for _ in range(reps)]
+    split_p99 = statistics.median(r["p99_ms"] for r in split)
+    figures["split_latency"] = split
+    each = " / ".join(f"{r['p99_ms']:.2f}" for r in split)
+    print(
+        f"   the same with the subscribers in a second client process: p50 "
+        f"{statistics.median(r['p50_ms'] for r in split):.2f} ms, p99 {split_p99:.2f} ms "
+        f"(median of {len(split)} runs: {each}) "
+        f"{mark(split_p99 < TARGET_P99_MS)}"
     )
     windows, window_s = (8, 1.0) if quick else (24, 1.5)
     st = quiet_gc(asyncio.run)(stall_phase(fx, low_rate, windows, window_s))
