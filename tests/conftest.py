@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ import uvicorn
 
 from agent_network.api import create_app
 from agent_network.config import Settings
-from agent_network.services import create_admin_key
+from agent_network.hub import Hub
+from agent_network.runtime.runner import Runner
+from agent_network.services import ServiceContext, Services, create_admin_key
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
 
@@ -287,3 +291,32 @@ def _unregister_function_models() -> Iterator[None]:
 
     while _registered_models:
         register_model(_registered_models.pop(), None)
+
+
+@dataclass
+class World:
+    """A hub, the services and a running in-process runner over one SQLite file."""
+
+    ctx: ServiceContext
+    services: Services
+    runner: Runner
+
+    @property
+    def hub(self) -> Hub:
+        return self.ctx.hub
+
+
+@contextlib.asynccontextmanager
+async def world(db: Path) -> AsyncIterator[World]:
+    """Hub, services and a running in-process runner over ``db``; stops them all on exit."""
+    engine = create_engine(database_url(db))
+    try:
+        async with Hub.open(engine, sweep_interval=None) as hub:
+            ctx = ServiceContext(engine, hub, Settings(database=str(db), model="test"))
+            runner = Runner(ctx)
+            async with anyio.create_task_group() as tg:
+                await tg.start(runner.run)
+                yield World(ctx, Services.create(ctx), runner)
+                tg.cancel_scope.cancel()
+    finally:
+        await engine.dispose()

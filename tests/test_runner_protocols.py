@@ -12,11 +12,10 @@ protocol threads are opened on the hub directly (``thread.created`` plus the ``t
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,12 @@ from agent_network.adapters import (
 )
 from agent_network.adapters.model import epoch
 from agent_network.client import AsyncClient
-from agent_network.config import Settings
 from agent_network.hub import (
     EV_CONTEXT_SET,
     EV_MESSAGE,
     EV_THREAD_ACK,
     EV_THREAD_CLOSING,
     EV_THREAD_CREATED,
-    Hub,
 )
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.ids import new_id, now_iso
@@ -63,12 +60,9 @@ from agent_network.runtime.protocol import (
     thread_may_speak,
 )
 from agent_network.runtime.remote import RemoteRunner
-from agent_network.runtime.runner import Runner
-from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
-from agent_network.store.engine import create_engine, database_url
 from agent_network.store.tables import audit_log, thread_participants, threads
-from conftest import LiveServer, Org, all_envelopes, function_model
+from conftest import LiveServer, Org, World, all_envelopes, function_model, world
 
 pytestmark = pytest.mark.anyio
 
@@ -149,33 +143,6 @@ class Cast:
         if role == "ann":
             return Actor("user", self.ids[role], self.org_id, role)
         return Actor("agent", self.ids[role], self.org_id, role)
-
-
-@dataclass
-class World:
-    ctx: ServiceContext
-    services: Services
-    runner: Runner
-
-    @property
-    def hub(self) -> Hub:
-        return self.ctx.hub
-
-
-@contextlib.asynccontextmanager
-async def world(db: Path) -> AsyncIterator[World]:
-    """Hub, services and a running in-process runner over ``db``; stops them all on exit."""
-    engine = create_engine(database_url(db))
-    try:
-        async with Hub.open(engine, sweep_interval=None) as hub:
-            ctx = ServiceContext(engine, hub, Settings(database=str(db), model="test"))
-            runner = Runner(ctx)
-            async with anyio.create_task_group() as tg:
-                await tg.start(runner.run)
-                yield World(ctx, Services.create(ctx), runner)
-                tg.cancel_scope.cancel()
-    finally:
-        await engine.dispose()
 
 
 async def seed(w: World, agents: dict[str, Scripted | None]) -> Cast:

@@ -10,9 +10,8 @@ validation is tested over REST on a live server.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,19 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo
 from sqlalchemy import select
 
-from agent_network.config import Settings
 from agent_network.errors import InvalidRequestError
-from agent_network.hub import EV_MESSAGE, Hub
+from agent_network.hub import EV_MESSAGE
 from agent_network.model.envelope import Envelope
 from agent_network.model.rule import RateLimit, Rule
-from agent_network.runtime.runner import Runner
 from agent_network.runtime.triage import (
     decide,
     keyword_label,
     label_in,
     parse_config,
 )
-from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
-from agent_network.store.engine import create_engine, database_url
 from agent_network.store.tables import audit_log
-from conftest import LiveServer, Org, assert_error, function_model
+from conftest import LiveServer, Org, World, assert_error, function_model, world
 
 pytestmark = pytest.mark.anyio
 
@@ -138,33 +133,6 @@ def test_keywords_most_hits_then_config_order_then_fallback() -> None:
 
 
 # ----------------------------------------------------------------------------- the world
-
-
-@dataclass
-class World:
-    ctx: ServiceContext
-    services: Services
-    runner: Runner
-
-    @property
-    def hub(self) -> Hub:
-        return self.ctx.hub
-
-
-@contextlib.asynccontextmanager
-async def world(db: Path) -> AsyncIterator[World]:
-    """Hub, services and a running in-process runner over ``db``; stops them all on exit."""
-    engine = create_engine(database_url(db))
-    try:
-        async with Hub.open(engine, sweep_interval=None) as hub:
-            ctx = ServiceContext(engine, hub, Settings(database=str(db), model="test"))
-            runner = Runner(ctx)
-            async with anyio.create_task_group() as tg:
-                await tg.start(runner.run)
-                yield World(ctx, Services.create(ctx), runner)
-                tg.cancel_scope.cancel()
-    finally:
-        await engine.dispose()
 
 
 @dataclass

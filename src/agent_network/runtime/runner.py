@@ -853,7 +853,15 @@ class Runner:
         data: dict[str, Any] = {"content": reply}
         if answer.tool_calls:
             data["tool_calls"] = answer.tool_calls
-        try:
+        await self._reply(trigger, actor, now, data, key)
+
+    async def _reply(
+        self, trigger: Envelope, actor: Actor, now: ThreadState, data: dict[str, Any], key: str
+    ) -> None:
+        """Append the agent's reply to ``trigger`` (``data``, idempotency ``key``) addressed
+        like the trigger (:func:`reply_audience`); a refusal is already audited by the hub."""
+        refused = (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError)
+        with contextlib.suppress(*refused):  # the hub audited the refusal
             await self.ctx.hub.append(
                 trigger.thread_id,
                 type=EV_MESSAGE,
@@ -862,14 +870,12 @@ class Runner:
                 audience=reply_audience(
                     trigger.audience,
                     (trigger.sender_kind, trigger.sender_id),
-                    agent["id"],
+                    actor.id,
                     now.participant_ids,
                 ),
                 causation_id=trigger.id,
                 idempotency_key=key,
             )
-        except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
-            return  # the hub audited the refusal
 
     # ---------------------------------------------------------------- triage
 
@@ -974,23 +980,7 @@ class Runner:
                 request_id=trigger.id,
             ),
         }
-        try:
-            await self.ctx.hub.append(
-                trigger.thread_id,
-                type=EV_MESSAGE,
-                data=data,
-                sender=actor,
-                audience=reply_audience(
-                    trigger.audience,
-                    (trigger.sender_kind, trigger.sender_id),
-                    agent["id"],
-                    now.participant_ids,
-                ),
-                causation_id=trigger.id,
-                idempotency_key=key,
-            )
-        except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
-            return  # the hub audited the refusal
+        await self._reply(trigger, actor, now, data, key)
 
     async def _forward(
         self,
