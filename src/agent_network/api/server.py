@@ -25,6 +25,10 @@ class GracefulServer(uvicorn.Server):
     milliseconds at unpredictable moments (measured: ~60-100 ms pauses at 1,000 appends/s, the
     p99 latency of every post in flight). Leave it off where many servers start in one process
     (tests): frozen objects are never collected.
+
+    The event loop and HTTP parser are uvicorn's ``"auto"`` choices: uvloop and httptools, both
+    in the project's dependencies (asyncio and h11 where they are missing, e.g. uvloop on
+    Windows).
     """
 
     def __init__(self, config: uvicorn.Config, *, freeze_gc: bool = False) -> None:
