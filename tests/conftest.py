@@ -307,13 +307,14 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(db: Path) -> AsyncIterator[World]:
-    """Hub, services and a running in-process runner over ``db``; stops them all on exit."""
+async def world(db: Path, runner_class: type[Runner] = Runner) -> AsyncIterator[World]:
+    """Hub, services and a running in-process runner (a ``runner_class``) over ``db``; stops
+    them all on exit."""
     engine = create_engine(database_url(db))
     try:
         async with Hub.open(engine, sweep_interval=None) as hub:
             ctx = ServiceContext(engine, hub, Settings(database=str(db), model="test"))
-            runner = Runner(ctx)
+            runner = runner_class(ctx)
             async with anyio.create_task_group() as tg:
                 await tg.start(runner.run)
                 yield World(ctx, Services.create(ctx), runner)

@@ -60,7 +60,10 @@ from agent_network.runtime.protocol import (
     thread_may_speak,
 )
 from agent_network.runtime.remote import RemoteRunner
+from agent_network.runtime.runner import Job, Runner
+from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
+from agent_network.store.claims import ClaimState
 from agent_network.store.tables import audit_log, thread_participants, threads
 from conftest import LiveServer, Org, World, all_envelopes, function_model, world
 
@@ -549,6 +552,41 @@ async def test_workflow_restart_mid_way_repeats_nothing_and_ends_the_same(
         "writer": 3,
         "reviewer": 2,
     }
+
+
+class StopsBeforeClaim(Runner):
+    """A runner whose jobs stop just before their claim is written (where a shutdown can land)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.reached = anyio.Event()
+
+    async def _claim(self, job: Job) -> ClaimState:
+        self.reached.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_job_stopped_before_its_claim_is_answered_after_the_restart(db: Path) -> None:
+    """A job cancelled by a stop leaves its trigger unhandled (no cursor advance), so the next
+    start answers it once. (It used to advance the cursor on the way out: the trigger was lost.)"""
+    bot = Scripted("Here I am.")
+    async with world(db, StopsBeforeClaim) as w:
+        assert isinstance(w.runner, StopsBeforeClaim)
+        cast = await seed(w, {"bot": bot})
+        tid = (await w.services.threads.create(cast.org, cast.team_id, "Open"))["id"]
+        await w.services.threads.post(cast.org, tid, "Anyone there?", user_id=cast.ids["ann"])
+        with anyio.fail_after(30):
+            await w.runner.reached.wait()
+    assert bot.turns == 0
+    async with world(db) as w:
+        await settle(w, tid)
+        msgs = await messages(w, tid)
+    assert [(cast.role(m.sender_id), m.data["content"]) for m in msgs] == [
+        ("ann", "Anyone there?"),
+        ("bot", "Here I am."),
+    ]
+    assert bot.turns == 1
 
 
 async def test_text_convention_tags_become_tool_calls(db: Path) -> None:

@@ -636,15 +636,20 @@ class Runner:
             retry_in: float | None = None
             try:
                 retry_in = await self._handle(job)
+            except anyio.get_cancelled_exc_class():
+                # stopping: the trigger stays unhandled (its cursor does not move), so the next
+                # start's catch-up dispatches it again. (Advancing the cursor here — the
+                # transaction is shielded — lost triggers whose job was cancelled before its
+                # claim was written.)
+                raise
             except Exception as exc:  # a job never takes the runner down
                 log.exception("runner.job_failed", agent_id=job.agent_id, error=repr(exc))
                 await self._audit(job, "routine.failed", f"{type(exc).__name__}: {exc}")
-            finally:
-                if retry_in is not None and self._tg is not None:
-                    # another runner holds the trigger: look again when its lease runs out
-                    self._tg.start_soon(self._retry_later, job, retry_in)
-                else:
-                    await self._finished(job)
+            if retry_in is not None and self._tg is not None:
+                # another runner holds the trigger: look again when its lease runs out
+                self._tg.start_soon(self._retry_later, job, retry_in)
+            else:
+                await self._finished(job)
 
     async def _retry_later(self, job: Job, delay: float) -> None:
         await anyio.sleep(delay)
