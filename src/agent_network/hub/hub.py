@@ -36,7 +36,7 @@ from agent_network.errors import (
 from agent_network.hub.expectations import Sweeper
 from agent_network.hub.fold import EV_THREAD_CREATED, ThreadState, fold, step
 from agent_network.model.envelope import Actor, Envelope, envelope_hash
-from agent_network.model.ids import new_id, now_iso
+from agent_network.model.ids import new_sorted_id, now_iso
 from agent_network.store.audit import audit_row
 from agent_network.store.wal import read_envelopes
 from agent_network.store.wal_writer import WalSession, WalWriter, open_wal_writer
@@ -505,7 +505,7 @@ def _stamp(state: ThreadState, p: _Pending) -> Envelope:
     fields: dict[str, Any] = {
         "thread_id": p.thread_id,
         "seq": state.last_seq + 1,
-        "id": new_id("env"),
+        "id": new_sorted_id("env"),
         "type": prop.type,
         "data": prop.data,
         "sender_kind": prop.sender.kind,
