@@ -23,9 +23,9 @@ Phases (each on its own thread):
 3. stalled subscriber: at ``--low-rate`` posts/s, windows where an 11th subscriber never reads
    (a socket with a 4 KiB receive buffer) alternate in ABBA order with windows where the 11th
    subscriber reads, on one thread with the same 10 timed subscribers; the others' p99 per
-   window is compared between the two conditions (median over windows). Interleaving puts
-   machine-load drift on both conditions alike; the reading 11th isolates stalling from the
-   cost of one more subscriber.
+   window is compared between the two conditions (median over windows), in 3 runs whose
+   median change is the verdict. Interleaving puts machine-load drift on both conditions
+   alike; the reading 11th isolates stalling from the cost of one more subscriber.
 4. idle connections: opens ``--idle`` connections (each authenticates and joins one thread, then
    only answers pings), reads the server's VmRSS before and after (``/proc/<pid>/status``) and
    prints the delta per connection; then posts one message and times its delivery to all.
@@ -350,6 +350,7 @@ async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -
         c: {"post": [], "stamp": []} for c in (False, True)
     }
     disconnected_stalled = 0
+    server_cpu: dict[bool, list[float]] = {False: [], True: []}  # server CPU s per window
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(sub.run()) for sub in subs]
         tasks += [tg.create_task(posters.read_replies(i)) for i in range(len(poster_conns))]
@@ -365,6 +366,7 @@ async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -
                 await join(extra_ws, thread_id)
                 extra_task = tg.create_task(Subscriber(extra_ws, timed=False).run())
             marks = [(len(sub.latencies_ms), len(sub.fanout_ms)) for sub in subs]
+            cpu0 = cpu_seconds(fx.pid)
             for sub in subs:
                 sub.recording = True
             start, sent = time.perf_counter(), 0
@@ -375,6 +377,7 @@ async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -
                     sent += 1
                 await asyncio.sleep(0.001)
             await asyncio.sleep(0.1)  # the last posts arrive
+            server_cpu[stalled].append(cpu_seconds(fx.pid) - cpu0)
             window: dict[str, list[float]] = {"post": [], "stamp": []}
             for sub, (n_lat, n_fan) in zip(subs, marks, strict=True):
                 sub.recording = False
@@ -399,6 +402,7 @@ async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -
         for key in ("post", "stamp"):
             out[f"{name}_{key}_p99_ms"] = pct(pooled[stalled][key], 99)
             out[f"{name}_{key}_window_p99_ms"] = statistics.median(per_window[stalled][key])
+        out[f"{name}_server_cpu_ms"] = 1000 * statistics.median(server_cpu[stalled])
     out["errors"] = len(posters.errors)
     out["disconnected"] = sum(1 for sub in subs if sub.disconnect is not None)
     out["stalled_closed_by_server"] = disconnected_stalled  # lagged within its window
@@ -638,25 +642,49 @@ def latency_phase(
         f"{mark(split_p99 < TARGET_P99_MS)}"
     )
     windows, window_s = (8, 1.0) if quick else (24, 1.5)
-    st = quiet_gc(arun)(stall_phase(fx, low_rate, windows, window_s))
-    figures["stalled"] = st
+    runs = 1 if quick else 3
     print(
-        f"\n3. stalled subscriber at {low_rate:,.0f}/s: {windows} windows of {window_s:g} s with "
-        "an 11th subscriber that reads (clean) or never reads (stalled), interleaved ABBA"
+        f"\n3. stalled subscriber at {low_rate:,.0f}/s: {runs} run(s) of {windows} windows of "
+        f"{window_s:g} s with an 11th subscriber that reads (clean) or never reads (stalled), "
+        "interleaved ABBA; per run the median over windows of each window's p99 (a single "
+        "pause of the machine moves a pooled p99 by itself), the verdict on the median of the "
+        "runs' changes"
     )
-    print(
-        f"   {st['clean_samples']:,} / {st['stalled_samples']:,} deliveries; the verdict uses the "
-        "median over windows of each window's p99 (a single pause of the machine moves a pooled "
-        "p99 by itself)"
-    )
-    for key, label in (("post", "post->recv"), ("stamp", "stamp->recv")):
-        clean, stalled_p99 = st[f"clean_{key}_window_p99_ms"], st[f"stalled_{key}_window_p99_ms"]
-        delta = stalled_p99 / clean - 1
-        figures[f"stall_delta_{key}"] = delta
+    stall_runs = []
+    for _ in range(runs):
+        st = quiet_gc(arun)(stall_phase(fx, low_rate, windows, window_s))
+        stall_runs.append(st)
+        parts = []
+        for key, label in (("post", "post->recv"), ("stamp", "stamp->recv")):
+            clean, stalled = st[f"clean_{key}_window_p99_ms"], st[f"stalled_{key}_window_p99_ms"]
+            change = stalled / clean - 1
+            parts.append(f"{label} p99 {clean:.2f} -> {stalled:.2f} ms ({change:+.1%})")
+        parts.append(
+            f"server CPU per window {st['clean_server_cpu_ms']:.0f} -> "
+            f"{st['stalled_server_cpu_ms']:.0f} ms"
+        )
         print(
-            f"   the others' {label} p99 {clean:.2f} -> {stalled_p99:.2f} ms: {delta:+.1%} "
-            f"(target: worse by < {TARGET_STALL_DELTA:.0%}) {mark(delta < TARGET_STALL_DELTA)}; "
-            f"pooled p99 {st[f'clean_{key}_p99_ms']:.2f} -> {st[f'stalled_{key}_p99_ms']:.2f} ms"
+            f"   {st['clean_samples']:,} / {st['stalled_samples']:,} deliveries: "
+            + "; ".join(parts)
+        )
+    figures["stalled"] = stall_runs
+    for key, label in (("post", "post->recv"), ("stamp", "stamp->recv")):
+        deltas = [
+            st[f"stalled_{key}_window_p99_ms"] / st[f"clean_{key}_window_p99_ms"] - 1
+            for st in stall_runs
+        ]
+        delta = statistics.median(deltas)
+        figures[f"stall_delta_{key}"] = delta
+        # the target is on the latency the issue defines, post -> delivery; stamp -> receive
+        # (the fan-out part alone) is printed as a diagnostic
+        verdict = (
+            f"target: worse by < {TARGET_STALL_DELTA:.0%}) {mark(delta < TARGET_STALL_DELTA)}"
+            if key == "post"
+            else "diagnostic, no target)"
+        )
+        print(
+            f"   the others' {label} p99 changed by {delta:+.1%} (median of "
+            f"{' / '.join(f'{d:+.1%}' for d in deltas)}; {verdict}"
         )
 
 
