@@ -13,8 +13,11 @@ costs one fsync of the WAL file.
    a. one row per transaction (the baseline for 1);
    b. executemany in transactions of the average batch size the hub reached in 2 (the baseline
       for 2), plus batches of 1000 rows for context.
-   Row tuples (hash chain included) are built between transactions, off the clock: the raw rate is
-   rows / time spent inside BEGIN..COMMIT, i.e. what SQLite itself can do.
+   Row tuples (hash chain included, ids made as the hub makes them: time-ordered) are built
+   between transactions, off the clock: the raw rate is rows / time spent inside BEGIN..COMMIT,
+   i.e. what SQLite itself can do.
+
+The hub phases run on uvloop, the event loop the server runs on (``agent-network serve``).
 
 The script prints figures and never asserts; the targets in the ratio rows come from the issue.
 """
@@ -37,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from agent_network.hub import Hub
 from agent_network.model.envelope import GENESIS_HASH, Actor
-from agent_network.model.ids import new_id, now_iso
+from agent_network.model.ids import new_id, new_sorted_id, now_iso
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
 TARGET_SINGLE = 0.50  # hub(1) / raw(a), from the issue
@@ -155,7 +160,7 @@ class RowMaker:
             tid = self.threads[self.i % len(self.threads)]
             self.i += 1
             seq = self.seq[tid] + 1
-            eid, created, prev = new_id("env"), now_iso(), self.head[tid]
+            eid, created, prev = new_sorted_id("env"), now_iso(), self.head[tid]
             digest = hashlib.sha256(
                 f"{tid}|{seq}|{eid}|{self.data}|{created}|{prev}".encode()
             ).hexdigest()
@@ -281,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         singles: list[tuple[Result, Result]] = []
         concurrent: list[tuple[Result, Result]] = []
         for r in range(args.rounds):
-            h1 = asyncio.run(_hub_phase(_fresh(db_dir / f"hub1_{r}.db"), 1, w, s))
+            h1 = uvloop.run(_hub_phase(_fresh(db_dir / f"hub1_{r}.db"), 1, w, s))
             ra = _raw_phase(_fresh(db_dir / f"raw_a_{r}.db"), "raw sqlite3, 1 row/txn", 1, 1, w, s)
             singles.append((h1, ra))
-            h2 = asyncio.run(_hub_phase(_fresh(db_dir / f"hub2_{r}.db"), args.threads, w, s))
+            h2 = uvloop.run(_hub_phase(_fresh(db_dir / f"hub2_{r}.db"), args.threads, w, s))
             avg = max(1.0, h2.per_txn)
             rb = _raw_phase(
                 _fresh(db_dir / f"raw_b_{r}.db"),
