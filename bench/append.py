@@ -317,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'phase':<{width}}  {'envelopes/s':>12}  {'rows/txn':>9}  {'rows':>8}  {'txns':>7}  "
         f"{'seconds':>7}"
     )
-    for r in results:
+    for res in results:
         print(
-            f"{r.name:<{width}}  {r.rate:>12,.0f}  {r.per_txn:>9.1f}  {r.rows:>8}  "
-            f"{r.transactions:>7}  {r.seconds:>7.2f}"
+            f"{res.name:<{width}}  {res.rate:>12,.0f}  {res.per_txn:>9.1f}  {res.rows:>8}  "
+            f"{res.transactions:>7}  {res.seconds:>7.2f}"
         )
     print()
     ratios = [
