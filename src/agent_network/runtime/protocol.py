@@ -10,15 +10,15 @@ docstring.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic_ai import Tool
 
 from agent_network.adapters.base import Proposal
 from agent_network.adapters.graph import Finish, GraphError, Handoff, ToolSpec, Turn, tool_call
-from agent_network.adapters.lifecycle import admit, may_speak
+from agent_network.adapters.lifecycle import admit
 from agent_network.adapters.model import (
     EV_MESSAGE,
     LIVE_STATUSES,
@@ -29,7 +29,7 @@ from agent_network.adapters.workflow import WorkflowState, tools_for
 from agent_network.errors import AgentNetworkError, InvalidRequestError
 from agent_network.hub.fold import step
 from agent_network.model.envelope import Actor, Envelope
-from agent_network.services.scope import audience_admits
+from agent_network.services.turns import turn_takers, visible_to
 
 if TYPE_CHECKING:
     from agent_network.hub.fold import ThreadState
@@ -55,49 +55,6 @@ HANDOFF_TOOL = "handoff"
 """Name of the generic tool every workflow speaker gets: ``handoff(target, reason)``."""
 
 MAX_TOOL_ARG = 500  # characters kept of a tool argument
-
-
-def visible_to(agent_id: str, env: Envelope) -> bool:
-    """True when the agent ``agent_id`` may see ``env`` (audience None = everyone; otherwise the
-    sender or a listed id) — :func:`agent_network.services.scope.audience_admits` for an agent."""
-    return audience_admits(Actor("agent", agent_id, ""), env)
-
-
-def turn_takers(state_after: ThreadState, env: Envelope, agents: Iterable[str]) -> set[str]:
-    """Which of ``agents`` (ids of agents with a participate routine) ``env`` triggers, given
-    ``state_after``, the thread's state folded up to and including ``env``.
-
-    - A thread without a participant list (a plain ``open`` thread): every agent but the sender,
-      on a ``message`` only.
-    - A protocol thread whose adapter names an expected speaker: that agent, after ANY envelope
-      (the ``thread.created``/``thread.ack`` that made the thread active, a ``context.set``, a
-      Handoff naming it, the previous speaker's message) — also when it sent ``env`` itself
-      (a workflow ``stay``) — provided :func:`may_speak` admits it (the runaway budget aside:
-      the runner's preflight refuses and audits that before any model call).
-    - A protocol thread where anyone may speak (``conversation``, ``open`` with participants):
-      every participant agent but the sender, on a ``message``, when :func:`may_speak` admits
-      it (budget aside, as above).
-
-    In every case an envelope whose ``audience`` excludes the agent never triggers it.
-    """
-    wanted = set(agents)
-    if not state_after.participants:
-        if env.type != EV_MESSAGE:
-            return set()
-        return {a for a in wanted if a != env.sender_id and visible_to(a, env)}
-    ids = {pid for kind, pid in state_after.participants if kind == "agent"}
-    expected = state_after.expected_speaker
-    if expected is not None:
-        candidates = {expected} & ids & wanted
-    elif env.type == EV_MESSAGE:
-        candidates = (ids & wanted) - {env.sender_id}
-    else:
-        return set()
-    # the runaway budget is left to the runner's preflight, which audits the refusal
-    unbudgeted = replace(state_after, consecutive_agent=0)
-    return {
-        a for a in candidates if visible_to(a, env) and may_speak(unbudgeted, Actor("agent", a, ""))
-    }
 
 
 def reply_audience(

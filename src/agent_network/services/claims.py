@@ -47,6 +47,7 @@ from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import own_agent, require_org, visible_thread
+from agent_network.services.turns import turn_takers, visible_to
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.claims import ClaimState, complete_claim, done_seqs, try_claim
 from agent_network.store.tables import (
@@ -109,16 +110,13 @@ def trigger_refusal(state_after: ThreadState, env: Envelope, agent_id: str) -> s
 
     ``state_after`` is the thread's state folded up to and including ``env`` (for a thread
     without a participant list any state of the thread will do: only its empty ``participants``
-    is read). The rule is the runners' (:func:`~agent_network.runtime.protocol.turn_takers`):
+    is read). The rule is the runners' (:func:`~agent_network.services.turns.turn_takers`):
     an envelope whose audience excludes the agent never triggers it; in a thread without a
     protocol only a ``message`` from somebody else does; in a protocol thread any envelope
     (a message, ``thread.created``/``thread.ack``, ``context.set``, a Handoff, also one the
     agent sent itself) after which the agent is the expected speaker, or — where anyone may
     speak — a message of another participant.
     """
-    # (imported here: runtime.protocol imports the services package, which imports this module)
-    from agent_network.runtime.protocol import turn_takers, visible_to
-
     if not visible_to(agent_id, env):
         return "its audience does not include the agent"
     if not state_after.participants:
