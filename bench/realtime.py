@@ -328,7 +328,9 @@ async def open_stalled(fx: Fixture, thread_id: str) -> ClientConnection:
     return ws
 
 
-async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -> dict[str, Any]:
+async def stall_phase(
+    fx: Fixture, rate: float, windows: int, window_s: float, placebo: bool = False
+) -> dict[str, Any]:
     """The stalled-subscriber comparison, interleaved: one thread, 10 timed subscribers and the
     posters stay up while ``windows`` windows of ``window_s`` seconds alternate in ABBA order
     between an 11th subscriber that reads (A) and an 11th that never reads (B); a fresh one
@@ -336,7 +338,8 @@ async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -
     subscriber isolates the effect of stalling: on 2 cores any extra subscriber costs the
     others latency (measured: an 11th reading subscriber in its own process moved the others'
     p99 by more than a stalled one did). Interleaving puts drift in the machine's load on both
-    conditions alike, which separate runs minutes apart did not."""
+    conditions alike, which separate runs minutes apart did not. ``placebo``: the B windows
+    get a reading 11th subscriber too (an A/A control: the spread it shows is noise)."""
     thread_id = fx.new_thread("bench stalled")
     subs = [Subscriber(await fx.open(), timed=True) for _ in range(10)]
     for sub in subs:
@@ -359,7 +362,7 @@ async def stall_phase(fx: Fixture, rate: float, windows: int, window_s: float) -
             # the 11th subscriber: one that never reads (B) or one that reads (A), so that
             # the comparison isolates stalling from the cost of one more subscriber
             extra_task: asyncio.Task[None] | None = None
-            if stalled:
+            if stalled and not placebo:
                 extra_ws = await open_stalled(fx, thread_id)
             else:
                 extra_ws = await fx.open()
@@ -602,6 +605,7 @@ def latency_phase(
     rate: float,
     low_rate: float,
     quick: bool,
+    placebo: bool = False,
 ) -> None:
     print("\n2. latency, 10 subscribers; 'post->recv' = post frame sent -> envelope received,")
     print("      'stamp->recv' = envelope stamped by the hub -> received (the fan-out alone)")
@@ -644,7 +648,8 @@ def latency_phase(
     windows, window_s = (8, 1.0) if quick else (24, 1.5)
     runs = 1 if quick else 3
     print(
-        f"\n3. stalled subscriber at {low_rate:,.0f}/s: {runs} run(s) of {windows} windows of "
+        f"\n3. stalled subscriber{' (PLACEBO: both conditions read)' if placebo else ''} at "
+        f"{low_rate:,.0f}/s: {runs} run(s) of {windows} windows of "
         f"{window_s:g} s with an 11th subscriber that reads (clean) or never reads (stalled), "
         "interleaved ABBA; per run the median over windows of each window's p99 (a single "
         "pause of the machine moves a pooled p99 by itself), the verdict on the median of the "
@@ -652,7 +657,7 @@ def latency_phase(
     )
     stall_runs = []
     for _ in range(runs):
-        st = quiet_gc(arun)(stall_phase(fx, low_rate, windows, window_s))
+        st = quiet_gc(arun)(stall_phase(fx, low_rate, windows, window_s, placebo))
         stall_runs.append(st)
         parts = []
         for key, label in (("post", "post->recv"), ("stamp", "stamp->recv")):
@@ -761,6 +766,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of: throughput, latency, idle",
     )
     parser.add_argument(
+        "--stall-placebo",
+        action="store_true",
+        help="A/A control of phase 3: the 'stalled' windows get a reading subscriber too",
+    )
+    parser.add_argument(
         "--client-loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -794,7 +804,9 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput" in phases:
                 throughput_phase(run, figures)
             if "latency" in phases:
-                latency_phase(run, fx, figures, args.rate, args.low_rate, args.quick)
+                latency_phase(
+                    run, fx, figures, args.rate, args.low_rate, args.quick, args.stall_placebo
+                )
             if "idle" in phases:
                 idle_report(fx, figures, idle)
     finally:
