@@ -27,10 +27,12 @@ from agent_network.hub import EV_MESSAGE
 from agent_network.model.envelope import Envelope
 from agent_network.model.rule import RateLimit, Rule
 from agent_network.runtime.triage import (
+    MARKER,
     decide,
     keyword_label,
     label_in,
     parse_config,
+    undelivered_content,
 )
 from agent_network.services.principal import Principal
 from agent_network.store.tables import audit_log
@@ -484,12 +486,17 @@ async def test_checks_before_posting_are_audited(db: Path) -> None:
         d = await desk(w, specialist_routine=False)
         await add_triage(w, d)
         s = w.services
-        # a spent runaway budget in the route thread: nothing forwarded, nothing replied
+        # a spent runaway budget in the route thread: nothing forwarded; the person is told
+        # the request stays in intake (instead of waiting for a route that never got it)
         await s.threads.set_budget(d.org, d.routes["billing"], 0)
         await ask(w, d, "Refund my invoice")
         await settle(w, d.intake, *d.routes.values())
         assert await messages(w, d.routes["billing"]) == []
-        assert len(await messages(w, d.intake)) == 1
+        request, told = await messages(w, d.intake)
+        assert told.sender_id == d.triage and told.causation_id == request.id
+        assert told.data["content"] == undelivered_content("billing")
+        assert told.data[MARKER]["label"] == "billing"
+        assert told.data[MARKER]["delivered"] is False
         (refusal,) = await refusals(w, d.intake)
         assert refusal["action"] == "envelope.message"
         assert refusal["reason"].startswith("agent_budget_exhausted: route 'billing'")

@@ -70,7 +70,8 @@ Triage routines (hub-and-spoke; the pure parts are in :mod:`agent_network.runtim
 - **Handling** (:meth:`Runner._triage`): the participate checks (preflight, may it speak), then
   classify (the model's first label, else keywords, else the fallback), check the route thread,
   apply the egress policy to the forwarded text and count it against the rate, forward it
-  (``triage:<agent>:<request>``), and reply in intake (``reply:<agent>:<request>``). A forward
+  (``triage:<agent>:<request>``), and reply in intake (``reply:<agent>:<request>``; when the
+  forward was refused, that the request stays in intake). A forward
   already stored (a runner stopped in between) is completed with the reply only, without a
   model call. The remote runner (``runtime/remote.py``) runs participate routines only.
 """
@@ -137,6 +138,7 @@ from agent_network.runtime.triage import (
     marker,
     parse_config,
     reply_content,
+    undelivered_content,
     unroutable_content,
 )
 from agent_network.services.base import ServiceContext
@@ -896,7 +898,11 @@ class Runner:
         counts it against the rate, forwards (key ``triage:<agent>:<request>``, causation the
         request), then replies in intake (key ``reply:<agent>:<request>``, causation the
         request): ``Routed to <label>: <route title>``, or that nothing matched. Every refusal
-        is audited as in participate; nothing is posted after one.
+        is audited as in participate. When the forward itself was refused (the route thread is
+        closed or out of budget, the rule or the egress policy forbids it), the reply says the
+        request stays in intake (:func:`~agent_network.runtime.triage.undelivered_content`,
+        marker ``"delivered": False``) — unless the rate refused it; after any other refusal
+        nothing is posted.
         """
         trigger = job.trigger
         async with self.ctx.engine.connect() as conn:
@@ -947,11 +953,12 @@ class Runner:
             )
             label, how = decide(config, answer, request)
             if label is not None:
-                forwarded = await self._forward(
+                forwarded, may_reply = await self._forward(
                     job, agent, actor, config, label, how, thread, sender_name, request
                 )
-                if forwarded is None:
+                if forwarded is None and not may_reply:
                     return
+        delivered = forwarded is not None or label is None
         if forwarded is not None and label is not None:
             async with self.ctx.engine.connect() as conn:
                 title = (
@@ -961,7 +968,11 @@ class Runner:
                 ).scalar()
             content = reply_content(label, str(title or forwarded.thread_id))
         else:
-            content = unroutable_content(config.labels)
+            content = (
+                unroutable_content(config.labels)
+                if label is None
+                else undelivered_content(label)  # the forward was refused (audited)
+            )
             try:  # the only post for this request: it counts against the rate
                 self.rules.take_rate(agent)
             except RuleViolationError as err:
@@ -983,6 +994,7 @@ class Runner:
                 how=how,
                 intake_thread_id=trigger.thread_id,
                 request_id=trigger.id,
+                delivered=delivered,
             ),
         }
         await self._reply(trigger, actor, now, data, key)
@@ -998,27 +1010,29 @@ class Runner:
         intake: Any,
         sender_name: str,
         request: str,
-    ) -> Envelope | None:
+    ) -> tuple[Envelope | None, bool]:
         """Forward the request into the thread of route ``label`` (after its checks, the egress
-        policy and the rate); the stored forward, or None when refused (audited)."""
+        policy and the rate). Returns ``(the stored forward, True)``, or ``(None, may_reply)``
+        when refused (audited): ``may_reply`` is False only when the agent's rate refused it
+        (a reply in intake would exceed the rate too)."""
         trigger = job.trigger
         route_id = config.route_for(label).thread_id
         refusal = await self._route_refusal(agent, label, route_id)
         if refusal is not None:
             await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
-            return None
+            return None, True
         content = await self._egress(
             job, agent, route_id, forward_content(sender_name, intake["title"], request)
         )
         if content is None:
-            return None
+            return None, True
         try:
             self.rules.take_rate(agent)
         except RuleViolationError as err:
             await self._audit(
                 job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
             )
-            return None
+            return None, False
         data = {
             "content": content,
             MARKER: marker(
@@ -1030,7 +1044,7 @@ class Runner:
             ),
         }
         try:
-            return await self.ctx.hub.append(
+            forwarded = await self.ctx.hub.append(
                 route_id,
                 type=EV_MESSAGE,
                 data=data,
@@ -1039,7 +1053,8 @@ class Runner:
                 idempotency_key=forward_key(agent["id"], trigger.id),
             )
         except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
-            return None  # the hub audited the refusal
+            return None, True  # the hub audited the refusal
+        return forwarded, True
 
     async def _route_refusal(self, agent: Any, label: str, thread_id: str) -> Refusal | None:
         """Why the agent may not forward into route ``label``'s thread ``thread_id`` now (it

@@ -56,6 +56,7 @@ __all__ = [
     "label_in",
     "parse_config",
     "reply_content",
+    "undelivered_content",
     "unroutable_content",
 ]
 
@@ -274,6 +275,16 @@ def unroutable_content(labels: Iterable[str]) -> str:
     )
 
 
+def undelivered_content(label: str) -> str:
+    """The answer in intake when the forward to route ``label`` was refused (its thread is
+    closed or out of budget, the agent's rule or the egress policy forbids it): the request stays
+    in intake, and the person is told so instead of waiting for a route that never got it."""
+    return (
+        f"Could not pass this request on to {label} right now; it stays here in intake for "
+        "someone to pick up."
+    )
+
+
 def marker(
     kind: Literal["forward", "reply"],
     *,
@@ -281,16 +292,21 @@ def marker(
     how: Classified | None,
     intake_thread_id: str,
     request_id: str,
+    delivered: bool = True,
 ) -> dict[str, Any]:
     """The ``data["triage"]`` of a forward or a reply: ``{"kind", "label" (None: unroutable),
-    "by" (model | keywords | fallback | None), "intake_thread_id", "request_id"}``."""
-    return {
+    "by" (model | keywords | fallback | None), "intake_thread_id", "request_id"}``, plus
+    ``"delivered": False`` on the reply to a request whose forward to ``label`` was refused."""
+    out: dict[str, Any] = {
         "kind": kind,
         "label": label,
         "by": how,
         "intake_thread_id": intake_thread_id,
         "request_id": request_id,
     }
+    if not delivered:
+        out["delivered"] = False
+    return out
 
 
 def is_triage_output(env: Envelope) -> bool:
