@@ -64,6 +64,7 @@ from pydantic import BaseModel, Field
 from agent_network.client.errors import ApiError, NotFound
 from agent_network.client.models import Agent, Envelope, Thread, Tool, User
 from agent_network.client.rest import AsyncClient
+from agent_network.store.engine import write_transaction
 
 log = structlog.get_logger(__name__)
 
@@ -221,7 +222,7 @@ class LocalLink:
 
         services = self.app.state.services
         principal = await services.orgs.authenticate(token)
-        async with services.ctx.engine.begin() as conn:
+        async with write_transaction(services.ctx.engine) as conn:
             await advance_cursor(conn, _subscriber(principal), cursor, thread_id, seq)
 
     async def aclose(self) -> None:

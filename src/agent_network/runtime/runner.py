@@ -86,7 +86,6 @@ import socket
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +97,7 @@ from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.settings import ModelSettings
 from sqlalchemy import RowMapping, exists, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.adapters.base import Proposal
 from agent_network.adapters.lifecycle import admit, may_speak
@@ -162,6 +161,7 @@ from agent_network.store.claims import (
     try_claim,
 )
 from agent_network.store.cursors import advance_cursor, all_cursors, ensure_cursor
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import (
     agents,
     members,
@@ -373,7 +373,7 @@ class Runner:
             await self._run(task_status)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                async with _transaction(self.ctx.engine) as conn:
+                async with write_transaction(self.ctx.engine) as conn:
                     await release_claims(conn, self.runner_id)
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
@@ -433,7 +433,7 @@ class Runner:
                 wanted &= {only_agent}
             if not wanted:
                 return
-        async with _transaction(self.ctx.engine) as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             q = (
                 select(
                     routines.c.id,
@@ -658,7 +658,7 @@ class Runner:
         await self._send.send(job)
 
     async def _finished(self, job: Job) -> None:
-        async with _transaction(self.ctx.engine) as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await advance_cursor(conn, job.agent_id, job.trigger.thread_id, job.trigger.seq)
         self._queued.discard((job.agent_id, job.trigger.id))
         self.jobs_done += 1
@@ -668,7 +668,7 @@ class Runner:
             self._idle.set()
 
     async def _claim(self, job: Job) -> ClaimState:
-        async with _transaction(self.ctx.engine) as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             return await try_claim(
                 conn,
                 agent_id=job.agent_id,
@@ -680,7 +680,7 @@ class Runner:
             )
 
     async def _complete(self, job: Job) -> None:
-        async with _transaction(self.ctx.engine) as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await complete_claim(
                 conn,
                 agent_id=job.agent_id,
@@ -1211,7 +1211,7 @@ class Runner:
             reason=reason,
             data={"trigger_id": job.trigger.id, "routine_id": job.routine_id},
         )
-        async with _transaction(self.ctx.engine) as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await insert_audit(conn, [row])
 
 
@@ -1234,15 +1234,3 @@ async def _agent_and_thread(
         (await conn.execute(select(threads).where(threads.c.id == thread_id))).mappings().first()
     )
     return agent, thread
-
-
-@contextlib.asynccontextmanager
-async def _transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """``engine.begin()`` shielded from cancellation. A runner stopped while an aiosqlite call
-    of a write transaction is in flight can leave that connection inside its transaction,
-    holding SQLite's write lock: every other writer (the hub, the next runner) then waits out
-    its 10 s busy timeout (measured: a server stop took 10-30 s under load). The blocks are
-    short database work only, so finishing them delays a stop by milliseconds."""
-    with anyio.CancelScope(shield=True):
-        async with engine.begin() as conn:
-            yield conn

@@ -19,6 +19,7 @@ from agent_network.services.orgs import soft_delete_member
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import own_agent, require_org, visible_thread
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, routines
 
 LOOKUP_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
@@ -141,7 +142,7 @@ class AgentService:
             "updated_at": ts,
         }
         try:
-            async with self.ctx.engine.begin() as conn:
+            async with write_transaction(self.ctx.engine) as conn:
                 await conn.execute(agents.insert().values(**row))
                 await record(conn, principal, "agent.create", "agent", str(row["id"]))
         except IntegrityError:
@@ -184,7 +185,7 @@ class AgentService:
         if "name" in values and not str(values["name"]).strip():
             raise InvalidRequestError("agent name must not be empty")
         try:
-            async with self.ctx.engine.begin() as conn:
+            async with write_transaction(self.ctx.engine) as conn:
                 await own_agent(conn, principal, agent_id)
                 if "model" in values and await self._has_active_routine(conn, agent_id):
                     # the same check as at routine creation: never a routine on a dead model
@@ -207,7 +208,7 @@ class AgentService:
 
     async def delete_agent(self, principal: Principal, agent_id: str) -> None:
         """Soft-delete an agent: it leaves every team and network; its routines stop."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await own_agent(conn, principal, agent_id)
             await soft_delete_member(conn, agents, agent_id)
             await conn.execute(
@@ -242,7 +243,7 @@ class AgentService:
             raise InvalidRequestError(f"handler_type must be one of {', '.join(ROUTINE_HANDLERS)}")
         if preset_name not in ROUTINE_PRESETS:
             raise InvalidRequestError(f"preset_name must be one of {', '.join(ROUTINE_PRESETS)}")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             agent = await own_agent(conn, principal, agent_id)
             check_model(resolve_model_name(agent["model"], self.ctx.settings.model))
             if preset_name == "triage":
@@ -354,7 +355,7 @@ class AgentService:
         values = {k: v for k, v in changes.items() if k in ("name", "config", "status")}
         if "status" in values and values["status"] not in ("active", "paused"):
             raise InvalidRequestError("status must be 'active' or 'paused'")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             current = await self._own_routine(conn, principal, agent_id, routine_id)
             if current["preset_name"] == "triage" and (
                 "config" in values or values.get("status") == "active"
@@ -370,7 +371,7 @@ class AgentService:
 
     async def delete_routine(self, principal: Principal, agent_id: str, routine_id: str) -> None:
         """Remove a routine."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await self._own_routine(conn, principal, agent_id, routine_id)
             await conn.execute(routines.delete().where(routines.c.id == routine_id))
             await record(conn, principal, "routine.delete", "routine", routine_id)

@@ -50,6 +50,7 @@ from agent_network.services.scope import own_agent, require_org, visible_thread
 from agent_network.services.turns import turn_takers, visible_to
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.claims import ClaimState, complete_claim, done_seqs, try_claim
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import (
     agents,
     members,
@@ -354,7 +355,7 @@ class ClaimService:
             trigger = await self._trigger(conn, thread_id, trigger_seq, agent_id)
         # the claim is the first statement of its transaction: on SQLite it waits for the write
         # lock (busy timeout) instead of failing on a read snapshot another writer outdated
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             state = await try_claim(
                 conn,
                 agent_id=agent_id,
@@ -403,7 +404,7 @@ class ClaimService:
         async with self.ctx.engine.connect() as conn:
             await self._target(conn, principal, agent_id, thread_id)
             await self._trigger(conn, thread_id, trigger_seq, agent_id)
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             state = await complete_claim(
                 conn,
                 agent_id=agent_id,
@@ -519,7 +520,7 @@ class ClaimService:
     async def _finish_refused(
         self, agent: Any, trigger: Envelope, runner_id: str, refusal: Refusal
     ) -> None:
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await complete_claim(
                 conn,
                 agent_id=agent["id"],

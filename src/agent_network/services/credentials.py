@@ -16,6 +16,7 @@ from agent_network.services.base import ServiceContext, record
 from agent_network.services.orgs import PREFIX_OF_KIND
 from agent_network.services.principal import ALL_SCOPES, Principal, hash_secret, new_secret
 from agent_network.services.scope import own_agent, own_user, require_org_key
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import credentials
 
 CREDENTIAL_FIELDS = (
@@ -59,7 +60,7 @@ class CredentialService:
         wanted = set(scopes or ALL_SCOPES)
         if not wanted <= ALL_SCOPES or "read" not in wanted:
             raise InvalidRequestError('scopes must be ["read"] or ["read", "write"]')
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             if kind == "org_key":
                 if subject_id not in (None, org_id):
                     raise InvalidRequestError("an org key acts for its own org: omit subject_id")
@@ -107,7 +108,7 @@ class CredentialService:
     async def revoke(self, principal: Principal, credential_id: str) -> dict[str, Any]:
         """Revoke a credential at once (idempotent). Revoking the key in use is allowed."""
         org_id = require_org_key(principal, "managing credentials")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             row = await self._own(conn, org_id, credential_id)
             if row["revoked_at"] is None:
                 await conn.execute(
@@ -124,7 +125,7 @@ class CredentialService:
         """Issue a replacement with the same kind, subject, name and scopes, and revoke the old
         one in the same transaction. Returns ``{"credential", "secret"}``."""
         org_id = require_org_key(principal, "managing credentials")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             old = await self._own(conn, org_id, credential_id)
             if old["revoked_at"] is not None:
                 raise InvalidRequestError("the credential is revoked; issue a new one instead")

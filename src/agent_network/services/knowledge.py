@@ -12,6 +12,7 @@ from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal
 from agent_network.services.scope import own_agent, require_org
+from agent_network.store.engine import write_transaction
 from agent_network.store.knowledge import delete_document, insert_document, search_chunks
 from agent_network.store.tables import knowledge_chunks, knowledge_documents
 
@@ -50,7 +51,7 @@ class KnowledgeService:
                 raise InvalidRequestError(f"document {name!r} has no text")
             prepared.append((name, content, chunks))
         out = []
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             if agent_id is not None:
                 await own_agent(conn, principal, agent_id)
             for name, content, chunks in prepared:
@@ -105,7 +106,7 @@ class KnowledgeService:
     async def delete(self, principal: Principal, document_id: str) -> None:
         """Delete one of the org's documents."""
         org_id = require_org(principal)
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             row = (
                 await conn.execute(
                     select(knowledge_documents.c.id).where(

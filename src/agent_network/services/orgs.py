@@ -17,6 +17,7 @@ from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import ALL_SCOPES, Principal, hash_secret, new_secret
 from agent_network.services.scope import own_user, require_org
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, credentials, members, orgs, platform_keys, users
 
 ADMIN_PREFIX = "an_admin"
@@ -35,7 +36,7 @@ KIND_OF_CREDENTIAL: dict[str, Any] = {
 async def create_admin_key(engine: AsyncEngine) -> str:
     """Create a platform admin key and return it (shown once; only its hash is stored)."""
     secret = new_secret(ADMIN_PREFIX)
-    async with engine.begin() as conn:
+    async with write_transaction(engine) as conn:
         await conn.execute(
             platform_keys.insert().values(
                 id=new_id("adk"), key_hash=hash_secret(secret), created_at=now_iso()
@@ -120,7 +121,7 @@ class OrgService:
             raise PermissionDeniedError("only the platform admin key can create orgs")
         name = _clean_name(name, "org name")
         org_id, secret, ts = new_id("org"), new_secret(ORG_PREFIX), now_iso()
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await conn.execute(orgs.insert().values(id=org_id, name=name, created_at=ts))
             await conn.execute(
                 credentials.insert().values(
@@ -168,7 +169,7 @@ class OrgService:
             "auto_ack": bool(auto_ack),
             "created_at": now_iso(),
         }
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await conn.execute(users.insert().values(**row))
             await record(conn, principal, "user.create", "user", user_id)
         return row
@@ -194,7 +195,7 @@ class OrgService:
     ) -> dict[str, Any]:
         """Change ``name``, ``email`` and/or ``auto_ack`` (bool) of one of the caller's users;
         NotFoundError outside the caller's org."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await own_user(conn, principal, user_id)
             values = {k: v for k, v in changes.items() if k in ("name", "email", "auto_ack")}
             if "auto_ack" in values:
@@ -210,7 +211,7 @@ class OrgService:
 
     async def delete_user(self, principal: Principal, user_id: str) -> None:
         """Soft-delete one of the caller's users (their past envelopes stay in the WAL)."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await own_user(conn, principal, user_id)
             await soft_delete_member(conn, users, user_id)
             await record(conn, principal, "user.delete", "user", user_id)

@@ -48,6 +48,7 @@ from agent_network.model.ids import now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal
 from agent_network.services.scope import require_org_key
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import org_policies, teams, threads
 
 log = structlog.get_logger(__name__)
@@ -593,7 +594,7 @@ class PolicyService:
         policy = EgressPolicy(tuple(parsed), now_iso())
         stored = {"rules": [r.to_dict() for r in policy.rules]}
         summary = [{"name": r.name, "kind": r.kind, "action": r.action} for r in policy.rules]
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             ins = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
             await conn.execute(
                 ins(org_policies)

@@ -86,6 +86,7 @@ from agent_network.services.threads import (
     sender_names,
 )
 from agent_network.store.delivery import advance_cursor, read_cursor
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import (
     agents,
     credentials,
@@ -806,7 +807,7 @@ class Connection:
                 f"seq={frame.seq} is beyond the last seq of thread {frame.thread_id!r} ({last_seq})"
             )
         with anyio.CancelScope(shield=True):  # never interrupt a query
-            async with service.db_slots, service.ctx.engine.begin() as db:
+            async with service.db_slots, write_transaction(service.ctx.engine) as db:
                 seq = await advance_cursor(
                     db, self.subscriber_id, frame.cursor, frame.thread_id, frame.seq
                 )

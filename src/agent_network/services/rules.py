@@ -31,6 +31,7 @@ from agent_network.services.principal import Principal
 from agent_network.services.ratelimit import SlidingWindowLimiter
 from agent_network.services.scope import own_agent, require_org_key
 from agent_network.services.teams import member_list
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, envelopes
 
 AgentRow = Mapping[Any, Any]  # an agents row (RowMapping) or a dict with id, name, rule
@@ -69,7 +70,7 @@ class RuleService:
     async def put(self, principal: Principal, agent_id: str, rule: Rule) -> dict[str, Any]:
         """Replace the agent's rule (org key only); audited."""
         require_org_key(principal, "setting an agent's rule")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await own_agent(conn, principal, agent_id)
             await conn.execute(
                 update(agents)

@@ -22,6 +22,7 @@ from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal
 from agent_network.services.scope import own_agent, require_org_key
+from agent_network.store.engine import write_transaction
 from agent_network.store.secrets import upsert_secret
 from agent_network.store.tables import agent_secrets
 
@@ -82,7 +83,7 @@ class SecretService:
             raise InvalidRequestError(f"a secret value is 1 to {MAX_SECRET_BYTES} bytes")
         token = self._cipher().encrypt(value.encode()).decode()
         ts = now_iso()
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             agent = await own_agent(conn, principal, agent_id)
             await upsert_secret(
                 conn,
@@ -114,7 +115,7 @@ class SecretService:
     async def delete(self, principal: Principal, agent_id: str, name: str) -> None:
         """Delete one secret; NotFoundError when the agent has none of that name."""
         require_org_key(principal, "managing agent secrets")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await own_agent(conn, principal, agent_id)
             result = await conn.execute(
                 agent_secrets.delete().where(

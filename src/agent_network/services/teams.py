@@ -31,6 +31,7 @@ from agent_network.services.scope import (
     team_visible_to,
     visible_team,
 )
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, invites, members, orgs, teams, threads, users, visas
 
 TeamKind = Literal["team", "network"]
@@ -89,7 +90,7 @@ class TeamService:
             "created_at": now_iso(),
             "closed_at": None,
         }
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await conn.execute(teams.insert().values(**row))
             await record(conn, principal, f"{kind}.create", kind, row["id"])
         return row
@@ -124,7 +125,7 @@ class TeamService:
         values = {k: v for k, v in changes.items() if k in ("name", "description")}
         if "name" in values and not str(values["name"]).strip():
             raise InvalidRequestError(f"{kind} name must not be empty")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await self._owned(conn, principal, kind, team_id)
             if values:
                 await conn.execute(update(teams).where(teams.c.id == team_id).values(**values))
@@ -133,7 +134,7 @@ class TeamService:
 
     async def delete(self, principal: Principal, team_id: str) -> None:
         """Delete an org-internal team and hide its threads (their WAL is kept)."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await self._owned(conn, principal, "team", team_id)
             ts = now_iso()
             await conn.execute(update(teams).where(teams.c.id == team_id).values(deleted_at=ts))
@@ -165,7 +166,7 @@ class TeamService:
             raise InvalidRequestError("give exactly one of agent_id or user_id")
         if role not in ROLES:
             raise InvalidRequestError(f"role must be one of {', '.join(ROLES)}")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             team = await visible_team(conn, principal, team_id, kind=kind)
             if team["status"] == "closed":
                 raise ThreadClosedError(f"the {kind} is closed")
@@ -265,7 +266,7 @@ class TeamService:
         self, principal: Principal, kind: TeamKind, team_id: str, member_kind: str, member_id: str
     ) -> None:
         """Remove one of the caller's own agents/users from a team or network."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await visible_team(conn, principal, team_id, kind=kind)
             result = await conn.execute(
                 members.delete().where(
@@ -309,7 +310,7 @@ class TeamService:
         expires_at = (datetime.now(UTC) + timedelta(seconds=expires_in)).isoformat(
             timespec="microseconds"
         )
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             net = await self._owned(conn, principal, "network", network_id)
             if net["status"] == "closed":
                 raise ThreadClosedError("the network is closed; it admits nobody")
@@ -363,7 +364,7 @@ class TeamService:
     async def revoke_invite(self, principal: Principal, network_id: str, invite_id: str) -> None:
         """Revoke an invite (host only): its code stops admitting anybody. Orgs it admitted keep
         their visas and members. Revoking a revoked invite changes nothing."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await self._owned(conn, principal, "network", network_id)
             inv = (
                 await conn.execute(
@@ -413,7 +414,7 @@ class TeamService:
         if client:
             keys.append(("client", client))
         self.join_limiter.check(*keys, limit=self.join_limit, what="join attempts")
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             inv = (
                 (
                     await conn.execute(
@@ -535,7 +536,7 @@ class TeamService:
         network in the same transaction. The WAL keeps what they wrote; the org no longer sees
         the network or its threads (404) until it joins again with a valid code (a new visa).
         Revoking an ended visa changes nothing. Recorded in both orgs' audit logs."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await self._owned(conn, principal, "network", network_id)
             visa = (
                 (
@@ -557,7 +558,7 @@ class TeamService:
         agents and users are removed, as with a revocation. ConflictError for the host (close the
         network instead). Returns the ended visa. Recorded in both orgs' audit logs."""
         org_id = require_org(principal)
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             net = await visible_team(conn, principal, network_id, kind="network")
             if net["org_id"] == org_id:
                 raise ConflictError("your org hosts this network; it cannot leave (close it)")
@@ -621,7 +622,7 @@ class TeamService:
     async def close_network(self, principal: Principal, network_id: str) -> dict[str, Any]:
         """Close a network (host only): no new threads, messages or members; history stays
         readable by every member org. Each thread gets a ``thread.closed`` envelope."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             net = await self._owned(conn, principal, "network", network_id)
             if net["status"] != "closed":
                 await conn.execute(

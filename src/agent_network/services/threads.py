@@ -74,6 +74,7 @@ from agent_network.services.scope import (
     visible_team,
     visible_thread,
 )
+from agent_network.store.engine import write_transaction
 from agent_network.store.tables import (
     agents,
     envelopes,
@@ -242,7 +243,7 @@ class ThreadService:
             "visibility": visibility,
             "created_at": now_iso(),
         }
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await conn.execute(threads.insert().values(**row))
             await _add_participants(conn, thread_id, people)
             await record(
@@ -278,7 +279,7 @@ class ThreadService:
             elif not p["auto_ack"]:
                 continue  # a person acks explicitly
             if refusal is not None:
-                async with self.ctx.engine.begin() as conn:
+                async with write_transaction(self.ctx.engine) as conn:
                     await record(
                         conn,
                         principal,
@@ -363,7 +364,7 @@ class ThreadService:
                 data={"participants": [[p["member_kind"], p["member_id"]] for p in people]},
                 acted_by=(principal.kind, principal.key_id),
             )
-            async with self.ctx.engine.begin() as conn:
+            async with write_transaction(self.ctx.engine) as conn:
                 await _add_participants(conn, thread_id, people)
                 await record(conn, principal, "thread.participants_add", "thread", thread_id)
         if visibility == "members" and row["visibility"] == "restricted":
@@ -374,7 +375,7 @@ class ThreadService:
                 sender=system,
                 acted_by=(principal.kind, principal.key_id),
             )
-            async with self.ctx.engine.begin() as conn:
+            async with write_transaction(self.ctx.engine) as conn:
                 await conn.execute(
                     update(threads).where(threads.c.id == thread_id).values(visibility="members")
                 )
@@ -582,7 +583,7 @@ class ThreadService:
             acted_by=(principal.kind, principal.key_id),
         )
         if redactions:
-            async with self.ctx.engine.begin() as conn:
+            async with write_transaction(self.ctx.engine) as conn:
                 await audit_egress(
                     conn,
                     principal,
@@ -672,7 +673,7 @@ class ThreadService:
         try:
             content, redactions = apply_egress(grant.policy, content)
         except EgressRefusedError as err:
-            async with ctx.engine.begin() as conn:
+            async with write_transaction(ctx.engine) as conn:
                 await audit_egress(
                     conn,
                     principal,
@@ -805,7 +806,7 @@ class ThreadService:
     ) -> None:
         """Audit a refused post in the caller's own org (principal = the credential); never the
         message text."""
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await record(
                 conn,
                 principal,
@@ -959,7 +960,7 @@ class ThreadService:
                 sender=system_actor(principal),
                 acted_by=acted_by,
             )
-        async with self.ctx.engine.begin() as conn:
+        async with write_transaction(self.ctx.engine) as conn:
             await record(conn, principal, "thread.close", "thread", thread_id, data=data or None)
         return await self.get(principal, thread_id)
 
