@@ -2,7 +2,9 @@
 
 - Imported (``agent-network runner --import runner_helpers``): registers the model ``slow``, a
   pydantic-ai ``FunctionModel`` that waits ``RUNNER_SLOW_SECONDS`` (default 1) and answers
-  "Noted." — so a runner holds its claims long enough to be killed in the middle of a job.
+  "Noted." — so a runner holds its claims long enough to be killed in the middle of a job —
+  and the model ``labeler``: "Billing." to a triage classification prompt, "Noted." to
+  anything else.
 - Run as a script (``python runner_helpers.py post URL KEY THREADS USER PREFIX COUNT OUT SEED``):
   a poster process. It posts COUNT messages as USER into the comma-separated THREADS (round
   robin) with idempotency keys ``PREFIX-<n>``, retrying each post on connection errors and 5xx
@@ -24,7 +26,7 @@ SLOW_REPLY = "Noted."
 
 
 def register_slow_model() -> None:
-    """Register the model ``slow`` (see the module docstring) in this process."""
+    """Register the models ``slow`` and ``labeler`` (see the module docstring) here."""
     import anyio
     from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
     from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -36,6 +38,13 @@ def register_slow_model() -> None:
         return ModelResponse(parts=[TextPart(SLOW_REPLY)])
 
     register_model("slow", FunctionModel(slow))
+
+    async def labeler(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        asked = "".join(str(p.content) for m in messages for p in m.parts if hasattr(p, "content"))
+        reply = "Billing." if "category name only" in asked else SLOW_REPLY
+        return ModelResponse(parts=[TextPart(reply)])
+
+    register_model("labeler", FunctionModel(labeler))
 
 
 def post_all(

@@ -1,4 +1,5 @@
-"""Remote runners: the claim API, one reply key on every path, and runner processes.
+"""Remote runners: the claim API, one reply key on every path, runner processes, and triage
+routines and ``inbox_cap`` run remotely (``POST /runners/triage``, ``dropped`` claims).
 
 Runners here are real processes (``python -m agent_network runner``) against a live server on
 127.0.0.1 over a real SQLite file; the claims table is read straight from that file.
@@ -64,11 +65,23 @@ def claims(db: Path) -> list[tuple[str, str, int, str, float, int]]:
 class RunnerProc:
     """``python -m agent_network runner`` as a child process, output in files."""
 
-    def __init__(self, tmp: Path, url: str, token: str, runner_id: str, *extra: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        url: str,
+        token: str,
+        runner_id: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.runner_id = runner_id
         self.out = tmp / f"runner-{runner_id}.out"
         self.err = tmp / f"runner-{runner_id}.err"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+            **(env or {}),
+        }
         env.setdefault("RUNNER_SLOW_SECONDS", "0.5")
         args = [sys.executable, "-m", "agent_network", "runner", "--url", url, "--token", token]
         args += ["--runner-id", runner_id, "--relist", "0.5", "--poll-wait", "2", *extra]
@@ -99,8 +112,10 @@ class RunnerProc:
 def runners(tmp_path: Path) -> Iterator[Callable[..., RunnerProc]]:
     started: list[RunnerProc] = []
 
-    def start(url: str, token: str, runner_id: str, *extra: str) -> RunnerProc:
-        proc = RunnerProc(tmp_path, url, token, runner_id, *extra)
+    def start(
+        url: str, token: str, runner_id: str, *extra: str, env: dict[str, str] | None = None
+    ) -> RunnerProc:
+        proc = RunnerProc(tmp_path, url, token, runner_id, *extra, env=env)
         started.append(proc)
         return proc
 
@@ -500,3 +515,240 @@ def test_runner_with_an_agent_token_answers_for_its_agent_only(
     time.sleep(0.5)  # let any (wrong) extra reply land before counting
     assert_one_reply_each(org, tid, triggers, bots[:1], "Acknowledged.")
     assert solo.proc.poll() is None  # knowledge it may not read is skipped, not fatal
+
+
+# ------------------------------------------------------------- triage and inbox_cap
+
+
+def triage_desk(org: Org, *, cap: int | None = None) -> dict[str, Any]:
+    """Ann; the Triage agent (a triage routine, no participate routine); Billing and Technical
+    agents with participate routines; a restricted intake thread (Ann, Triage) and a
+    restricted route thread per specialist (Triage, the specialist)."""
+    ann = org.user("Ann")
+    triage = org.agent("Triage", "triage")
+    if cap is not None:
+        org.ok("PUT", f"/agents/{triage['id']}/rule", json={"inbox_cap": cap})
+    team_members = [("user", ann["id"]), ("agent", triage["id"])]
+    specialists: dict[str, dict[str, Any]] = {}
+    for label in ("billing", "technical"):
+        specialists[label] = org.agent(f"{label.title()} Agent", label)
+        team_members.append(("agent", specialists[label]["id"]))
+    team = org.team("Support", *team_members)
+    routes: dict[str, str] = {}
+    for label, agent in specialists.items():
+        org.ok("POST", f"/agents/{agent['id']}/routines", json={"name": "participate"})
+        routes[label] = org.ok(
+            "POST",
+            f"/teams/{team['id']}/threads",
+            json={
+                "title": f"{label.title()} desk",
+                "visibility": "restricted",
+                "participants": [
+                    {"kind": "agent", "id": triage["id"]},
+                    {"kind": "agent", "id": agent["id"]},
+                ],
+            },
+        )["id"]
+    intake = org.ok(
+        "POST",
+        f"/teams/{team['id']}/threads",
+        json={
+            "title": "Support intake",
+            "visibility": "restricted",
+            "participants": [
+                {"kind": "user", "id": ann["id"]},
+                {"kind": "agent", "id": triage["id"]},
+            ],
+        },
+    )["id"]
+    config = {
+        "intake": intake,
+        "routes": {
+            "billing": {"thread_id": routes["billing"], "keywords": ["invoice", "refund"]},
+            "technical": {"thread_id": routes["technical"], "keywords": ["error", "upload"]},
+        },
+    }
+    routine = org.ok(
+        "POST",
+        f"/agents/{triage['id']}/routines",
+        json={
+            "name": "triage",
+            "preset_name": "triage",
+            "event_type": "thread.message_added",
+            "config": config,
+        },
+    )
+    return {
+        "ann": ann,
+        "triage": triage,
+        "specialists": specialists,
+        "routes": routes,
+        "intake": intake,
+        "routine": routine,
+    }
+
+
+def ask_desk(org: Org, d: dict[str, Any], text: str) -> dict[str, Any]:
+    body = {"content": text, "user_id": d["ann"]["id"], "idempotency_key": text}
+    return dict(org.ok("POST", f"/threads/{d['intake']}/messages", json=body))
+
+
+def thread_messages(org: Org, tid: str) -> list[dict[str, Any]]:
+    return all_envelopes(org.http, tid, messages_only=True)
+
+
+def test_assignments_list_triage_routines_and_their_intake_threads(
+    quiet_server: LiveServer,
+) -> None:
+    org = Org(quiet_server, "Acme")
+    d = triage_desk(org, cap=3)
+    found = {a["agent"]["id"]: a for a in org.ok("GET", "/runners/assignments")}
+    seat = found[d["triage"]["id"]]
+    assert seat["agent"]["inbox_cap"] == 3
+    assert [(t["thread_id"], t["preset"]) for t in seat["threads"]] == [(d["intake"], "triage")]
+    assert [r["routine_id"] for r in seat["triage"]] == [d["routine"]["id"]]
+    assert seat["triage"][0]["config"]["routes"]["billing"]["thread_id"] == d["routes"]["billing"]
+    billing = found[d["specialists"]["billing"]["id"]]
+    assert billing["agent"]["inbox_cap"] is None
+    assert [(t["thread_id"], t["preset"]) for t in billing["threads"]] == [
+        (d["routes"]["billing"], "participate")
+    ]
+    assert billing["triage"] == []
+
+
+def test_triage_endpoint_needs_a_live_claim_and_a_request(quiet_server: LiveServer) -> None:
+    org = Org(quiet_server, "Acme")
+    d = triage_desk(org)
+    request = ask_desk(org, d, "Where is my invoice?")
+    target = {
+        "agent_id": d["triage"]["id"],
+        "thread_id": d["intake"],
+        "trigger_seq": request["seq"],
+        "runner_id": "r1",
+    }
+    # no claim yet, then a claim held by another runner
+    assert_error(org.http.post("/runners/triage", json=target), 409, "claim_required")
+    org.ok("POST", "/claims", json={**target, "runner_id": "r2", "lease_seconds": 30})
+    assert_error(org.http.post("/runners/triage", json=target), 409, "claim_held")
+    assert_error(
+        org.http.post("/runners/triage", json={**target, "answer": "x" * 2001}),
+        422,
+        "invalid_request",
+    )
+    assert thread_messages(org, d["routes"]["billing"]) == []  # nothing half-done
+
+    # the claim holder routes it; its model's answer names no label, so the keyword decides;
+    # the server forwards the request and replies in intake
+    routed = org.ok("POST", "/runners/triage", json={**target, "runner_id": "r2", "answer": "b"})
+    assert routed["routed"] is True and routed["label"] == "billing"
+    forward, *_ = thread_messages(org, d["routes"]["billing"])
+    assert forward["id"] == routed["forward_id"]
+    assert forward["idempotency_key"] == f"triage:{d['triage']['id']}:{request['id']}"
+    assert forward["data"]["triage"]["by"] == "keywords"
+    reply = [m for m in thread_messages(org, d["intake"]) if m["id"] == routed["reply_id"]]
+    assert [m["content"] for m in reply] == ["Routed to billing: Billing desk"]
+    # again (a retry): the same forward and reply, nothing new
+    again = org.ok("POST", "/runners/triage", json={**target, "runner_id": "r2"})
+    assert (again["forward_id"], again["reply_id"]) == (routed["forward_id"], routed["reply_id"])
+    intake_agents = [m for m in thread_messages(org, d["intake"]) if m["sender"]["kind"] == "agent"]
+    assert len(intake_agents) == 1
+
+    # the triage agent's own reply is no request; done triggers are refused
+    org.ok("POST", "/claims/complete", json={**target, "runner_id": "r2"})
+    assert_error(
+        org.http.post("/runners/triage", json={**target, "runner_id": "r2"}), 409, "claim_done"
+    )
+    own = {**target, "trigger_seq": reply[0]["seq"]}
+    r = org.http.post("/claims", json=own)
+    assert r.status_code in (409, 422), r.text  # the agent's own message triggers nothing
+    assert_error(
+        org.http.post("/claims/complete", json={**target, "dropped": "boredom"}),
+        422,
+        "invalid_request",
+    )
+
+
+def test_a_runner_process_routes_requests_and_the_specialists_answer(
+    quiet_server: LiveServer, runners: Callable[..., RunnerProc]
+) -> None:
+    org = Org(quiet_server, "Acme")
+    d = triage_desk(org)
+    extra = ("--lease", "5", "--model", "labeler", "--import", "runner_helpers")
+    first = ask_desk(org, d, "My upload failed and I want my money back")  # before the runner
+    runner = runners(quiet_server.url, org.key, "R", *extra)
+    runner.wait_running()
+    second = ask_desk(org, d, "Please send the invoice again")
+    requests = [first, second]
+
+    def routed() -> bool:
+        intake = thread_messages(org, d["intake"])
+        replies = [m for m in intake if m["sender"]["kind"] == "agent"]
+        billing = thread_messages(org, d["routes"]["billing"])
+        answers = [m for m in billing if m["content"] == "Noted."]
+        return len(replies) == 2 and len(answers) == 2
+
+    wait_until("both requests routed and answered", routed)
+    time.sleep(0.5)  # let any (wrong) duplicate land before counting
+    intake = thread_messages(org, d["intake"])
+    replies = {m["causation_id"]: m for m in intake if m["sender"]["kind"] == "agent"}
+    assert set(replies) == {r["id"] for r in requests}
+    for r in requests:
+        reply = replies[r["id"]]
+        assert reply["sender"]["id"] == d["triage"]["id"]
+        assert reply["content"] == "Routed to billing: Billing desk"
+        assert reply["idempotency_key"] == f"reply:{d['triage']['id']}:{r['id']}"
+        assert reply["data"]["triage"]["kind"] == "reply"
+    billing = thread_messages(org, d["routes"]["billing"])
+    forwards = [m for m in billing if m["sender"]["id"] == d["triage"]["id"]]
+    assert sorted(f["causation_id"] for f in forwards) == sorted(r["id"] for r in requests)
+    # the model's label wins over the keywords ("upload" is a technical keyword)
+    assert [f["data"]["triage"]["by"] for f in forwards] == ["model", "model"]
+    assert "Forwarded from Ann in Support intake: My upload failed and I want my money back" in [
+        f["content"] for f in forwards
+    ]
+    answers = [m for m in billing if m["sender"]["id"] == d["specialists"]["billing"]["id"]]
+    assert sorted(a["causation_id"] for a in answers) == sorted(f["id"] for f in forwards)
+    assert thread_messages(org, d["routes"]["technical"]) == []
+    # the triage agent never answered its own forwards or replies; every claim is done
+    triage_claims = [c for c in claims(quiet_server.db) if c[0] == d["triage"]["id"]]
+    assert sorted(c[2] for c in triage_claims) == sorted(r["seq"] for r in requests)
+    wait_until("every claim done", lambda: all(c[5] == 1 for c in claims(quiet_server.db)))
+    assert "runner.triaged" in runner.out.read_text() + runner.err.read_text()
+
+
+def test_a_runner_drops_triggers_beyond_the_inbox_cap(
+    quiet_server: LiveServer, runners: Callable[..., RunnerProc]
+) -> None:
+    org = Org(quiet_server, "Acme")
+    ann = org.user("Ann")
+    bot = org.agent("Bot", "bot")
+    org.ok("PUT", f"/agents/{bot['id']}/rule", json={"inbox_cap": 1})
+    org.ok("POST", f"/agents/{bot['id']}/routines", json={"name": "participate"})
+    team = org.team("T", ("user", ann["id"]), ("agent", bot["id"]))
+    tid = org.ok("POST", f"/teams/{team['id']}/threads", json={"title": "W"})["id"]
+    extra = ("--lease", "10", "--model", "slow", "--import", "runner_helpers")
+    runner = runners(quiet_server.url, org.key, "R", *extra, env={"RUNNER_SLOW_SECONDS": "4"})
+    runner.wait_running()
+    sent = [
+        org.ok(
+            "POST",
+            f"/threads/{tid}/messages",
+            json={"content": f"q{i}", "user_id": ann["id"], "idempotency_key": f"q{i}"},
+        )
+        for i in range(3)
+    ]
+
+    def settled() -> bool:
+        done = [c for c in claims(quiet_server.db) if c[5] == 1]
+        return len(done) == 3
+
+    wait_until("every trigger answered or dropped", settled)
+    time.sleep(0.5)
+    replies = [m for m in thread_messages(org, tid) if m["sender"]["kind"] == "agent"]
+    dropped = org.ok("GET", "/audit", params={"action": "rule.refused"})
+    # the first is answered while the other two wait beyond the cap of 1
+    assert [m["causation_id"] for m in replies] == [sent[0]["id"]]
+    assert sorted(a["data"]["trigger_id"] for a in dropped) == sorted(s["id"] for s in sent[1:])
+    for a in dropped:
+        assert a["principal_id"] == bot["id"] and "inbox_cap 1" in a["reason"]
+        assert a["data"]["runner_id"] == "R"

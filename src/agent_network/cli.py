@@ -290,7 +290,7 @@ def runner(
         ),
     ] = None,
 ) -> None:
-    """Run the participate routines of the agents a credential owns, in this process.
+    """Run the participate and triage routines of the agents a credential owns, here.
 
     Follows their threads over REST (long-poll), claims each trigger with a lease so that
     several runners (and the server's in-process runner) share the work, and posts each reply

@@ -132,6 +132,12 @@ class ClaimDone(Conflict):
     code_name = "claim_done"
 
 
+class ClaimRequired(Conflict):
+    """409 ``claim_required``: the runner holds no live claim on the trigger; claim it first."""
+
+    code_name = "claim_required"
+
+
 class RateLimited(ApiError):
     """429 ``rate_limited``: too many attempts; wait ``retry_after`` seconds."""
 

@@ -343,7 +343,8 @@ class AuditRecord(Model):
 
 
 class AssignedAgent(Model):
-    """An agent a runner credential runs."""
+    """An agent a runner credential runs (``inbox_cap``: its rule's cap on triggers waiting in
+    one runner; None: no cap)."""
 
     id: str
     name: str
@@ -351,21 +352,35 @@ class AssignedAgent(Model):
     org_name: str | None = None
     identity: str = ""
     model: str | None = None
+    inbox_cap: int | None = None
 
 
 class AssignedThread(Model):
-    """A thread an assigned agent takes part in; ``since``: messages before it are not its."""
+    """A thread an assigned agent follows for one routine: ``preset`` ``participate`` (it takes
+    part) or ``triage`` (an intake thread of its triage routine); ``since``: messages before it
+    are not that routine's."""
 
     thread_id: str
     title: str = ""
     since: Any = None
+    preset: str = "participate"
+
+
+class AssignedTriage(Model):
+    """An active triage routine of an assigned agent: its id and stored config (``intake``,
+    ``routes``, ``fallback``, ``use_model``; see ``agent_network.runtime.triage``)."""
+
+    routine_id: str
+    config: dict[str, Any] = Field(default_factory=dict)
 
 
 class Assignment(Model):
-    """``GET /runners/assignments`` item: an agent and its threads."""
+    """``GET /runners/assignments`` item: an agent, the threads it follows (one entry per
+    thread and routine) and its triage routines (oldest first)."""
 
     agent: AssignedAgent
     threads: list[AssignedThread] = Field(default_factory=list)
+    triage: list[AssignedTriage] = Field(default_factory=list)
 
 
 class Claim(Model):
@@ -388,6 +403,22 @@ class ClaimCompleted(Model):
     agent_id: str
     thread_id: str
     trigger_seq: int
+
+
+class TriageRouted(Model):
+    """``POST /runners/triage``: what the server did with an intake request. ``routed`` False:
+    it stopped before routing (routine paused, not the agent's turn, a check refused it);
+    ``label`` None with ``routed``: nothing matched (the reply says so); ``forward_id`` None
+    with a label: the forward was refused (the reply says the request stays in intake)."""
+
+    agent_id: str
+    thread_id: str
+    trigger_seq: int
+    routed: bool
+    label: str | None = None
+    forward_id: str | None = None
+    forward_thread_id: str | None = None
+    reply_id: str | None = None
 
 
 class DoneTriggers(Model):
@@ -418,6 +449,7 @@ __all__ = [
     "AgentResume",
     "AssignedAgent",
     "AssignedThread",
+    "AssignedTriage",
     "Assignment",
     "AuditRecord",
     "Claim",
@@ -449,6 +481,7 @@ __all__ = [
     "Team",
     "Thread",
     "Tool",
+    "TriageRouted",
     "Typing",
     "User",
     "VerifyReport",

@@ -51,6 +51,7 @@ from agent_network.client.models import (
     Team,
     Thread,
     Tool,
+    TriageRouted,
     User,
     VerifyReport,
     Visa,
@@ -1341,7 +1342,8 @@ class Runners(Resource):
 
     @endpoint("GET", "/runners/assignments", list_of(Assignment))
     def assignments(self) -> Req:
-        """The agents this credential runs (active ``participate`` routine) and their threads."""
+        """The agents this credential runs (an active ``participate`` or ``triage`` routine),
+        the threads each follows per routine, and their triage routines."""
         return Req()
 
     @endpoint("POST", "/claims", Claim.model_validate)
@@ -1368,14 +1370,50 @@ class Runners(Resource):
         )
 
     @endpoint("POST", "/claims/complete", ClaimCompleted.model_validate)
-    def complete(self, agent_id: str, thread_id: str, trigger_seq: int, runner_id: str) -> Req:
-        """Mark a trigger done (answered or deliberately skipped)."""
+    def complete(
+        self,
+        agent_id: str,
+        thread_id: str,
+        trigger_seq: int,
+        runner_id: str,
+        *,
+        dropped: str | None = None,
+    ) -> Req:
+        """Mark a trigger done (answered or deliberately skipped). ``dropped="inbox_cap"``: the
+        runner drops it unanswered because the agent's ``inbox_cap`` triggers already wait in
+        it (the server audits it as ``rule.refused``)."""
+        body: dict[str, Any] = {
+            "agent_id": agent_id,
+            "thread_id": thread_id,
+            "trigger_seq": trigger_seq,
+            "runner_id": runner_id,
+        }
+        if dropped is not None:
+            body["dropped"] = dropped
+        return Req(body)
+
+    @endpoint("POST", "/runners/triage", TriageRouted.model_validate)
+    def triage(
+        self,
+        agent_id: str,
+        thread_id: str,
+        trigger_seq: int,
+        runner_id: str,
+        *,
+        answer: str | None = None,
+    ) -> Req:
+        """Route the intake request ``trigger_seq`` of ``thread_id`` for ``agent_id``'s triage
+        routine with ``answer``, the model's classification (None: the keywords decide); the
+        server forwards it and replies in intake. Needs a live claim of ``runner_id``
+        (ClaimRequired otherwise; ClaimHeld, ClaimDone as :meth:`claim`); InvalidRequest when
+        the envelope is no request of a triage routine of the agent."""
         return Req(
             {
                 "agent_id": agent_id,
                 "thread_id": thread_id,
                 "trigger_seq": trigger_seq,
                 "runner_id": runner_id,
+                "answer": answer,
             }
         )
 

@@ -1,5 +1,6 @@
-"""The remote runner: executes the ``participate`` routines of the agents a credential owns, in a
-process of its own, talking to the server only through the SDK's REST client.
+"""The remote runner: executes the ``participate`` and ``triage`` routines of the agents a
+credential owns, in a process of its own, talking to the server only through the SDK's REST
+client.
 
 Start it with ``agent-network runner --url URL --token TOKEN`` (an org key runs every agent of
 the org; an agent token runs that agent). Several remote runners, and the in-process runner of
@@ -8,10 +9,11 @@ the server, can run the same agents at once: they share the work through claims.
 Design
 ------
 - **What to run.** ``GET /runners/assignments`` lists the credential's agents with an active
-  ``participate`` routine, with name, org, identity and model, and the threads each takes part
-  in with ``since`` (when both routine and membership existed). It is re-listed every
-  ``relist_seconds``: a thread that appears gets a follower, one that disappears (membership
-  ended, routine paused) loses it, a thread whose set of agents changed gets a new one.
+  ``participate`` or ``triage`` routine, with name, org, identity, model and ``inbox_cap``, the
+  threads to follow for each routine with ``since`` (when both routine and membership existed)
+  and the triage routines' configs. It is re-listed every ``relist_seconds``: a thread that
+  appears gets a follower, one that disappears (membership ended, routine paused) loses it, a
+  thread whose set of agents (or triage configs) changed gets a new one.
 - **Following a thread: long-poll REST.** One follower task per thread pages through
   ``GET /threads/{id}/envelopes`` (every envelope the credential may read, not only messages)
   from ``after=0`` and then long-polls it (``wait=poll_wait``). (Chosen over realtime rooms: the
@@ -76,9 +78,25 @@ Design
   followers (each in its own cancel scope), lease renewals and delayed retries. Cancelling it
   (SIGTERM/SIGINT in the CLI) stops everything; claims held at that moment simply expire.
 
-Limits: the agent's ``inbox_cap`` applies to the in-process runner only; refusals decided by the
-remote runner itself (model failures, empty replies) are logged here, not in the audit log (the
-server's own checks at claim time are audited there).
+- **Triage routines.** An agent's triage routine follows its intake threads (assignment entries
+  with ``preset`` ``triage``; the routine's config comes with the assignment). A request — a
+  message there from somebody else, visible to the agent, that is no triage forward or reply
+  (:func:`is_request`) — is the triage routine's, not the agent's participate routine's. It is
+  claimed like any trigger; the runner asks the agent's model for the label
+  (:func:`~agent_network.runtime.runner.classify_request`, skipped when ``use_model`` is
+  false) and posts the answer to ``POST /runners/triage``, where the server decides the label
+  (the model's, else keywords, else the fallback), forwards the request and replies in intake
+  with every check and audit of the in-process runner. The forward is never written by the
+  runner, so its ``data.triage`` marker cannot be forged over REST. (A runner restarted
+  between the forward and the reply asks the model once more; the server then ignores the
+  answer and writes only the reply.)
+- **inbox_cap.** At most the agent's ``inbox_cap`` jobs wait or run in this process; a trigger
+  beyond it is dropped: its claim is completed with ``dropped="inbox_cap"``, which the server
+  audits as ``rule.refused`` (the in-process runner drops and audits the same way).
+
+Limits: refusals decided by the remote runner itself (model failures, empty replies) are logged
+here, not in the audit log (the server's own checks at claim and routing time are audited there);
+``inbox_cap`` counts per runner process, so N runners may hold N times the cap between them.
 """
 
 from __future__ import annotations
@@ -127,7 +145,8 @@ from agent_network.runtime.protocol import (
     reply_audience,
     thread_may_speak,
 )
-from agent_network.runtime.runner import Reply, generate_reply, new_runner_id
+from agent_network.runtime.runner import Reply, classify_request, generate_reply, new_runner_id
+from agent_network.runtime.triage import TriageConfig, is_triage_output, parse_config
 from agent_network.services.claims import reply_key
 
 log = structlog.get_logger(__name__)
@@ -149,22 +168,38 @@ class AgentCard:
     org_name: str
     identity: str
     model: str | None
+    inbox_cap: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TriageSeat:
+    """An agent whose triage routine ``routine_id`` (config ``config``) takes the requests of a
+    followed intake thread committed after ``since``."""
+
+    agent: AgentCard
+    since: datetime
+    routine_id: str
+    config: TriageConfig
 
 
 @dataclass(frozen=True, slots=True)
 class ThreadPlan:
-    """One followed thread: its title and the agents answering in it, each with ``since``."""
+    """One followed thread: its title, the agents answering in it by their participate routine
+    (each with ``since``) and the agents routing its requests by their triage routine."""
 
     thread_id: str
     title: str
     agents: tuple[tuple[AgentCard, datetime], ...]
+    triage: tuple[TriageSeat, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteJob:
     """One agent answering one trigger envelope, with the messages up to it that the agent may
     see (``(name, org name, content)``, oldest first). ``protocol``: the thread names
-    participants (its ``thread.created`` does)."""
+    participants (its ``thread.created`` does). ``triage``: set when the agent's triage routine
+    routes the trigger (a request in its intake thread) instead of its participate routine
+    answering it."""
 
     agent: AgentCard
     thread_id: str
@@ -172,6 +207,7 @@ class RemoteJob:
     trigger: Envelope
     history: tuple[tuple[str, str, str], ...]
     protocol: bool = False
+    triage: TriageSeat | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +237,18 @@ def may_trigger(env: Envelope, agent_id: str, *, protocol: bool) -> bool:
     return env.type not in NEVER_TRIGGERS
 
 
+def is_request(env: Envelope, agent_id: str) -> bool:
+    """``env`` is a request for a triage routine of ``agent_id`` in one of its intake threads
+    (the in-process runner's rule): a message from somebody else, visible to the agent, that
+    is not a forward or reply of any triage agent."""
+    return (
+        env.type == EV_MESSAGE
+        and env.sender.id != agent_id
+        and not is_triage_output(env)
+        and (env.audience is None or agent_id in env.audience)
+    )
+
+
 def context_line(context: Mapping[str, Any] | None) -> str | None:
     """The prompt line of a workflow's context (as the in-process runner writes it)."""
     if not context:
@@ -217,17 +265,37 @@ def _when(value: Any) -> datetime:
 
 
 def plans_from(assignments: list[Assignment]) -> dict[str, ThreadPlan]:
-    """``thread_id -> ThreadPlan`` from ``GET /runners/assignments``."""
-    by_thread: dict[str, tuple[str, list[tuple[AgentCard, datetime]]]] = {}
+    """``thread_id -> ThreadPlan`` from ``GET /runners/assignments``. An intake thread goes to
+    the agent's oldest triage routine whose ``intake`` holds it (a config that does not parse
+    here is skipped, as the in-process runner skips it)."""
+    by_thread: dict[str, tuple[str, list[tuple[AgentCard, datetime]], list[TriageSeat]]] = {}
     for item in assignments:
         a = item.agent
-        card = AgentCard(a.id, a.name, a.org_id or "", a.org_name or "", a.identity, a.model)
+        card = AgentCard(
+            a.id, a.name, a.org_id or "", a.org_name or "", a.identity, a.model, a.inbox_cap
+        )
+        configs: list[tuple[str, TriageConfig]] = []
+        for routine in item.triage:
+            try:
+                configs.append((routine.routine_id, parse_config(routine.config)))
+            except AgentNetworkError as err:
+                log.warning("runner.triage_config_invalid", agent_id=a.id, error=str(err))
         for t in item.threads:
-            entry = by_thread.setdefault(t.thread_id, (t.title, []))
-            entry[1].append((card, _when(t.since)))
+            entry = by_thread.setdefault(t.thread_id, (t.title, [], []))
+            if t.preset != "triage":
+                entry[1].append((card, _when(t.since)))
+                continue
+            found = next((rc for rc in configs if t.thread_id in rc[1].intake), None)
+            if found is not None:
+                entry[2].append(TriageSeat(card, _when(t.since), found[0], found[1]))
     return {
-        tid: ThreadPlan(tid, title, tuple(sorted(agents, key=lambda p: p[0].id)))
-        for tid, (title, agents) in by_thread.items()
+        tid: ThreadPlan(
+            tid,
+            title,
+            tuple(sorted(agents, key=lambda p: p[0].id)),
+            tuple(sorted(seats, key=lambda s: s.agent.id)),
+        )
+        for tid, (title, agents, seats) in by_thread.items()
     }
 
 
@@ -239,7 +307,9 @@ class RemoteRunner:
     (how often assignments are re-read), ``poll_wait`` (long-poll seconds, at most 60),
     ``default_model`` (for agents without a model), ``history_limit`` (messages in a prompt),
     ``knowledge_chunks`` (chunks in a prompt), ``max_backoff`` (seconds between retries).
-    Counters for progress and tests: ``replies`` (replies posted), ``jobs_done``.
+    Counters for progress and tests: ``replies`` (replies posted, a triage routine's in intake
+    included), ``forwards`` (requests a triage routine forwarded), ``dropped`` (triggers dropped
+    by ``inbox_cap``), ``jobs_done``.
     """
 
     def __init__(
@@ -273,7 +343,10 @@ class RemoteRunner:
         self.knowledge_chunks = knowledge_chunks
         self.max_backoff = max_backoff
         self.replies = 0
+        self.forwards = 0
+        self.dropped = 0
         self.jobs_done = 0
+        self._pending: dict[str, int] = {}  # agent id -> its jobs queued, running or retrying
         self._send: MemoryObjectSendStream[RemoteJob]
         self._recv: MemoryObjectReceiveStream[RemoteJob]
         self._send, self._recv = anyio.create_memory_object_stream[RemoteJob](math.inf)
@@ -299,7 +372,10 @@ class RemoteRunner:
                 "runner.started",
                 runner_id=self.runner_id,
                 threads=len(self._followers),
-                agents=len({a.id for p, _ in self._followers.values() for a, _ in p.agents}),
+                agents=len(
+                    {a.id for p, _ in self._followers.values() for a, _ in p.agents}
+                    | {t.agent.id for p, _ in self._followers.values() for t in p.triage}
+                ),
             )
             task_status.started()
             while True:
@@ -333,10 +409,10 @@ class RemoteRunner:
     async def _follow_thread(self, plan: ThreadPlan) -> None:
         """Catch up on the thread's history, then long-poll it, turning triggers into jobs."""
         tid = plan.thread_id
+        ours = {a.id for a, _ in plan.agents} | {seat.agent.id for seat in plan.triage}
         done: dict[str, set[int]] = {}
-        for agent, _ in plan.agents:
-            done[agent.id] = await self._done(agent.id, tid)
-        ours = {a.id for a, _ in plan.agents}
+        for agent_id in sorted(ours):
+            done[agent_id] = await self._done(agent_id, tid)
         # messages for prompts; more than history_limit, as each agent sees only its audience
         seen: deque[_Seen] = deque(maxlen=self.history_limit * 4)
         answered: set[tuple[str, str]] = set()
@@ -360,7 +436,16 @@ class RemoteRunner:
                     seen.append(_Seen(env.sender.id, audience, line))
                     if env.sender.id in ours and env.causation_id:
                         answered.add((env.sender.id, env.causation_id))
+                routed: set[str] = set()  # agents whose triage routine owns env
+                for seat in plan.triage:
+                    if not is_request(env, seat.agent.id):
+                        continue
+                    routed.add(seat.agent.id)
+                    if env.created_at > seat.since and env.seq not in done[seat.agent.id]:
+                        found.append(RemoteJob(seat.agent, tid, plan.title, env, (), triage=seat))
                 for agent, since in plan.agents:
+                    if agent.id in routed:
+                        continue  # a request of the agent's triage routine
                     if env.created_at <= since or env.seq in done[agent.id]:
                         continue
                     if not may_trigger(env, agent.id, protocol=protocol):
@@ -413,10 +498,40 @@ class RemoteRunner:
         return set(found.done)
 
     async def _enqueue(self, job: RemoteJob) -> None:
+        """Queue ``job`` once per (agent, trigger) in this process — or drop it when the
+        agent's ``inbox_cap`` jobs are already waiting or running here (the claim is completed
+        with ``dropped="inbox_cap"``, which the server audits, so no runner answers it)."""
         key = (job.agent.id, job.trigger.id)
-        if key not in self._known:
-            self._known.add(key)
-            await self._send.send(job)
+        if key in self._known:
+            return
+        self._known.add(key)
+        cap = job.agent.inbox_cap
+        if cap is not None and self._pending.get(job.agent.id, 0) >= cap:
+            await self._drop(job)
+            return
+        self._pending[job.agent.id] = self._pending.get(job.agent.id, 0) + 1
+        await self._send.send(job)
+
+    async def _drop(self, job: RemoteJob) -> None:
+        log.info(
+            "runner.inbox_cap",
+            agent_id=job.agent.id,
+            trigger_id=job.trigger.id,
+            cap=job.agent.inbox_cap,
+        )
+        try:
+            await self._retrying(
+                lambda: self.client.runners.complete(
+                    job.agent.id,
+                    job.thread_id,
+                    job.trigger.seq,
+                    self.runner_id,
+                    dropped="inbox_cap",
+                )
+            )
+        except ApiError as err:  # another runner works on it, or access is gone
+            log.info("runner.drop_refused", agent_id=job.agent.id, error=str(err))
+        self.dropped += 1
 
     # -------------------------------------------------------------------- jobs
 
@@ -431,6 +546,9 @@ class RemoteRunner:
                 self._tg.start_soon(self._retry_later, job, retry_in)
             else:
                 self.jobs_done += 1
+                self._pending[job.agent.id] -= 1
+                if not self._pending[job.agent.id]:
+                    del self._pending[job.agent.id]
 
     async def _retry_later(self, job: RemoteJob, delay: float) -> None:
         await anyio.sleep(delay)
@@ -581,6 +699,9 @@ class RemoteRunner:
         return lines
 
     async def _answer(self, job: RemoteJob) -> None:
+        if job.triage is not None:
+            await self._route(job, job.triage)
+            return
         agent, trigger = job.agent, job.trigger
         key = reply_key(agent.id, trigger.id)
         if job.protocol and await self._newer_message(job):
@@ -662,6 +783,44 @@ class RemoteRunner:
                 return
             raise
         self.replies += 1
+
+    async def _route(self, job: RemoteJob, seat: TriageSeat) -> None:
+        """Route one intake request: classify it with the agent's model here (unless the
+        routine does not use the model), then ``POST /runners/triage``, where the server picks
+        the label (the model's, else keywords, else the fallback), forwards the request and
+        replies in intake with every check of the in-process runner."""
+        agent, trigger = job.agent, job.trigger
+        answer: str | None = None
+        if seat.config.use_model:
+            answer = await classify_request(
+                model_name=resolve_model_name(agent.model, self.default_model),
+                agent_name=agent.name,
+                identity=agent.identity,
+                config=seat.config,
+                request=trigger.content or "",
+                sender_name=trigger.sender.name,
+                seed_key=reply_key(agent.id, trigger.id),
+            )
+        try:
+            routed = await self._retrying(
+                lambda: self.client.runners.triage(
+                    agent.id, job.thread_id, trigger.seq, self.runner_id, answer=answer
+                )
+            )
+        except ApiError as err:
+            if err.status in (403, 404, 409, 422, 429):
+                log.info("runner.triage_refused", agent_id=agent.id, error=str(err))
+                return
+            raise
+        log.info(
+            "runner.triaged",
+            agent_id=agent.id,
+            trigger_id=trigger.id,
+            label=routed.label,
+            forwarded_to=routed.forward_thread_id,
+        )
+        self.forwards += routed.forward_id is not None
+        self.replies += routed.reply_id is not None
 
     async def _knowledge(self, job: RemoteJob) -> list[dict[str, Any]]:
         """Best chunks of the agent's org knowledge for the trigger; [] when not readable."""

@@ -73,7 +73,9 @@ Triage routines (hub-and-spoke; the pure parts are in :mod:`agent_network.runtim
   (``triage:<agent>:<request>``), and reply in intake (``reply:<agent>:<request>``; when the
   forward was refused, that the request stays in intake). A forward
   already stored (a runner stopped in between) is completed with the reply only, without a
-  model call. The remote runner (``runtime/remote.py``) runs participate routines only.
+  model call. A remote runner (``runtime/remote.py``) classifies with the agent's model in its
+  own process and has the server run the rest (:meth:`Runner.route_request`, behind
+  ``POST /runners/triage``).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ from agent_network.services.claims import (
     participations,
     preflight,
     reply_key,
+    triage_participations,
 )
 from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.policy import EgressRefusedError, apply_egress, load_egress_policy
@@ -186,7 +189,18 @@ STATE_CACHE = 1024  # protocol threads whose folded state (at the last dispatch)
 CLASSIFY_MAX_TOKENS = 16  # tokens of a triage model's answer (a label)
 PRESETS = ("participate", "triage")  # the routine presets this runner executes
 
-__all__ = ["Job", "Reply", "Runner", "generate_reply", "new_runner_id", "reply_key"]
+__all__ = [
+    "Job",
+    "Reply",
+    "Runner",
+    "TriageOutcome",
+    "classify_request",
+    "generate_reply",
+    "new_runner_id",
+    "reply_key",
+]
+
+CLASSIFY = object()  # _triage's default: ask the agent's model (else: the given answer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +212,17 @@ class Job:
     routine_id: str
     trigger: Envelope
     preset: str = "participate"
+
+
+@dataclass(frozen=True, slots=True)
+class TriageOutcome:
+    """What one triage job did: the route ``label`` chosen (None: nothing matched), the stored
+    forward (None: not forwarded) and the stored reply in intake (None: no reply, e.g. refused
+    or not the agent's turn)."""
+
+    label: str | None
+    forward: Envelope | None
+    reply: Envelope | None
 
 
 def new_runner_id(kind: str) -> str:
@@ -278,51 +303,42 @@ async def generate_reply(
     return Reply("", [])
 
 
-async def triage_participations(conn: AsyncConnection) -> list[tuple[str, str, str]]:
-    """``(agent_id, thread_id, since)`` for every intake thread of an active ``triage`` routine
-    whose agent takes part in it (a member of its team/network; a participant if restricted) —
-    what :func:`~agent_network.services.claims.participations` is for participate routines.
-    ``since`` (ISO time) is when both the routine and the membership existed."""
-    intake: dict[str, set[str]] = {}  # thread id -> agents whose triage routine watches it
-    created: dict[tuple[str, str], str] = {}  # (agent, thread) -> when its routine was created
-    q_routines = select(routines.c.agent_id, routines.c.config, routines.c.created_at).where(
-        routines.c.status == "active", routines.c.preset_name == "triage"
+async def classify_request(
+    *,
+    model_name: str,
+    agent_name: str,
+    identity: str,
+    config: TriageConfig,
+    request: str,
+    sender_name: str,
+    seed_key: str,
+) -> str | None:
+    """A triage agent's model's answer to the classification prompt
+    (:func:`~agent_network.runtime.triage.classification_prompt`) for ``request`` from
+    ``sender_name``, cleaned; at most :data:`CLASSIFY_MAX_TOKENS` tokens, temperature 0, and for
+    the local model a seed from ``seed_key``. Returns None when the model fails (it cannot be
+    built, a timeout of :data:`MODEL_TIMEOUT` seconds, a provider error): then the keywords
+    decide (:func:`~agent_network.runtime.triage.decide`). Used by both runners."""
+    prompt = classification_prompt(
+        config,
+        agent_name=agent_name,
+        identity=identity,
+        request=request,
+        sender_name=sender_name,
     )
-    for agent_id, raw, routine_at in await conn.execute(q_routines):
-        try:
-            config = parse_config(raw)
-        except InvalidRequestError:
-            continue
-        for thread_id in config.intake:
-            intake.setdefault(thread_id, set()).add(agent_id)
-            key = (agent_id, thread_id)
-            created[key] = min(created.get(key, routine_at), routine_at)
-    if not intake:
-        return []
-    q = (
-        select(members.c.member_id, threads.c.id, members.c.created_at)
-        .join(threads, threads.c.team_id == members.c.team_id)
-        .join(agents, agents.c.id == members.c.member_id)
-        .where(
-            members.c.member_kind == "agent",
-            members.c.member_id.in_(sorted({a for ids in intake.values() for a in ids})),
-            threads.c.id.in_(sorted(intake)),
-            agents.c.deleted_at.is_(None),
-            threads.c.deleted_at.is_(None),
-            (threads.c.visibility == "members")
-            | exists().where(
-                (thread_participants.c.thread_id == threads.c.id)
-                & (thread_participants.c.member_kind == "agent")
-                & (thread_participants.c.member_id == members.c.member_id)
-            ),
-        )
-    )
-    out = [
-        (agent_id, thread_id, max(created[(agent_id, thread_id)], member_at))
-        for agent_id, thread_id, member_at in await conn.execute(q)
-        if agent_id in intake[thread_id]
-    ]
-    return sorted(out)
+    settings: ModelSettings = {"max_tokens": CLASSIFY_MAX_TOKENS, "temperature": 0.0}
+    if model_name.startswith("local:"):
+        settings["seed"] = zlib.crc32(seed_key.encode())
+    try:
+        model = build_model(model_name)
+        with anyio.fail_after(MODEL_TIMEOUT):
+            result = await ModelAgent(model, system_prompt=prompt.system).run(
+                prompt.user, model_settings=settings
+            )
+    except Exception as exc:  # the keyword classifier still routes the request
+        log.warning("runner.triage_model_failed", agent_name=agent_name, error=repr(exc))
+        return None
+    return clean_reply(str(result.output), speaker_name=agent_name, other_names=[], max_sentences=2)
 
 
 class Runner:
@@ -864,12 +880,13 @@ class Runner:
 
     async def _reply(
         self, trigger: Envelope, actor: Actor, now: ThreadState, data: dict[str, Any], key: str
-    ) -> None:
+    ) -> Envelope | None:
         """Append the agent's reply to ``trigger`` (``data``, idempotency ``key``) addressed
-        like the trigger (:func:`reply_audience`); a refusal is already audited by the hub."""
+        like the trigger (:func:`reply_audience`) and return it; None when the hub refused it
+        (the hub audited the refusal)."""
         refused = (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError)
         with contextlib.suppress(*refused):  # the hub audited the refusal
-            await self.ctx.hub.append(
+            return await self.ctx.hub.append(
                 trigger.thread_id,
                 type=EV_MESSAGE,
                 data=data,
@@ -883,17 +900,29 @@ class Runner:
                 causation_id=trigger.id,
                 idempotency_key=key,
             )
+        return None
 
     # ---------------------------------------------------------------- triage
 
-    async def _triage(self, job: Job, key: str) -> None:
+    async def route_request(self, job: Job, answer: str | None) -> TriageOutcome | None:
+        """Route the intake request ``job.trigger`` for the triage routine ``job.routine_id``
+        with the classification ``answer`` a remote runner's model gave (None: the model
+        failed, the keywords decide) — :meth:`_triage` without the model call, every check
+        included. The caller holds the trigger's claim. Returns None when the job stopped
+        before routing (see :meth:`_triage`)."""
+        return await self._triage(job, reply_key(job.agent_id, job.trigger.id), answer=answer)
+
+    async def _triage(
+        self, job: Job, key: str, *, answer: object = CLASSIFY
+    ) -> TriageOutcome | None:
         """Route one intake request of a triage routine (see :mod:`agent_network.runtime.triage`).
 
         Checks as for participate (the routine is still active and watches the thread, the
         agent takes part, :func:`preflight`, may it speak), then: if a forward of this request
         is already stored in one of the route threads (a runner stopped between the forward
         and the reply), only the reply is written, with that forward's label and no model call.
-        Otherwise it classifies (:meth:`_classify`, then keywords, then the fallback), checks
+        Otherwise it classifies (:func:`classify_request`, or ``answer`` when given; then
+        keywords, then the fallback), checks
         the route thread (:meth:`_route_refusal`), applies the egress policy to the forward and
         counts it against the rate, forwards (key ``triage:<agent>:<request>``, causation the
         request), then replies in intake (key ``reply:<agent>:<request>``, causation the
@@ -902,7 +931,8 @@ class Runner:
         closed or out of budget, the rule or the egress policy forbids it), the reply says the
         request stays in intake (:func:`~agent_network.runtime.triage.undelivered_content`,
         marker ``"delivered": False``) — unless the rate refused it; after any other refusal
-        nothing is posted.
+        nothing is posted. Returns what it did, or None when it stopped before routing (the
+        routine, agent or thread is gone or changed, a preflight refusal, not its turn).
         """
         trigger = job.trigger
         async with self.ctx.engine.connect() as conn:
@@ -913,26 +943,26 @@ class Runner:
                 .first()
             )
             if agent is None or thread is None or routine is None:
-                return
+                return None
             if routine["status"] != "active":
-                return  # paused after the request was queued
+                return None  # paused after the request was queued
             try:
                 config = parse_config(routine["config"])
             except InvalidRequestError as err:
                 await self._audit(job, "routine.failed", err.message, org_id=agent["org_id"])
-                return
+                return None
             if trigger.thread_id not in config.intake:
-                return  # reconfigured after the request was queued
+                return None  # reconfigured after the request was queued
             if not await agent_in_thread(conn, agent["id"], thread):
-                return
+                return None
             refusal = await preflight(self.ctx, self.rules, conn, agent, thread, trigger)
             if refusal is not None:
                 if refusal.audit:
                     await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
-                return
+                return None
             actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
             if await self._not_your_turn(job, await self.ctx.hub.state(trigger.thread_id), actor):
-                return
+                return None
             fkey = forward_key(agent["id"], trigger.id)
             stored = await find_by_idempotency(
                 conn, [(r.thread_id, fkey) for r in config.routes.values()]
@@ -946,18 +976,25 @@ class Runner:
             mark = forwarded.data.get(MARKER) or {}
             label, how = mark.get("label"), mark.get("by")
         else:
-            answer = (
-                await self._classify(agent, config, request, sender_name, key)
-                if config.use_model
-                else None
-            )
-            label, how = decide(config, answer, request)
+            if not config.use_model:
+                answer = None
+            elif answer is CLASSIFY:
+                answer = await classify_request(
+                    model_name=resolve_model_name(agent["model"], self.ctx.settings.model),
+                    agent_name=agent["name"],
+                    identity=agent["identity"],
+                    config=config,
+                    request=request,
+                    sender_name=sender_name,
+                    seed_key=key,
+                )
+            label, how = decide(config, answer if isinstance(answer, str) else None, request)
             if label is not None:
                 forwarded, may_reply = await self._forward(
                     job, agent, actor, config, label, how, thread, sender_name, request
                 )
                 if forwarded is None and not may_reply:
-                    return
+                    return TriageOutcome(label, None, None)
         delivered = forwarded is not None or label is None
         if forwarded is not None and label is not None:
             async with self.ctx.engine.connect() as conn:
@@ -979,13 +1016,13 @@ class Runner:
                 await self._audit(
                     job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
                 )
-                return
+                return TriageOutcome(label, forwarded, None)
         posted = await self._egress(job, agent, trigger.thread_id, content)
         if posted is None:
-            return
+            return TriageOutcome(label, forwarded, None)
         now = await self.ctx.hub.state(trigger.thread_id)
         if await self._not_your_turn(job, now, actor):
-            return
+            return TriageOutcome(label, forwarded, None)
         data = {
             "content": posted,
             MARKER: marker(
@@ -997,7 +1034,7 @@ class Runner:
                 delivered=delivered,
             ),
         }
-        await self._reply(trigger, actor, now, data, key)
+        return TriageOutcome(label, forwarded, await self._reply(trigger, actor, now, data, key))
 
     async def _forward(
         self,
@@ -1118,35 +1155,6 @@ class Runner:
                 outcome="accepted",
             )
         return content
-
-    async def _classify(
-        self, agent: Any, config: TriageConfig, request: str, sender_name: str, seed_key: str
-    ) -> str | None:
-        """The agent's model's answer to the classification prompt, cleaned (None when the
-        model fails: unavailable, a timeout, a provider error — then the keywords decide)."""
-        prompt = classification_prompt(
-            config,
-            agent_name=agent["name"],
-            identity=agent["identity"],
-            request=request,
-            sender_name=sender_name,
-        )
-        model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
-        settings: ModelSettings = {"max_tokens": CLASSIFY_MAX_TOKENS, "temperature": 0.0}
-        if model_name.startswith("local:"):
-            settings["seed"] = zlib.crc32(seed_key.encode())
-        try:
-            model = build_model(model_name)
-            with anyio.fail_after(MODEL_TIMEOUT):
-                result = await ModelAgent(model, system_prompt=prompt.system).run(
-                    prompt.user, model_settings=settings
-                )
-        except Exception as exc:  # the keyword classifier still routes the request
-            log.warning("runner.triage_model_failed", agent_id=agent["id"], error=repr(exc))
-            return None
-        return clean_reply(
-            str(result.output), speaker_name=agent["name"], other_names=[], max_sentences=2
-        )
 
     async def _protocol_notes(self, conn: Any, state: ThreadState, agent_id: str) -> list[str]:
         """Prompt lines about the thread's protocol for the agent whose turn it is: the adapter

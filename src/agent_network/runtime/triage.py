@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -309,7 +309,12 @@ def marker(
     return out
 
 
-def is_triage_output(env: Envelope) -> bool:
+class _WithData(Protocol):
+    @property
+    def data(self) -> Mapping[str, Any]: ...
+
+
+def is_triage_output(env: Envelope | _WithData) -> bool:
     """True for a forward or reply of any triage agent (its ``data`` carries :data:`MARKER`):
-    never a request for a triage routine."""
+    never a request for a triage routine. ``env``: a hub envelope or the SDK's."""
     return isinstance(env.data.get(MARKER), dict)

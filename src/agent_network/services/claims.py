@@ -43,13 +43,20 @@ from agent_network.errors import (
 )
 from agent_network.hub import EV_MESSAGE, ThreadState, fold
 from agent_network.model.envelope import Envelope
+from agent_network.runtime.triage import is_triage_output, parse_config
 from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import own_agent, require_org, visible_thread
 from agent_network.services.turns import turn_takers, visible_to
 from agent_network.store.audit import audit_row, insert_audit
-from agent_network.store.claims import ClaimState, complete_claim, done_seqs, try_claim
+from agent_network.store.claims import (
+    ClaimState,
+    complete_claim,
+    done_seqs,
+    stored_claim,
+    try_claim,
+)
 from agent_network.store.engine import write_transaction
 from agent_network.store.tables import (
     agents,
@@ -76,6 +83,13 @@ class ClaimDoneError(ConflictError):
     """The trigger is done (answered, or refused by the checks before a model call)."""
 
     code = "claim_done"
+
+
+class ClaimRequiredError(ConflictError):
+    """The caller's runner does not hold a live claim on the trigger (never claimed, or its
+    lease ran out): claim it first (``POST /claims``)."""
+
+    code = "claim_required"
 
 
 def reply_key(agent_id: str, trigger_id: str) -> str:
@@ -211,6 +225,58 @@ async def participations(
     return [(a, t, max(r, m)) for a, t, r, m in (await conn.execute(q)).all()]
 
 
+async def triage_participations(
+    conn: AsyncConnection, agent_ids: list[str] | None = None
+) -> list[tuple[str, str, str]]:
+    """``(agent_id, thread_id, since)`` for every intake thread of an active ``triage`` routine
+    whose agent takes part in it (a member of its team/network; a participant if restricted) —
+    what :func:`participations` is for participate routines.
+    ``since`` (ISO time) is when both the routine and the membership existed. ``agent_ids``
+    limits the result to those agents."""
+    intake: dict[str, set[str]] = {}  # thread id -> agents whose triage routine watches it
+    created: dict[tuple[str, str], str] = {}  # (agent, thread) -> when its routine was created
+    q_routines = select(routines.c.agent_id, routines.c.config, routines.c.created_at).where(
+        routines.c.status == "active", routines.c.preset_name == "triage"
+    )
+    if agent_ids is not None:
+        q_routines = q_routines.where(routines.c.agent_id.in_(agent_ids))
+    for agent_id, raw, routine_at in await conn.execute(q_routines):
+        try:
+            config = parse_config(raw)
+        except InvalidRequestError:
+            continue
+        for thread_id in config.intake:
+            intake.setdefault(thread_id, set()).add(agent_id)
+            key = (agent_id, thread_id)
+            created[key] = min(created.get(key, routine_at), routine_at)
+    if not intake:
+        return []
+    q = (
+        select(members.c.member_id, threads.c.id, members.c.created_at)
+        .join(threads, threads.c.team_id == members.c.team_id)
+        .join(agents, agents.c.id == members.c.member_id)
+        .where(
+            members.c.member_kind == "agent",
+            members.c.member_id.in_(sorted({a for ids in intake.values() for a in ids})),
+            threads.c.id.in_(sorted(intake)),
+            agents.c.deleted_at.is_(None),
+            threads.c.deleted_at.is_(None),
+            (threads.c.visibility == "members")
+            | exists().where(
+                (thread_participants.c.thread_id == threads.c.id)
+                & (thread_participants.c.member_kind == "agent")
+                & (thread_participants.c.member_id == members.c.member_id)
+            ),
+        )
+    )
+    out = [
+        (agent_id, thread_id, max(created[(agent_id, thread_id)], member_at))
+        for agent_id, thread_id, member_at in await conn.execute(q)
+        if agent_id in intake[thread_id]
+    ]
+    return sorted(out)
+
+
 async def preflight(
     ctx: ServiceContext,
     rules: RuleService,
@@ -256,6 +322,12 @@ async def _sender_of(conn: AsyncConnection, env: Envelope) -> tuple[str, str]:
     name = (await conn.execute(select(table.c.name).where(table.c.id == env.sender_id))).scalar()
     org = (await conn.execute(select(orgs.c.name).where(orgs.c.id == env.sender_org_id))).scalar()
     return str(name or "(deleted)"), str(org or "")
+
+
+def _inbox_cap(raw_rule: Any) -> int | None:
+    """The ``inbox_cap`` of a stored rule (None: no cap)."""
+    rule = parse_rule(raw_rule)
+    return rule.inbox_cap if rule is not None else None
 
 
 class ClaimService:
@@ -392,18 +464,25 @@ class ClaimService:
         thread_id: str,
         trigger_seq: int,
         runner_id: str,
+        dropped: str | None = None,
     ) -> dict[str, Any]:
         """Mark the trigger done (replied, or deliberately not answered); idempotent.
 
         Allowed for the runner holding the claim, after its lease expired, or without a claim;
-        ClaimHeldError while another runner's lease is live. Returns ``{"done": True,
-        "agent_id", "thread_id", "trigger_seq"}``. Scope errors as :meth:`claim`.
+        ClaimHeldError while another runner's lease is live. ``dropped="inbox_cap"``: the
+        runner dropped the trigger unanswered because the agent's ``inbox_cap`` triggers were
+        already waiting in it; audited as ``rule.refused`` (as the in-process runner does), in
+        the same transaction. Returns ``{"done": True, "agent_id", "thread_id",
+        "trigger_seq"}``. Scope errors as :meth:`claim`; InvalidRequestError for another
+        ``dropped`` value.
         """
         self._check(runner_id, trigger_seq)
+        if dropped not in (None, "inbox_cap"):
+            raise InvalidRequestError("dropped must be 'inbox_cap' or absent")
         now = time.time()
         async with self.ctx.engine.connect() as conn:
-            await self._target(conn, principal, agent_id, thread_id)
-            await self._trigger(conn, thread_id, trigger_seq, agent_id)
+            agent, _thread = await self._target(conn, principal, agent_id, thread_id)
+            trigger = await self._trigger(conn, thread_id, trigger_seq, agent_id)
         async with write_transaction(self.ctx.engine) as conn:
             state = await complete_claim(
                 conn,
@@ -413,6 +492,21 @@ class ClaimService:
                 runner_id=runner_id,
                 now=now,
             )
+            if dropped is not None and state.outcome == "done":
+                cap = _inbox_cap(agent["rule"])
+                row = audit_row(
+                    org_id=agent["org_id"],
+                    principal_kind="agent",
+                    principal_id=agent_id,
+                    action="rule.refused",
+                    resource_kind="thread",
+                    resource_id=thread_id,
+                    outcome="refused",
+                    reason=f"{RuleViolationError.code}: inbox_cap {cap} reached in runner "
+                    f"{runner_id!r}; trigger dropped",
+                    data={"trigger_id": trigger.id, "runner_id": runner_id},
+                )
+                await insert_audit(conn, [row])
         if state.outcome == "held":
             self._raise_unless_granted(state, now)
         return {
@@ -430,14 +524,83 @@ class ClaimService:
             seqs = await done_seqs(conn, agent_id, thread_id)
         return {"agent_id": agent_id, "thread_id": thread_id, "done": seqs}
 
+    async def triage_request(
+        self,
+        principal: Principal,
+        *,
+        agent_id: str,
+        thread_id: str,
+        trigger_seq: int,
+        runner_id: str,
+    ) -> tuple[str, Envelope]:
+        """Check that ``runner_id`` may route trigger ``trigger_seq`` of ``thread_id`` for the
+        triage routine of ``agent_id`` now (``POST /runners/triage``): scope as :meth:`claim`,
+        the runner holds a live claim on it, and it is a request of one of the agent's active
+        triage routines — a message in one of its ``intake`` threads, not from the agent, not a
+        triage forward or reply, visible to the agent. Returns ``(routine id, the request)``
+        (the oldest such routine).
+
+        Raises the scope errors of :meth:`claim`, ClaimDoneError (done already),
+        ClaimHeldError (another runner's lease is live), ClaimRequiredError (no live claim of
+        ``runner_id``) and InvalidRequestError (not a request of a triage routine of the agent).
+        """
+        self._check(runner_id, trigger_seq)
+        now = time.time()
+        async with self.ctx.engine.connect() as conn:
+            await self._target(conn, principal, agent_id, thread_id)
+            trigger = await self._trigger(conn, thread_id, trigger_seq, agent_id)
+            state = await stored_claim(conn, agent_id, thread_id, trigger_seq)
+            if state is not None and (
+                state.outcome == "done" or (state.runner_id != runner_id and state.expires_at > now)
+            ):
+                self._raise_unless_granted(state, now)
+            if state is None or state.runner_id != runner_id or state.expires_at <= now:
+                raise ClaimRequiredError(
+                    f"runner {runner_id!r} holds no live claim on trigger {trigger_seq} of "
+                    f"thread {thread_id!r}; claim it first (POST /claims)"
+                )
+            q = (
+                select(routines.c.id, routines.c.config)
+                .where(
+                    routines.c.agent_id == agent_id,
+                    routines.c.status == "active",
+                    routines.c.preset_name == "triage",
+                )
+                .order_by(routines.c.created_at, routines.c.id)
+            )
+            found = list(await conn.execute(q))
+        is_request = (
+            trigger.type == EV_MESSAGE
+            and trigger.sender_id != agent_id
+            and not is_triage_output(trigger)
+            and visible_to(agent_id, trigger)
+        )
+        for routine_id, raw in found if is_request else []:
+            try:
+                if thread_id in parse_config(raw).intake:
+                    return str(routine_id), trigger
+            except InvalidRequestError:
+                continue
+        raise InvalidRequestError(
+            f"trigger_seq {trigger_seq} is not a request for a triage routine of the agent: "
+            "a message from somebody else in one of its intake threads"
+        )
+
     async def assignments(self, principal: Principal) -> list[dict[str, Any]]:
         """The work of a runner using this credential: every agent it owns that has an active
-        ``participate`` routine, with what a prompt needs and the threads it takes part in.
+        ``participate`` or ``triage`` routine, with what a prompt needs and the threads to follow.
 
-        Returns ``[{"agent": {"id", "name", "org_id", "org_name", "identity", "model"},
-        "threads": [{"thread_id", "title", "since"}]}]`` (``since``: ISO time; messages
-        committed before it are not the agent's to answer). An org key gets all its agents, an
-        agent token its own agent; a user token gets an empty list.
+        Returns ``[{"agent": {"id", "name", "org_id", "org_name", "identity", "model",
+        "inbox_cap"},
+        "threads": [{"thread_id", "title", "since", "preset"}], "triage": [{"routine_id",
+        "config"}]}]``. One ``threads`` entry per (thread, routine): ``preset`` is
+        ``"participate"`` (the agent takes part and has that routine) or ``"triage"`` (an intake
+        thread of its triage routine, whose requests are that routine's, see
+        :mod:`agent_network.runtime.triage`); a thread can have both. ``since``: ISO time;
+        messages committed before it are not that routine's to answer. ``triage``: the agent's
+        active triage routines, oldest first (id and stored config; a request goes to the
+        first whose ``intake`` holds its thread). An org key gets all its agents, an agent
+        token its own agent; a user token gets an empty list.
         """
         org_id = require_org(principal)
         if principal.is_member_scoped and principal.kind != "agent":
@@ -453,33 +616,49 @@ class ClaimService:
                 q = q.where(agents.c.id == principal.subject_id)
             rows = list((await conn.execute(q)).mappings())
             ids = [r["id"] for r in rows]
-            pairs = await participations(conn, ids) if ids else []
+            pairs = [(*p, "participate") for p in await participations(conn, ids)] if ids else []
+            pairs += [(*p, "triage") for p in await triage_participations(conn, ids)] if ids else []
             q_titles = select(threads.c.id, threads.c.title).where(
-                threads.c.id.in_({t for _, t, _ in pairs})
+                threads.c.id.in_({p[1] for p in pairs})
             )
             titles = {r[0]: r[1] for r in await conn.execute(q_titles)}
-            with_routine = set(
-                (
-                    await conn.execute(
-                        select(routines.c.agent_id).where(
-                            routines.c.agent_id.in_(ids),
-                            routines.c.status == "active",
-                            routines.c.preset_name == "participate",
-                        )
-                    )
-                ).scalars()
+            q_routines = (
+                select(
+                    routines.c.agent_id, routines.c.preset_name, routines.c.id, routines.c.config
+                )
+                .where(
+                    routines.c.agent_id.in_(ids),
+                    routines.c.status == "active",
+                    routines.c.preset_name.in_(("participate", "triage")),
+                )
+                .order_by(routines.c.created_at, routines.c.id)
             )
-        by_agent: dict[str, list[dict[str, str]]] = {}
-        for agent_id, thread_id, since in pairs:
+            with_routine: set[str] = set()
+            triage: dict[str, list[dict[str, Any]]] = {}
+            for agent_id, preset, routine_id, config in await conn.execute(q_routines):
+                with_routine.add(agent_id)
+                if preset == "triage":
+                    triage.setdefault(agent_id, []).append(
+                        {"routine_id": routine_id, "config": config}
+                    )
+        by_agent: dict[str, list[dict[str, Any]]] = {}
+        for agent_id, thread_id, since, preset in sorted(pairs):
             by_agent.setdefault(agent_id, []).append(
-                {"thread_id": thread_id, "title": titles.get(thread_id, ""), "since": since}
+                {
+                    "thread_id": thread_id,
+                    "title": titles.get(thread_id, ""),
+                    "since": since,
+                    "preset": preset,
+                }
             )
         return [
             {
                 "agent": {
-                    k: r[k] for k in ("id", "name", "org_id", "org_name", "identity", "model")
+                    **{k: r[k] for k in ("id", "name", "org_id", "org_name", "identity", "model")},
+                    "inbox_cap": _inbox_cap(r["rule"]),
                 },
                 "threads": by_agent.get(r["id"], []),
+                "triage": triage.get(r["id"], []),
             }
             for r in rows
             if r["id"] in with_routine

@@ -131,10 +131,12 @@ async def release_claims(conn: AsyncConnection, runner_id: str) -> int:
     return int(result.rowcount or 0)
 
 
-async def _current(
+async def stored_claim(
     conn: AsyncConnection, agent_id: str, thread_id: str, trigger_seq: int
-) -> ClaimState:
-    """The stored claim after a refused attempt: ``held`` by another runner, or ``done``."""
+) -> ClaimState | None:
+    """The claim on one trigger as stored: ``done``, or ``held`` by its ``runner_id`` until
+    ``expires_at`` (epoch seconds; a past time means the lease ran out); None when nobody
+    claimed it yet."""
     row = (
         await conn.execute(
             select(
@@ -146,9 +148,19 @@ async def _current(
             )
         )
     ).first()
-    if row is None:  # pragma: no cover - a refused upsert always leaves the conflicting row
-        raise RuntimeError("claim row vanished during the attempt")
+    if row is None:
+        return None
     return ClaimState("done" if row[2] else "held", row[0], float(row[1]))
+
+
+async def _current(
+    conn: AsyncConnection, agent_id: str, thread_id: str, trigger_seq: int
+) -> ClaimState:
+    """The stored claim after a refused attempt: ``held`` by another runner, or ``done``."""
+    state = await stored_claim(conn, agent_id, thread_id, trigger_seq)
+    if state is None:  # pragma: no cover - a refused upsert always leaves the conflicting row
+        raise RuntimeError("claim row vanished during the attempt")
+    return state
 
 
 async def open_claims(conn: AsyncConnection) -> list[tuple[str, str, int]]:

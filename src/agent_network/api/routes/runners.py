@@ -6,13 +6,14 @@ in-process runner uses the same store functions directly. See :mod:`agent_networ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import Field
 
 from agent_network.api.deps import Call, get_call
 from agent_network.api.schemas import Body
+from agent_network.runtime.runner import Job, Runner
 from agent_network.services.claims import MAX_LEASE, MAX_RUNNER_ID, ClaimService
 
 router = APIRouter(tags=["runners"])
@@ -42,7 +43,8 @@ def _claims(call: Call) -> ClaimService:
 
 @router.get("/runners/assignments")
 async def assignments(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-    """The agents this credential runs (active ``participate`` routine) and their threads."""
+    """The agents this credential runs (an active ``participate`` or ``triage`` routine), the
+    threads to follow for each routine, and the agents' triage configs."""
     return await _claims(call).assignments(call.principal)
 
 
@@ -53,10 +55,20 @@ async def claim(body: ClaimCreate, call: Call = Depends(get_call)) -> dict[str, 
     return await _claims(call).claim(call.principal, **body.model_dump())
 
 
+class ClaimComplete(ClaimTarget):
+    dropped: Literal["inbox_cap"] | None = Field(
+        default=None,
+        description=(
+            "set when the runner drops the trigger unanswered because the agent's inbox_cap "
+            "triggers already wait in it (audited as rule.refused)"
+        ),
+    )
+
+
 @router.post("/claims/complete")
-async def complete(body: ClaimTarget, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """Mark a trigger done (replied or deliberately skipped); 409 ``claim_held`` while another
-    runner's lease is live."""
+async def complete(body: ClaimComplete, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Mark a trigger done (replied or deliberately skipped; ``dropped``: why it was dropped
+    unanswered); 409 ``claim_held`` while another runner's lease is live."""
     return await _claims(call).complete(call.principal, **body.model_dump())
 
 
@@ -64,3 +76,43 @@ async def complete(body: ClaimTarget, call: Call = Depends(get_call)) -> dict[st
 async def done(agent_id: str, thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """The trigger seqs of a thread that are done for an agent."""
     return await _claims(call).done(call.principal, agent_id=agent_id, thread_id=thread_id)
+
+
+class TriageAnswer(ClaimTarget):
+    answer: str | None = Field(
+        default=None,
+        max_length=2000,
+        description=(
+            "the agent's model's answer to the classification prompt (null: the model failed "
+            "or is not used; the keywords decide)"
+        ),
+    )
+
+
+@router.post("/runners/triage")
+async def triage(body: TriageAnswer, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Route an intake request of a triage routine with the classification a remote runner's
+    model gave: the server decides the label, forwards the request and replies in intake with
+    every check of the in-process runner. The runner must hold a live claim on the request
+    (409 ``claim_required`` otherwise); it completes the claim afterwards."""
+    routine_id, trigger = await _claims(call).triage_request(
+        call.principal,
+        agent_id=body.agent_id,
+        thread_id=body.thread_id,
+        trigger_seq=body.trigger_seq,
+        runner_id=body.runner_id,
+    )
+    runner = Runner(call.services.ctx, rules=call.services.rules, runner_id=body.runner_id)
+    outcome = await runner.route_request(
+        Job(body.agent_id, routine_id, trigger, "triage"), body.answer
+    )
+    return {
+        "agent_id": body.agent_id,
+        "thread_id": body.thread_id,
+        "trigger_seq": body.trigger_seq,
+        "routed": outcome is not None,
+        "label": outcome.label if outcome else None,
+        "forward_id": outcome.forward.id if outcome and outcome.forward else None,
+        "forward_thread_id": outcome.forward.thread_id if outcome and outcome.forward else None,
+        "reply_id": outcome.reply.id if outcome and outcome.reply else None,
+    }
