@@ -626,8 +626,14 @@ def test_triage_endpoint_needs_a_live_claim_and_a_request(quiet_server: LiveServ
         "trigger_seq": request["seq"],
         "runner_id": "r1",
     }
-    # no claim yet, then a claim held by another runner
+    # no claim yet (also for the agent's own token, which may route), then another runner's
     assert_error(org.http.post("/runners/triage", json=target), 409, "claim_required")
+    token = org.ok(
+        "POST", "/credentials", json={"kind": "agent_token", "subject_id": d["triage"]["id"]}
+    )
+    with quiet_server.client(token["secret"]) as agent_http:
+        r = agent_http.post("/runners/triage", json=target)
+        assert_error(r, 409, "claim_required")
     org.ok("POST", "/claims", json={**target, "runner_id": "r2", "lease_seconds": 30})
     assert_error(org.http.post("/runners/triage", json=target), 409, "claim_held")
     assert_error(

@@ -46,7 +46,8 @@ class Call:
 # take part in a protocol thread's lifecycle as itself (ack, reject, close, workflow context).
 TOKEN_WRITES = (
     ("POST", re.compile(r"^/api/v1/threads/[^/]+/(messages|ack|reject|close|context)$")),
-    ("POST", re.compile(r"^/api/v1/claims(/complete)?$")),  # an agent token runs its agent
+    # an agent token runs its agent: claims, and routing its triage requests
+    ("POST", re.compile(r"^/api/v1/(claims(/complete)?|runners/triage)$")),
 )
 # What it may not even read: its org's administration, secrets and knowledge.
 TOKEN_HIDDEN = re.compile(
