@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -214,3 +216,48 @@ def test_unknown_credentials_are_401(server: LiveServer, bad: str) -> None:
         base_url=f"{server.url}/api/v1", headers={"Authorization": f"Bearer {bad}"} if bad else {}
     ) as http:
         assert_error(http.get("/threads"), 401, "unauthenticated")
+
+
+def test_expiry_renewal_and_rotation_keep_the_lifetime(server: LiveServer, make_org) -> None:
+    a: Org = make_org("Expiring")
+    short = _issue(a, kind="org_key", name="short", expires_in=1.5)
+    long = _issue(a, kind="org_key", name="long", expires_in=3600)
+    cid = short["credential"]["id"]
+    issued_at = datetime.fromisoformat(short["credential"]["created_at"])
+    expires = datetime.fromisoformat(short["credential"]["expires_at"])
+    assert 1.4 <= (expires - issued_at).total_seconds() <= 1.6
+    with _client(server, short["secret"]) as http:
+        assert http.get("/orgs/me").status_code == 200
+        # renewed before it runs out: it lives on past the first expiry
+        renewed = a.ok("POST", f"/credentials/{cid}/renew", json={"expires_in": 60})
+        assert datetime.fromisoformat(renewed["expires_at"]) > expires
+        time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.3)
+        assert http.get("/orgs/me").status_code == 200
+        a.ok("POST", f"/credentials/{cid}/renew", json={"expires_in": 1})
+        time.sleep(1.3)
+        err = assert_error(http.get("/orgs/me"), 401, "unauthenticated")
+        assert "expired" in err["message"]
+    # an expired credential can be neither renewed nor rotated; nothing changed by trying
+    before = {c["id"]: c for c in a.ok("GET", "/credentials")}[cid]
+    for path, body in (("renew", {"expires_in": 60}), ("rotate", None)):
+        r = a.http.post(f"/credentials/{cid}/{path}", json=body)
+        assert_error(r, 422, "invalid_request")
+    assert {c["id"]: c for c in a.ok("GET", "/credentials")}[cid] == before
+    # bad lifetimes are refused with the field named
+    for bad in (0, -5, 10**12, "soon"):
+        r = a.http.post("/credentials", json={"kind": "org_key", "expires_in": bad})
+        assert_error(r, 422, "invalid_request")
+        r = a.http.post(f"/credentials/{long['credential']['id']}/renew", json={"expires_in": bad})
+        assert_error(r, 422, "invalid_request")
+    # rotation keeps the lifetime (from now); a credential without expiry stays without
+    rotated = a.ok("POST", f"/credentials/{long['credential']['id']}/rotate")["credential"]
+    lifetime = datetime.fromisoformat(rotated["expires_at"]) - datetime.fromisoformat(
+        rotated["created_at"]
+    )
+    assert abs(lifetime.total_seconds() - 3600) < 1
+    plain = _issue(a, kind="org_key", name="plain")
+    assert plain["credential"]["expires_at"] is None
+    again = a.ok("POST", f"/credentials/{plain['credential']['id']}/rotate")["credential"]
+    assert again["expires_at"] is None
+    actions = [r["action"] for r in a.ok("GET", "/audit")]
+    assert actions.count("credential.renew") == 2

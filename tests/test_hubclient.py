@@ -194,3 +194,22 @@ def test_opening_with_an_unknown_target_says_which_name_is_missing(open_link: Li
             assert await alice.threads() == []
 
     anyio.run(main)
+
+
+def test_hubclient_tokens_expire_and_are_renewed_while_it_runs(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LocalLink.open(tmp_path / "hub.db") as link:
+            async with HubClient(link, token_ttl=3) as hc:
+                alice = await hc.register(Passport(name="alice"))
+                creds = {c.id: c for c in await hc.rest.credentials.list()}
+                first = creds[alice.credential_id].expires_at
+                assert first is not None
+                await anyio.sleep(4.5)  # past the first expiry; renewed every second
+                assert isinstance(await alice.rest.threads.list(), list)  # still authenticates
+                creds = {c.id: c for c in await hc.rest.credentials.list()}
+                later = creds[alice.credential_id].expires_at
+                assert later is not None and later > first
+            with pytest.raises(ValueError, match="token_ttl"):
+                HubClient(link, token_ttl=0.5)
+
+    anyio.run(main)

@@ -944,3 +944,32 @@ def test_live_frames_are_deduplicated_and_a_gap_goes_back_to_the_wal(tmp_path: P
         await engine.dispose()
 
     anyio.run(run)
+
+
+def test_an_expired_credential_is_disconnected_unless_renewed(
+    fast_heartbeat_server: LiveServer,
+) -> None:
+    s = Setup(fast_heartbeat_server, f"Expiry{next(_names)}")
+    body = {"kind": "user_token", "subject_id": s.user["id"], "expires_in": 1.5}
+    renewed = s.org.ok("POST", "/credentials", json=body)
+    expiring = s.org.ok("POST", "/credentials", json=body)
+    with s.ws(renewed["secret"]) as kept, s.ws(expiring["secret"]) as dropped:
+        for ws in (kept, dropped):
+            ws.welcome()
+            ws.join(s.thread, after=last_seq(s.org, s.thread))
+        cid = renewed["credential"]["id"]
+        s.org.ok("POST", f"/credentials/{cid}/renew", json={"expires_in": 60})
+        deadline = time.monotonic() + 2.0  # both past the first expiry
+        while time.monotonic() < deadline:  # stay heard (heartbeats every 0.2 s)
+            for ws in (kept, dropped):
+                with contextlib.suppress(ConnectionClosed):
+                    ws.conn.send(json.dumps({"type": "pong"}))
+            time.sleep(0.1)
+        frames, code = dropped.closed_with()
+        assert code == 4401
+        assert frames[-1]["type"] == "disconnect" and frames[-1]["reason"] == "expired"
+        posted = s.post("still here")
+        (env,) = kept.envelopes(s.thread, posted["seq"])  # the renewed one goes on
+        assert env["id"] == posted["id"]
+        kept.quiet()
+    s.org.http.close()

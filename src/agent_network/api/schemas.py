@@ -299,6 +299,16 @@ class CredentialCreate(Body):
     subject_id: str | None = Field(default=None, description="the user or agent a token acts as")
     name: str = Field(default="", max_length=200)
     scopes: list[Literal["read", "write"]] = Field(default=["read", "write"])
+    expires_in: float | None = Field(
+        default=None,
+        ge=1,
+        le=10 * 365 * 86400,
+        description="seconds until it stops authenticating (null: never)",
+    )
+
+
+class CredentialRenew(Body):
+    expires_in: float = Field(ge=1, le=10 * 365 * 86400, description="seconds from now")
 
 
 class SecretPut(Body):

@@ -24,7 +24,9 @@ Two links, one API (switching is one constructor argument)::
 
 Every agent and person acts with **its own** token (issued by the org key when registered and
 revoked when the HubClient closes), so an AgentClient can only ever act as itself and sees only
-the threads its agent takes part in — exactly what a remote runner would see.
+the threads its agent takes part in — exactly what a remote runner would see. The tokens expire
+(``token_ttl``, default 15 minutes) and the HubClient renews them while it runs, so a process
+killed with SIGKILL leaves no token that works for longer than that.
 
 Protocol threads (``docs/protocols.md``): :meth:`AgentClient.open` takes ``adapter``
 (``consulting``, ``conversation``, ``discussion``, ``workflow``...), ``ttl``, ``ack_timeout``,
@@ -61,7 +63,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel, Field
 
-from agent_network.client.errors import ApiError, NotFound
+from agent_network.client.errors import ApiError, NotFound, TransportError
 from agent_network.client.models import Agent, Envelope, Thread, Tool, User
 from agent_network.client.rest import AsyncClient
 from agent_network.store.engine import write_transaction
@@ -70,6 +72,7 @@ log = structlog.get_logger(__name__)
 
 HUBCLIENT_CURSOR = "hubclient"
 DEFAULT_TEAM = "hub"
+TOKEN_TTL = 900.0  # seconds a HubClient's tokens live without renewal (renewed every 300 s)
 
 Handler = Callable[["Envelope", "Channel"], "str | Awaitable[str | None] | None"]
 EnvelopeCallback = Callable[["Envelope"], "Awaitable[None] | None"]
@@ -615,14 +618,27 @@ class HubClient:
 
     Use as ``async with HubClient(link) as hc``. Agents and people it registers join the team
     ``team`` (created if missing) so they can open threads with each other. ``discover`` is how
-    often (seconds) it looks for threads its participants were added to by others. On exit
-    every follower task is cancelled and awaited and every token it issued is revoked.
+    often (seconds) it looks for threads its participants were added to by others. The tokens
+    it issues expire after ``token_ttl`` seconds (None: never) and it renews them every third
+    of that while it runs, so the tokens of a process killed with SIGKILL stop working on their
+    own within ``token_ttl``. On exit every follower task is cancelled and awaited and every
+    token it issued is revoked.
     """
 
-    def __init__(self, link: Link, *, team: str = DEFAULT_TEAM, discover: float = 1.0) -> None:
+    def __init__(
+        self,
+        link: Link,
+        *,
+        team: str = DEFAULT_TEAM,
+        discover: float = 1.0,
+        token_ttl: float | None = TOKEN_TTL,
+    ) -> None:
+        if token_ttl is not None and not 3 <= token_ttl <= 86400:
+            raise ValueError("token_ttl must be between 3 and 86400 seconds, or None")
         self.link = link
         self.team_name = team
         self.discover_every = discover
+        self.token_ttl = token_ttl
         self.agents: dict[str, AgentClient] = {}
         self.humans: dict[str, HumanClient] = {}
         self._team_id: str | None = None
@@ -638,6 +654,8 @@ class HubClient:
         self._tg_cm = anyio.create_task_group()
         self._tg = await self._tg_cm.__aenter__()
         self._tg.start_soon(self._discover_loop)
+        if self.token_ttl is not None:
+            self._tg.start_soon(self._renew_loop, self.token_ttl)
         return self
 
     async def __aexit__(
@@ -696,7 +714,10 @@ class HubClient:
             await self.rest.request("PUT", f"/agents/{agent.id}/rule", json=rule)
         await self._add_member("agent", agent.id)
         issued = await self.rest.credentials.issue(
-            "agent_token", subject_id=agent.id, name=f"hubclient {passport.key()}"
+            "agent_token",
+            subject_id=agent.id,
+            name=f"hubclient {passport.key()}",
+            expires_in=self.token_ttl,
         )
         client = AgentClient(
             self,
@@ -720,7 +741,7 @@ class HubClient:
         user: User = users[0] if users else await self.rest.users.create(name, email=email)
         await self._add_member("user", user.id)
         issued = await self.rest.credentials.issue(
-            "user_token", subject_id=user.id, name=f"hubclient {name}"
+            "user_token", subject_id=user.id, name=f"hubclient {name}", expires_in=self.token_ttl
         )
         client = HumanClient(self, "user", user.id, user.name, issued.secret, issued.credential.id)
         self.humans[user.id] = client
@@ -732,6 +753,18 @@ class HubClient:
         return [e async for e in self.rest.threads.history(thread_id)]
 
     # ------------------------------------------------------------------ internals
+
+    async def _renew_loop(self, ttl: float) -> None:
+        """Every third of ``ttl``, move the expiry of every token issued here to ``ttl``
+        seconds from now (a failed renewal is logged and tried again at the next round, two
+        more before the token runs out)."""
+        while True:
+            await anyio.sleep(ttl / 3)
+            for who in [*self.agents.values(), *self.humans.values()]:
+                try:
+                    await self.rest.credentials.renew(who.credential_id, ttl)
+                except (ApiError, TransportError) as err:
+                    log.warning("hubclient.renew_failed", who=who.name, error=str(err))
 
     async def _agent_by_key(self, key: str) -> Agent | None:
         return next((a for a in await self.rest.agents.list() if a.lookup_key == key), None)

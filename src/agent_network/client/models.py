@@ -148,6 +148,7 @@ class Credential(Model):
     scopes: list[str] = Field(default_factory=list)
     created_at: datetime
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None
 
 
 class IssuedCredential(Model):

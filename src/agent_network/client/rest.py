@@ -1241,10 +1241,20 @@ class Credentials(Resource):
         subject_id: str | None = None,
         name: str = "",
         scopes: Sequence[Literal["read", "write"]] = ("read", "write"),
+        expires_in: float | None = None,
     ) -> Req:
-        """Issue a credential (``subject_id``: the user or agent a token acts as); the answer's
-        ``secret`` is shown only once."""
-        return Req({"kind": kind, "subject_id": subject_id, "name": name, "scopes": list(scopes)})
+        """Issue a credential (``subject_id``: the user or agent a token acts as; ``expires_in``:
+        seconds until it stops authenticating, None: never); the answer's ``secret`` is shown
+        only once."""
+        body: dict[str, Any] = {
+            "kind": kind,
+            "subject_id": subject_id,
+            "name": name,
+            "scopes": list(scopes),
+        }
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return Req(body)
 
     @endpoint("GET", "/credentials", list_of(Credential))
     def list(self) -> Req:
@@ -1255,6 +1265,12 @@ class Credentials(Resource):
     def revoke(self, credential_id: str) -> Req:
         """Revoke a credential at once."""
         return Req()
+
+    @endpoint("POST", "/credentials/{credential_id}/renew", Credential.model_validate)
+    def renew(self, credential_id: str, expires_in: float) -> Req:
+        """Move a live credential's expiry to ``expires_in`` seconds from now; InvalidRequest
+        when it is revoked or expired already."""
+        return Req({"expires_in": expires_in})
 
     @endpoint("POST", "/credentials/{credential_id}/rotate", IssuedCredential.model_validate)
     def rotate(self, credential_id: str) -> Req:

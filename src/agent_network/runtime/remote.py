@@ -156,6 +156,7 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({502, 503, 504})
 PAGE = 500  # envelopes per history page
 RETRY_MARGIN = 0.2  # seconds after another runner's lease runs out before trying again
+MAX_ANSWER = 2000  # characters of a classification answer sent to POST /runners/triage
 
 
 @dataclass(frozen=True, slots=True)
@@ -801,6 +802,7 @@ class RemoteRunner:
                 sender_name=trigger.sender.name,
                 seed_key=reply_key(agent.id, trigger.id),
             )
+            answer = answer[:MAX_ANSWER] if answer else answer
         try:
             routed = await self._retrying(
                 lambda: self.client.runners.triage(

@@ -2,10 +2,17 @@
 
 Secrets are 256-bit random bearer strings shown once at issue/rotation and stored only as
 SHA-256. Every act is audited. Only an org key may manage credentials.
+
+A credential may expire: issued with ``expires_in`` seconds it stops authenticating at
+``expires_at`` (REST at once; a realtime connection at its next frame or heartbeat) unless it is
+renewed before (:meth:`CredentialService.renew`). The HubClient issues its agents' and people's
+tokens this way and renews them while it runs, so the tokens of a process killed with SIGKILL
+die on their own.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -14,7 +21,13 @@ from agent_network.errors import InvalidRequestError, NotFoundError
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.orgs import PREFIX_OF_KIND
-from agent_network.services.principal import ALL_SCOPES, Principal, hash_secret, new_secret
+from agent_network.services.principal import (
+    ALL_SCOPES,
+    Principal,
+    epoch_of,
+    hash_secret,
+    new_secret,
+)
 from agent_network.services.scope import own_agent, own_user, require_org_key
 from agent_network.store.engine import write_transaction
 from agent_network.store.tables import credentials
@@ -28,11 +41,32 @@ CREDENTIAL_FIELDS = (
     "scopes",
     "created_at",
     "revoked_at",
+    "expires_at",
 )
+MIN_LIFETIME = 1.0  # seconds
+MAX_LIFETIME = 10 * 365 * 86400.0  # seconds (ten years)
 
 
 def _public(row: Any) -> dict[str, Any]:
-    return {k: row[k] for k in CREDENTIAL_FIELDS}
+    return {k: row.get(k) for k in CREDENTIAL_FIELDS}
+
+
+def _expiry(expires_in: float | None, *, start: datetime | None = None) -> str | None:
+    """The ISO time ``expires_in`` seconds after ``start`` (default now); None for None.
+    InvalidRequestError outside [MIN_LIFETIME, MAX_LIFETIME]."""
+    if expires_in is None:
+        return None
+    if not MIN_LIFETIME <= expires_in <= MAX_LIFETIME:
+        raise InvalidRequestError(
+            f"expires_in must be between {MIN_LIFETIME:g} and {MAX_LIFETIME:g} seconds"
+        )
+    when = (start or datetime.now(UTC)) + timedelta(seconds=expires_in)
+    return when.isoformat(timespec="microseconds")
+
+
+def _is_expired(row: Any, now: float) -> bool:
+    at = epoch_of(row["expires_at"])
+    return at is not None and now >= at
 
 
 class CredentialService:
@@ -49,17 +83,21 @@ class CredentialService:
         subject_id: str | None = None,
         name: str = "",
         scopes: list[str] | None = None,
+        expires_in: float | None = None,
     ) -> dict[str, Any]:
         """Issue a credential. ``kind`` is ``org_key``, ``user_token`` (``subject_id`` = a user of
         the org) or ``agent_token`` (``subject_id`` = an agent of the org); ``scopes`` is
-        ``["read"]`` or ``["read", "write"]`` (default). Returns ``{"credential", "secret"}``;
-        the secret is shown this once. NotFoundError for a subject outside the org."""
+        ``["read"]`` or ``["read", "write"]`` (default); ``expires_in``: seconds until it stops
+        authenticating (1 s to ten years; None: never). Returns ``{"credential", "secret"}``;
+        the secret is shown this once. NotFoundError for a subject outside the org,
+        InvalidRequestError for a bad kind, scopes or lifetime."""
         org_id = require_org_key(principal, "managing credentials")
         if kind not in PREFIX_OF_KIND:
             raise InvalidRequestError("kind must be org_key, user_token or agent_token")
         wanted = set(scopes or ALL_SCOPES)
         if not wanted <= ALL_SCOPES or "read" not in wanted:
             raise InvalidRequestError('scopes must be ["read"] or ["read", "write"]')
+        expires_at = _expiry(expires_in)
         async with write_transaction(self.ctx.engine) as conn:
             if kind == "org_key":
                 if subject_id not in (None, org_id):
@@ -82,6 +120,7 @@ class CredentialService:
                 "scopes": sorted(wanted),
                 "created_at": now_iso(),
                 "revoked_at": None,
+                "expires_at": expires_at,
             }
             await conn.execute(credentials.insert().values(**row))
             await record(
@@ -90,7 +129,12 @@ class CredentialService:
                 "credential.issue",
                 "credential",
                 str(row["id"]),
-                data={"kind": kind, "subject_id": subject_id, "scopes": row["scopes"]},
+                data={
+                    "kind": kind,
+                    "subject_id": subject_id,
+                    "scopes": row["scopes"],
+                    "expires_at": expires_at,
+                },
             )
         return {"credential": _public(row), "secret": secret}
 
@@ -121,21 +165,62 @@ class CredentialService:
         self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
         return row
 
+    async def renew(
+        self, principal: Principal, credential_id: str, expires_in: float
+    ) -> dict[str, Any]:
+        """Move a live credential's expiry to ``expires_in`` seconds from now (1 s to ten
+        years; a credential without expiry gets one). Returns the credential.
+        InvalidRequestError when it is revoked or already expired (issue a new one) or for a
+        bad lifetime; NotFoundError for a credential of another org."""
+        org_id = require_org_key(principal, "managing credentials")
+        expires_at = _expiry(expires_in)
+        async with write_transaction(self.ctx.engine) as conn:
+            row = await self._own(conn, org_id, credential_id)
+            if row["revoked_at"] is not None or _is_expired(row, datetime.now(UTC).timestamp()):
+                raise InvalidRequestError(
+                    "the credential is revoked or expired; issue a new one instead"
+                )
+            await conn.execute(
+                update(credentials)
+                .where(credentials.c.id == credential_id)
+                .values(expires_at=expires_at)
+            )
+            await record(
+                conn,
+                principal,
+                "credential.renew",
+                "credential",
+                credential_id,
+                data={"expires_at": expires_at},
+            )
+            return _public(await self._own(conn, org_id, credential_id))
+
     async def rotate(self, principal: Principal, credential_id: str) -> dict[str, Any]:
-        """Issue a replacement with the same kind, subject, name and scopes, and revoke the old
-        one in the same transaction. Returns ``{"credential", "secret"}``."""
+        """Issue a replacement with the same kind, subject, name, scopes and lifetime (the
+        time from issue to expiry, counted from now), and revoke the old one in the same
+        transaction. Returns ``{"credential", "secret"}``. InvalidRequestError when the old one
+        is revoked or expired."""
         org_id = require_org_key(principal, "managing credentials")
         async with write_transaction(self.ctx.engine) as conn:
             old = await self._own(conn, org_id, credential_id)
-            if old["revoked_at"] is not None:
-                raise InvalidRequestError("the credential is revoked; issue a new one instead")
+            if old["revoked_at"] is not None or _is_expired(old, datetime.now(UTC).timestamp()):
+                raise InvalidRequestError(
+                    "the credential is revoked or expired; issue a new one instead"
+                )
             secret = new_secret(PREFIX_OF_KIND[old["kind"]])
+            lifetime = None
+            if old["expires_at"] is not None:
+                lifetime = (epoch_of(old["expires_at"]) or 0.0) - (
+                    epoch_of(old["created_at"]) or 0.0
+                )
+                lifetime = min(max(lifetime, MIN_LIFETIME), MAX_LIFETIME)
             row = {
                 **_public(old),
                 "id": new_id("cred"),
                 "key_hash": hash_secret(secret),
                 "created_at": now_iso(),
                 "revoked_at": None,
+                "expires_at": _expiry(lifetime),
             }
             await conn.execute(credentials.insert().values(**row))
             await conn.execute(

@@ -15,7 +15,14 @@ from agent_network.errors import (
 )
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
-from agent_network.services.principal import ALL_SCOPES, Principal, hash_secret, new_secret
+from agent_network.services.principal import (
+    ALL_SCOPES,
+    Principal,
+    epoch_of,
+    hash_secret,
+    new_secret,
+    not_expired,
+)
 from agent_network.services.scope import own_user, require_org
 from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, credentials, members, orgs, platform_keys, users
@@ -75,7 +82,8 @@ class OrgService:
         self.ctx = ctx
 
     async def authenticate(self, secret: str) -> Principal:
-        """Map a bearer secret to its principal; AuthenticationError if it matches nothing live.
+        """Map a bearer secret to its principal; AuthenticationError if it matches nothing live
+        (unknown, revoked, expired, or its user or agent deleted).
 
         The lookup is by SHA-256 of the secret (an index probe, not a comparison of secrets), so
         its timing reveals nothing about stored secrets. A token whose user or agent was deleted
@@ -98,7 +106,9 @@ class OrgService:
                     (
                         await conn.execute(
                             select(credentials).where(
-                                credentials.c.key_hash == digest, credentials.c.revoked_at.is_(None)
+                                credentials.c.key_hash == digest,
+                                credentials.c.revoked_at.is_(None),
+                                not_expired(),
                             )
                         )
                     )
@@ -112,8 +122,11 @@ class OrgService:
                         cred["id"],
                         cred["subject_id"],
                         frozenset(cred["scopes"]),
+                        epoch_of(cred["expires_at"]),
                     )
-        raise AuthenticationError("the credential is not valid (unknown, revoked or mistyped)")
+        raise AuthenticationError(
+            "the credential is not valid (unknown, revoked, expired or mistyped)"
+        )
 
     async def create_org(self, principal: Principal, name: str) -> dict[str, Any]:
         """Create an org (admin only). Returns ``{"org": {...}, "key": secret}``; key shown once."""

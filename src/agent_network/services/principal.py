@@ -9,7 +9,9 @@ Four kinds of principal, each from one kind of bearer credential:
 | user token (``an_usr_…``)  | user      | that person only, in the teams/networks they belong to |
 | agent token (``an_agt_…``) | agent     | that agent only (remote runners), likewise           |
 
-``scopes`` is ``{"read"}`` for a read-only credential, ``{"read", "write"}`` otherwise.
+``scopes`` is ``{"read"}`` for a read-only credential, ``{"read", "write"}`` otherwise. A
+credential may have an expiry (``expires_at``, ISO time): after it, it no longer authenticates
+(:func:`not_expired` is the query condition).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, or_
+
+from agent_network.model.ids import now_iso
+from agent_network.store.tables import credentials
 
 PrincipalKind = Literal["admin", "org", "user", "agent"]
 READ, WRITE = "read", "write"
@@ -29,7 +37,9 @@ class Principal:
     """The authenticated caller.
 
     ``org_id`` is None only for the admin; ``subject_id`` is the org, user or agent the
-    credential acts as; ``key_id`` identifies the credential (for the audit log).
+    credential acts as; ``key_id`` identifies the credential (for the audit log);
+    ``expires_at``: when the credential stops authenticating (epoch seconds; None: never), as
+    it was when the caller authenticated (a long-lived connection re-checks it then).
     """
 
     kind: PrincipalKind
@@ -37,6 +47,11 @@ class Principal:
     key_id: str
     subject_id: str | None = None
     scopes: frozenset[str] = field(default=ALL_SCOPES)
+    expires_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        """Whether ``now`` (epoch seconds) is past the expiry known to this principal."""
+        return self.expires_at is not None and now >= self.expires_at
 
     @property
     def audit_org(self) -> str:
@@ -57,3 +72,15 @@ def new_secret(prefix: str) -> str:
 def hash_secret(secret: str) -> str:
     """SHA-256 hex of a high-entropy secret (safe for lookup; secrets are never stored raw)."""
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def not_expired(now: str | None = None) -> ColumnElement[bool]:
+    """The condition "the credential has no expiry or it is later than ``now``" on
+    ``credentials`` (``now``: ISO time, default the current time; the stored times share
+    :func:`~agent_network.model.ids.now_iso`'s format, so they compare as strings)."""
+    return or_(credentials.c.expires_at.is_(None), credentials.c.expires_at > (now or now_iso()))
+
+
+def epoch_of(iso: Any) -> float | None:
+    """Epoch seconds of a stored ISO time (None stays None)."""
+    return None if iso is None else datetime.fromisoformat(str(iso)).timestamp()

@@ -33,7 +33,10 @@ connection is handed the next frame of a thread, the fan-out compares its ``chec
 when it is stale, the frame is kept aside and the connection's control task re-checks the
 credential (revoked or its subject deleted: ``disconnect`` ``revoked``, close 4401) and every
 followed thread (``visible_thread``; lost ones get an ``error`` ``not_found`` and are dropped)
-before anything else is sent.
+before anything else is sent. A credential with an expiry is re-read once that time has passed
+— before the next frame is sent, before the next client frame is handled, and at the next
+heartbeat — and the connection ends with ``disconnect`` ``expired`` (close 4401) unless the
+credential was renewed meanwhile.
 
 Slow consumers
 --------------
@@ -46,6 +49,7 @@ closed with 4008. Nobody else waits for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import deque
@@ -71,7 +75,7 @@ from agent_network.hub import Subscription
 from agent_network.model.envelope import Envelope
 from agent_network.services.base import ServiceContext
 from agent_network.services.orgs import OrgService
-from agent_network.services.principal import WRITE, Principal
+from agent_network.services.principal import WRITE, Principal, epoch_of, not_expired
 from agent_network.services.scope import (
     audience_admits,
     org_member_ids,
@@ -347,6 +351,7 @@ class Connection:
     __slots__ = (
         "_catchup",
         "_control_running",
+        "_expiry_checking",
         "_idle_post_workers",
         "_post_frames",
         "_post_room",
@@ -381,6 +386,7 @@ class Connection:
         self.follows: dict[str, Follow] = {}
         self.sent: dict[str, int] = {}
         self.checked_epoch = service.ctx.access_epoch
+        self._expiry_checking = False  # a heartbeat's check_expiry is running
         self.acts_for: frozenset[str] = frozenset()
         self.close_request: tuple[str, int] | None = None
         self.close_frame: dict[str, Any] | None = None
@@ -486,6 +492,8 @@ class Connection:
             if raw is None:
                 return
             self.last_heard = time.monotonic()
+            if self._expired() and not await self.check_expiry():
+                return
             obj: Any = None
             if isinstance(raw, str):
                 try:
@@ -563,11 +571,43 @@ class Connection:
 
     def beat(self, now: float) -> None:
         """One heartbeat (called by the service's heartbeat task): close the connection if
-        the client was silent for ``IDLE_HEARTBEATS`` heartbeats, else queue a ``ping``."""
+        the client was silent for ``IDLE_HEARTBEATS`` heartbeats, else queue a ``ping``; past
+        the credential's known expiry, start :meth:`check_expiry`."""
         if now - self.last_heard > IDLE_HEARTBEATS * self.service.heartbeat:
             self.request_close("idle", CLOSE_IDLE)
         elif not self.closed:
             self.outbox.put_nowait((PING_TEXT, None, 0))  # dropped if full: lag shows elsewhere
+            if self._expired() and not self._expiry_checking and self._tg is not None:
+                self._expiry_checking = True
+                self._tg.start_soon(self.check_expiry)
+
+    def _expired(self) -> bool:
+        """Past the expiry the credential had when last checked (a renewal may have moved it)."""
+        at = self.principal.expires_at
+        return at is not None and time.time() >= at
+
+    async def check_expiry(self) -> bool:
+        """Re-read the credential once its known expiry has passed: renewed, the connection
+        goes on with the new expiry; expired (or revoked, or its subject deleted) it sends
+        ``disconnect`` ``expired`` and closes with 4401. Returns whether it goes on."""
+        try:
+            with anyio.CancelScope(shield=True):  # never interrupt a query
+                async with self.service.db_slots, self.service.ctx.engine.connect() as db:
+                    live = await credential_live(db, self.principal)
+                    at = (
+                        await db.execute(
+                            select(credentials.c.expires_at).where(
+                                credentials.c.id == self.principal.key_id
+                            )
+                        )
+                    ).scalar()
+        finally:
+            self._expiry_checking = False
+        if not live:
+            self.request_close("expired", CLOSE_UNAUTHENTICATED)
+            return False
+        self.principal = dataclasses.replace(self.principal, expires_at=epoch_of(at))
+        return True
 
     async def _control(self) -> None:
         """Catch follows up from the WAL (joins, re-checks, lost feed), one at a time; runs
@@ -617,7 +657,11 @@ class Connection:
             return
         if env.seq <= f.seq:
             return
-        if env.seq != f.seq + 1 or self.checked_epoch != self.service.ctx.access_epoch:
+        if (
+            env.seq != f.seq + 1
+            or self.checked_epoch != self.service.ctx.access_epoch
+            or self._expired()
+        ):
             # access must be re-checked first (or, defensively, a gap): back to catching up
             f.live = False
             f.pending = [(env.seq, text if admitted else None)]
@@ -680,8 +724,10 @@ class Connection:
         Only the control task calls this, so two checks never overlap."""
         ctx = self.service.ctx
         epoch = ctx.access_epoch
-        if epoch == self.checked_epoch:
+        if epoch == self.checked_epoch and not self._expired():
             return self.close_request is None
+        if self._expired() and not await self.check_expiry():
+            return False
         lost: list[str] = []
         with anyio.CancelScope(shield=True):  # never interrupt a query
             async with self.service.db_slots, ctx.engine.connect() as db:
@@ -902,15 +948,15 @@ def _internal() -> AgentNetworkError:
 
 
 async def credential_live(conn: AsyncConnection, principal: Principal) -> bool:
-    """Whether the credential behind ``principal`` still authenticates: not revoked, and for a
-    user or agent token, its subject not deleted."""
+    """Whether the credential behind ``principal`` still authenticates: not revoked, not
+    expired, and for a user or agent token, its subject not deleted."""
     if principal.kind == "admin":
         q = select(platform_keys.c.id).where(
             platform_keys.c.id == principal.key_id, platform_keys.c.revoked_at.is_(None)
         )
         return (await conn.execute(q)).first() is not None
     q = select(credentials.c.id).where(
-        credentials.c.id == principal.key_id, credentials.c.revoked_at.is_(None)
+        credentials.c.id == principal.key_id, credentials.c.revoked_at.is_(None), not_expired()
     )
     if (await conn.execute(q)).first() is None:
         return False

@@ -63,6 +63,8 @@ credentials = Table(
     Column("scopes", JSON, nullable=False),  # ["read"] or ["read", "write"]
     Column("created_at", String(32), nullable=False),
     Column("revoked_at", String(32)),
+    # ISO time after which it no longer authenticates; None: never (migration 0007)
+    Column("expires_at", String(32)),
 )
 
 agent_secrets = Table(

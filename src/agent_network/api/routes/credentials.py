@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 
 from agent_network.api.deps import Call, get_call
-from agent_network.api.schemas import CredentialCreate, SecretPut
+from agent_network.api.schemas import CredentialCreate, CredentialRenew, SecretPut
 
 router = APIRouter(tags=["credentials"])
 
@@ -34,6 +34,14 @@ async def revoke(credential_id: str, call: Call = Depends(get_call)) -> dict[str
 async def rotate(credential_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Replace a credential by a new secret and revoke the old one, atomically."""
     return await call.services.credentials.rotate(call.principal, credential_id)
+
+
+@router.post("/credentials/{credential_id}/renew")
+async def renew(
+    credential_id: str, body: CredentialRenew, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Move a live credential's expiry to ``expires_in`` seconds from now."""
+    return await call.services.credentials.renew(call.principal, credential_id, body.expires_in)
 
 
 @router.put("/agents/{agent_id}/secrets/{name}")
