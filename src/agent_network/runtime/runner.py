@@ -98,7 +98,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic_ai import Agent as ModelAgent
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import RowMapping, exists, select
+from sqlalchemy import RowMapping, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.adapters.base import Proposal
@@ -149,6 +149,7 @@ from agent_network.services.claims import (
     participations,
     preflight,
     reply_key,
+    thread_open_to_agent,
     triage_participations,
 )
 from agent_network.services.knowledge import KnowledgeService
@@ -472,12 +473,7 @@ class Runner:
                     routines.c.preset_name.in_(PRESETS),
                     routines.c.event_type == "thread.message_added",
                     agents.c.deleted_at.is_(None),
-                    (threads.c.visibility == "members")
-                    | exists().where(
-                        (thread_participants.c.thread_id == threads.c.id)
-                        & (thread_participants.c.member_kind == "agent")
-                        & (thread_participants.c.member_id == routines.c.agent_id)
-                    ),
+                    thread_open_to_agent(routines.c.agent_id),
                 )
             )
             if wanted is None:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -186,6 +186,17 @@ async def agent_in_thread(conn: AsyncConnection, agent_id: str, thread: Any) -> 
     return (await conn.execute(q)).first() is not None
 
 
+def thread_open_to_agent(agent_id: Any) -> ColumnElement[bool]:
+    """The condition "``threads`` row is visible to the agent ``agent_id`` among its team's
+    members": a ``members`` thread, or a restricted one where the agent is a participant.
+    ``agent_id``: a column (or value) holding the agent's id."""
+    return (threads.c.visibility == "members") | exists().where(
+        (thread_participants.c.thread_id == threads.c.id)
+        & (thread_participants.c.member_kind == "agent")
+        & (thread_participants.c.member_id == agent_id)
+    )
+
+
 async def participations(
     conn: AsyncConnection, agent_ids: list[str] | None = None
 ) -> list[tuple[str, str, str]]:
@@ -210,12 +221,7 @@ async def participations(
             routines.c.preset_name == "participate",
             agents.c.deleted_at.is_(None),
             threads.c.deleted_at.is_(None),
-            (threads.c.visibility == "members")
-            | exists().where(
-                (thread_participants.c.thread_id == threads.c.id)
-                & (thread_participants.c.member_kind == "agent")
-                & (thread_participants.c.member_id == agents.c.id)
-            ),
+            thread_open_to_agent(agents.c.id),
         )
         .group_by(routines.c.agent_id, threads.c.id)
         .order_by(routines.c.agent_id, threads.c.id)
@@ -261,12 +267,7 @@ async def triage_participations(
             threads.c.id.in_(sorted(intake)),
             agents.c.deleted_at.is_(None),
             threads.c.deleted_at.is_(None),
-            (threads.c.visibility == "members")
-            | exists().where(
-                (thread_participants.c.thread_id == threads.c.id)
-                & (thread_participants.c.member_kind == "agent")
-                & (thread_participants.c.member_id == members.c.member_id)
-            ),
+            thread_open_to_agent(members.c.member_id),
         )
     )
     out = [
