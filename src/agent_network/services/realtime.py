@@ -34,9 +34,10 @@ when it is stale, the frame is kept aside and the connection's control task re-c
 credential (revoked or its subject deleted: ``disconnect`` ``revoked``, close 4401) and every
 followed thread (``visible_thread``; lost ones get an ``error`` ``not_found`` and are dropped)
 before anything else is sent. A credential with an expiry is re-read once that time has passed
-— before the next frame is sent, before the next client frame is handled, and at the next
-heartbeat — and the connection ends with ``disconnect`` ``expired`` (close 4401) unless the
-credential was renewed meanwhile.
+— at the next heartbeat, before the next client frame is handled, and at any access re-check —
+and the connection ends with ``disconnect`` ``expired`` (close 4401) unless the credential was
+renewed meanwhile. (Not per delivered frame: that is the hot path; delivery may thus go on for
+up to one heartbeat interval past the expiry.)
 
 Slow consumers
 --------------
@@ -657,11 +658,7 @@ class Connection:
             return
         if env.seq <= f.seq:
             return
-        if (
-            env.seq != f.seq + 1
-            or self.checked_epoch != self.service.ctx.access_epoch
-            or self._expired()
-        ):
+        if env.seq != f.seq + 1 or self.checked_epoch != self.service.ctx.access_epoch:
             # access must be re-checked first (or, defensively, a gap): back to catching up
             f.live = False
             f.pending = [(env.seq, text if admitted else None)]
