@@ -3,8 +3,8 @@
 - Imported (``agent-network runner --import runner_helpers``): registers the model ``slow``, a
   pydantic-ai ``FunctionModel`` that waits ``RUNNER_SLOW_SECONDS`` (default 1) and answers
   "Noted." — so a runner holds its claims long enough to be killed in the middle of a job —
-  and the model ``labeler``: "Billing." to a triage classification prompt, "Noted." to
-  anything else.
+  the model ``labeler``: "Billing." to a triage classification prompt, "Noted." to
+  anything else; and the model ``broken``, which raises RuntimeError.
 - Run as a script (``python runner_helpers.py post URL KEY THREADS USER PREFIX COUNT OUT SEED``):
   a poster process. It posts COUNT messages as USER into the comma-separated THREADS (round
   robin) with idempotency keys ``PREFIX-<n>``, retrying each post on connection errors and 5xx
@@ -26,7 +26,7 @@ SLOW_REPLY = "Noted."
 
 
 def register_slow_model() -> None:
-    """Register the models ``slow`` and ``labeler`` (see the module docstring) here."""
+    """Register the models ``slow``, ``labeler`` and ``broken`` (see the module docstring)."""
     import anyio
     from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
     from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -45,6 +45,11 @@ def register_slow_model() -> None:
         return ModelResponse(parts=[TextPart(reply)])
 
     register_model("labeler", FunctionModel(labeler))
+
+    async def broken(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise RuntimeError("the model's backend is down")
+
+    register_model("broken", FunctionModel(broken))
 
 
 def post_all(

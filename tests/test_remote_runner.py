@@ -758,3 +758,45 @@ def test_a_runner_drops_triggers_beyond_the_inbox_cap(
     for a in dropped:
         assert a["principal_id"] == bot["id"] and "inbox_cap 1" in a["reason"]
         assert a["data"]["runner_id"] == "R"
+
+
+def test_failures_only_the_runner_sees_are_audited(
+    quiet_server: LiveServer, runners: Callable[..., RunnerProc]
+) -> None:
+    org = Org(quiet_server, "Acme")
+    ann, bots, tid = setup_pair(org)
+    runner = runners(
+        quiet_server.url, org.key, "R", "--lease", "5", "--model", "broken", "--import",
+        "runner_helpers",
+    )  # fmt: skip
+    runner.wait_running()
+    trig = post(org, tid, ann["id"], "anyone there?")
+
+    def failures() -> list[dict[str, Any]]:
+        return [
+            a
+            for a in org.ok("GET", "/audit", params={"action": "routine.failed"})
+            if a["data"].get("trigger_id") == trig["id"]
+        ]
+
+    found = wait_until("both agents' failures audited", lambda: len(failures()) == 2 and failures())
+    assert {a["principal_id"] for a in found} == {b["id"] for b in bots}
+    for a in found:
+        assert "RuntimeError" in a["reason"] and "backend is down" in a["reason"]
+        assert a["data"]["runner_id"] == "R" and "(runner 'R')" in a["reason"]
+    assert replies_by_trigger(org, tid) == {}
+    assert all(c[5] == 1 for c in claims(quiet_server.db))  # done: nobody retries it
+
+    # an empty reply is reported the same way, audited as routine.skipped
+    second = post(org, tid, ann["id"], "still there?")
+    body = {"agent_id": bots[0]["id"], "thread_id": tid, "trigger_seq": second["seq"]}
+    org.ok("POST", "/claims/complete", json={**body, "runner_id": "X", "dropped": "empty_reply"})
+    (skipped,) = [
+        a
+        for a in org.ok("GET", "/audit", params={"action": "routine.skipped"})
+        if a["data"].get("trigger_id") == second["id"]
+    ]
+    assert "empty" in skipped["reason"] and skipped["principal_id"] == bots[0]["id"]
+    too_long = {**body, "runner_id": "X", "dropped": "failed", "detail": "x" * 501}
+    r = org.http.post("/claims/complete", json=too_long)
+    assert_error(r, 422, "invalid_request")

@@ -1394,10 +1394,12 @@ class Runners(Resource):
         runner_id: str,
         *,
         dropped: str | None = None,
+        detail: str | None = None,
     ) -> Req:
-        """Mark a trigger done (answered or deliberately skipped). ``dropped="inbox_cap"``: the
-        runner drops it unanswered because the agent's ``inbox_cap`` triggers already wait in
-        it (the server audits it as ``rule.refused``)."""
+        """Mark a trigger done (answered or deliberately skipped). ``dropped``: why the runner
+        leaves it unanswered, which the server audits — ``inbox_cap`` (``rule.refused``),
+        ``failed`` (``routine.failed``; ``detail``: how, at most 500 characters) or
+        ``empty_reply`` (``routine.skipped``)."""
         body: dict[str, Any] = {
             "agent_id": agent_id,
             "thread_id": thread_id,
@@ -1406,6 +1408,8 @@ class Runners(Resource):
         }
         if dropped is not None:
             body["dropped"] = dropped
+        if detail is not None:
+            body["detail"] = detail
         return Req(body)
 
     @endpoint("POST", "/runners/triage", TriageRouted.model_validate)

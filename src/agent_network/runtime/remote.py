@@ -94,9 +94,13 @@ Design
   beyond it is dropped: its claim is completed with ``dropped="inbox_cap"``, which the server
   audits as ``rule.refused`` (the in-process runner drops and audits the same way).
 
-Limits: refusals decided by the remote runner itself (model failures, empty replies) are logged
-here, not in the audit log (the server's own checks at claim and routing time are audited there);
-``inbox_cap`` counts per runner process, so N runners may hold N times the cap between them.
+- **Failures only the runner sees** — the model failed, its reply came out empty, the job
+  raised — complete the claim with ``dropped`` ``failed`` / ``empty_reply`` (and a
+  ``detail``), which the server audits as ``routine.failed`` / ``routine.skipped``, as the
+  in-process runner audits them.
+
+Limits: ``inbox_cap`` counts per runner process, so N runners may hold N times the cap between
+them.
 """
 
 from __future__ import annotations
@@ -571,16 +575,24 @@ class RemoteRunner:
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_claim, job)
+            dropped: tuple[str, str | None] | None = None
             try:
                 async with self._turn(job):
-                    await self._answer(job)
+                    dropped = await self._answer(job)
             except Exception as exc:
                 error = exc
+                dropped = ("failed", f"{type(exc).__name__}: {exc}"[:500])
             tg.cancel_scope.cancel()
+        why, detail = dropped or (None, None)
         try:  # answered, refused or failed: nobody takes it again
             await self._retrying(
                 lambda: self.client.runners.complete(
-                    job.agent.id, job.thread_id, job.trigger.seq, self.runner_id
+                    job.agent.id,
+                    job.thread_id,
+                    job.trigger.seq,
+                    self.runner_id,
+                    dropped=why,
+                    detail=detail,
                 )
             )
         except ApiError as err:  # taken over meanwhile: the reply key keeps it to one reply
@@ -699,15 +711,20 @@ class RemoteRunner:
             lines.append(context)
         return lines
 
-    async def _answer(self, job: RemoteJob) -> None:
+    async def _answer(self, job: RemoteJob) -> tuple[str, str | None] | None:
+        """Answer one claimed job (or route it, for a triage routine). Returns None when it
+        replied or decided not to for a reason the server knows (not its turn, superseded, a
+        refused post), or ``(dropped, detail)`` for a failure only this runner saw — the model
+        failed (``failed``) or its reply came out empty (``empty_reply``) — which completing
+        the claim reports to the audit log."""
         if job.triage is not None:
             await self._route(job, job.triage)
-            return
+            return None
         agent, trigger = job.agent, job.trigger
         key = reply_key(agent.id, trigger.id)
         if job.protocol and await self._newer_message(job):
             log.debug("runner.superseded", agent_id=agent.id, trigger_id=trigger.id)
-            return
+            return None
         view = await self._thread_view(job.thread_id)
         if not thread_may_speak(view, agent.id):
             log.info(
@@ -717,7 +734,7 @@ class RemoteRunner:
                 expected=view.get("expected_speaker"),
                 status=view.get("status"),
             )
-            return
+            return None
         tools = await self._tools(job, view) if view.get("adapter") == "workflow" else None
         prompt = build_prompt(
             agent_name=agent.name,
@@ -741,7 +758,7 @@ class RemoteRunner:
             )
         except AgentNetworkError as err:
             log.warning("runner.model_failed", agent_id=agent.id, error=f"{err.code}: {err}")
-            return
+            return "failed", f"{err.code}: {err}"[:500]
         if (
             not answer.content
             and view.get("adapter") == "discussion"
@@ -751,11 +768,11 @@ class RemoteRunner:
             answer = Reply(PASS_REPLY, answer.tool_calls)
         if not answer.content:
             log.warning("runner.empty_reply", agent_id=agent.id, trigger_id=trigger.id)
-            return
+            return "empty_reply", None
         view = await self._thread_view(job.thread_id)
         if not thread_may_speak(view, agent.id):  # the thread moved while the model ran
             log.info("runner.not_your_turn", agent_id=agent.id, trigger_id=trigger.id)
-            return
+            return None
         extra: dict[str, Any] = {}
         if answer.tool_calls:
             extra["tool_calls"] = answer.tool_calls
@@ -781,9 +798,10 @@ class RemoteRunner:
         except ApiError as err:
             if err.status in (403, 404, 409, 422, 429):
                 log.info("runner.reply_refused", agent_id=agent.id, error=str(err))
-                return
+                return None
             raise
         self.replies += 1
+        return None
 
     async def _route(self, job: RemoteJob, seat: TriageSeat) -> None:
         """Route one intake request: classify it with the agent's model here (unless the

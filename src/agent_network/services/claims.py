@@ -69,6 +69,12 @@ from agent_network.store.tables import (
 )
 from agent_network.store.wal import read_envelopes
 
+DROPPED = {
+    "inbox_cap": "rule.refused",
+    "failed": "routine.failed",
+    "empty_reply": "routine.skipped",
+}
+"""Why a runner may complete a trigger unanswered (``dropped``) -> the audit action recorded."""
 MAX_LEASE = 3600.0  # seconds
 MAX_RUNNER_ID = 100  # characters
 
@@ -466,20 +472,24 @@ class ClaimService:
         trigger_seq: int,
         runner_id: str,
         dropped: str | None = None,
+        detail: str | None = None,
     ) -> dict[str, Any]:
         """Mark the trigger done (replied, or deliberately not answered); idempotent.
 
         Allowed for the runner holding the claim, after its lease expired, or without a claim;
-        ClaimHeldError while another runner's lease is live. ``dropped="inbox_cap"``: the
-        runner dropped the trigger unanswered because the agent's ``inbox_cap`` triggers were
-        already waiting in it; audited as ``rule.refused`` (as the in-process runner does), in
-        the same transaction. Returns ``{"done": True, "agent_id", "thread_id",
-        "trigger_seq"}``. Scope errors as :meth:`claim`; InvalidRequestError for another
-        ``dropped`` value.
+        ClaimHeldError while another runner's lease is live. ``dropped`` says why the runner
+        leaves the trigger unanswered, audited in the same transaction as the in-process runner
+        audits it (:data:`DROPPED`): ``inbox_cap`` (the agent's ``inbox_cap`` triggers already
+        wait in it), ``failed`` (the job failed; ``detail`` says how, at most 500 characters)
+        or ``empty_reply`` (the model's reply was empty after cleaning). Returns ``{"done":
+        True, "agent_id", "thread_id", "trigger_seq"}``. Scope errors as :meth:`claim`;
+        InvalidRequestError for another ``dropped`` value or a longer ``detail``.
         """
         self._check(runner_id, trigger_seq)
-        if dropped not in (None, "inbox_cap"):
-            raise InvalidRequestError("dropped must be 'inbox_cap' or absent")
+        if dropped is not None and dropped not in DROPPED:
+            raise InvalidRequestError(f"dropped must be one of {', '.join(DROPPED)} or absent")
+        if detail is not None and len(detail) > 500:
+            raise InvalidRequestError("detail must be at most 500 characters")
         now = time.time()
         async with self.ctx.engine.connect() as conn:
             agent, _thread = await self._target(conn, principal, agent_id, thread_id)
@@ -494,17 +504,24 @@ class ClaimService:
                 now=now,
             )
             if dropped is not None and state.outcome == "done":
-                cap = _inbox_cap(agent["rule"])
+                if dropped == "inbox_cap":
+                    why = (
+                        f"{RuleViolationError.code}: inbox_cap {_inbox_cap(agent['rule'])} "
+                        "reached; trigger dropped"
+                    )
+                elif dropped == "failed":
+                    why = detail or "the job failed"
+                else:
+                    why = "the model's reply was empty after cleaning; no reply posted"
                 row = audit_row(
                     org_id=agent["org_id"],
                     principal_kind="agent",
                     principal_id=agent_id,
-                    action="rule.refused",
+                    action=DROPPED[dropped],
                     resource_kind="thread",
                     resource_id=thread_id,
                     outcome="refused",
-                    reason=f"{RuleViolationError.code}: inbox_cap {cap} reached in runner "
-                    f"{runner_id!r}; trigger dropped",
+                    reason=f"{why} (runner {runner_id!r})",
                     data={"trigger_id": trigger.id, "runner_id": runner_id},
                 )
                 await insert_audit(conn, [row])

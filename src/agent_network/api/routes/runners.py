@@ -56,12 +56,17 @@ async def claim(body: ClaimCreate, call: Call = Depends(get_call)) -> dict[str, 
 
 
 class ClaimComplete(ClaimTarget):
-    dropped: Literal["inbox_cap"] | None = Field(
+    dropped: Literal["inbox_cap", "failed", "empty_reply"] | None = Field(
         default=None,
         description=(
-            "set when the runner drops the trigger unanswered because the agent's inbox_cap "
-            "triggers already wait in it (audited as rule.refused)"
+            "why the runner leaves the trigger unanswered, audited like the in-process "
+            "runner: inbox_cap (the agent's inbox_cap triggers already wait in it: "
+            "rule.refused), failed (the job failed: routine.failed), empty_reply (the model's "
+            "reply was empty after cleaning: routine.skipped)"
         ),
+    )
+    detail: str | None = Field(
+        default=None, max_length=500, description="what went wrong, for the audit log"
     )
 
 
