@@ -4,10 +4,10 @@ Secrets are 256-bit random bearer strings shown once at issue/rotation and store
 SHA-256. Every act is audited. Only an org key may manage credentials.
 
 A credential may expire: issued with ``expires_in`` seconds it stops authenticating at
-``expires_at`` (REST at once; a realtime connection at its next frame or heartbeat) unless it is
-renewed before (:meth:`CredentialService.renew`). The HubClient issues its agents' and people's
-tokens this way and renews them while it runs, so the tokens of a process killed with SIGKILL
-die on their own.
+``expires_at`` (REST at once; a realtime connection at its next heartbeat or client frame)
+unless it is renewed before (:meth:`CredentialService.renew`). The HubClient issues its
+agents' and people's tokens this way and renews them while it runs, so the tokens of a process
+killed with SIGKILL die on their own.
 """
 
 from __future__ import annotations
@@ -51,16 +51,16 @@ def _public(row: Any) -> dict[str, Any]:
     return {k: row.get(k) for k in CREDENTIAL_FIELDS}
 
 
-def _expiry(expires_in: float | None, *, start: datetime | None = None) -> str | None:
-    """The ISO time ``expires_in`` seconds after ``start`` (default now); None for None.
-    InvalidRequestError outside [MIN_LIFETIME, MAX_LIFETIME]."""
+def _expiry(expires_in: float | None) -> str | None:
+    """The ISO time ``expires_in`` seconds from now; None for None. InvalidRequestError
+    outside [MIN_LIFETIME, MAX_LIFETIME]."""
     if expires_in is None:
         return None
     if not MIN_LIFETIME <= expires_in <= MAX_LIFETIME:
         raise InvalidRequestError(
             f"expires_in must be between {MIN_LIFETIME:g} and {MAX_LIFETIME:g} seconds"
         )
-    when = (start or datetime.now(UTC)) + timedelta(seconds=expires_in)
+    when = datetime.now(UTC) + timedelta(seconds=expires_in)
     return when.isoformat(timespec="microseconds")
 
 
