@@ -524,6 +524,13 @@ class RemoteRunner:
             trigger_id=job.trigger.id,
             cap=job.agent.inbox_cap,
         )
+        await self._complete(job, "inbox_cap", None)
+        self.dropped += 1
+
+    async def _complete(self, job: RemoteJob, dropped: str | None, detail: str | None) -> None:
+        """Mark ``job``'s trigger done (``dropped``/``detail``: why it stays unanswered, for the
+        server's audit log). A refusal — another runner took it over (the reply key still keeps
+        it to one reply), or access is gone — is logged."""
         try:
             await self._retrying(
                 lambda: self.client.runners.complete(
@@ -531,12 +538,12 @@ class RemoteRunner:
                     job.thread_id,
                     job.trigger.seq,
                     self.runner_id,
-                    dropped="inbox_cap",
+                    dropped=dropped,
+                    detail=detail,
                 )
             )
-        except ApiError as err:  # another runner works on it, or access is gone
-            log.info("runner.drop_refused", agent_id=job.agent.id, error=str(err))
-        self.dropped += 1
+        except ApiError as err:
+            log.warning("runner.complete_refused", agent_id=job.agent.id, error=str(err))
 
     # -------------------------------------------------------------------- jobs
 
@@ -583,20 +590,8 @@ class RemoteRunner:
                 error = exc
                 dropped = ("failed", f"{type(exc).__name__}: {exc}"[:500])
             tg.cancel_scope.cancel()
-        why, detail = dropped or (None, None)
-        try:  # answered, refused or failed: nobody takes it again
-            await self._retrying(
-                lambda: self.client.runners.complete(
-                    job.agent.id,
-                    job.thread_id,
-                    job.trigger.seq,
-                    self.runner_id,
-                    dropped=why,
-                    detail=detail,
-                )
-            )
-        except ApiError as err:  # taken over meanwhile: the reply key keeps it to one reply
-            log.warning("runner.complete_refused", agent_id=job.agent.id, error=str(err))
+        # answered, refused or failed: nobody takes it again
+        await self._complete(job, *(dropped or (None, None)))
         if error is not None:
             raise error
         return None

@@ -135,7 +135,7 @@ from agent_network.runtime.triage import (
     decide,
     forward_content,
     forward_key,
-    is_triage_output,
+    is_request,
     marker,
     parse_config,
     reply_content,
@@ -553,7 +553,7 @@ class Runner:
         """Whether ``env`` is a request for the triage routine of ``agent_id`` whose stored
         config is ``raw_config``: a message in one of its intake threads, not sent by the agent
         and not a forward or reply of any triage agent (no loops)."""
-        if env.type != EV_MESSAGE or env.sender_id == agent_id or is_triage_output(env):
+        if not is_request(env, agent_id):
             return False
         try:
             config = parse_config(raw_config)

@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
+from agent_network.adapters.model import EV_MESSAGE
 from agent_network.errors import InvalidRequestError
 from agent_network.model.envelope import Envelope
 from agent_network.runtime.prompt import Prompt
@@ -51,6 +52,7 @@ __all__ = [
     "classification_prompt",
     "forward_content",
     "forward_key",
+    "is_request",
     "is_triage_output",
     "keyword_label",
     "label_in",
@@ -318,3 +320,11 @@ def is_triage_output(env: Envelope | _WithData) -> bool:
     """True for a forward or reply of any triage agent (its ``data`` carries :data:`MARKER`):
     never a request for a triage routine. ``env``: a hub envelope or the SDK's."""
     return isinstance(env.data.get(MARKER), dict)
+
+
+def is_request(env: Envelope, agent_id: str) -> bool:
+    """Whether ``env`` can be a request for a triage routine of ``agent_id``: a message from
+    somebody else that is not a forward or reply of any triage agent (no loops). Where it must
+    be (one of the routine's intake threads) and whether the agent may see it (its audience)
+    the callers check."""
+    return env.type == EV_MESSAGE and env.sender_id != agent_id and not is_triage_output(env)

@@ -43,7 +43,7 @@ from agent_network.errors import (
 )
 from agent_network.hub import EV_MESSAGE, ThreadState, fold
 from agent_network.model.envelope import Envelope
-from agent_network.runtime.triage import is_triage_output, parse_config
+from agent_network.runtime.triage import is_request, parse_config
 from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
@@ -587,13 +587,8 @@ class ClaimService:
                 .order_by(routines.c.created_at, routines.c.id)
             )
             found = list(await conn.execute(q))
-        is_request = (
-            trigger.type == EV_MESSAGE
-            and trigger.sender_id != agent_id
-            and not is_triage_output(trigger)
-            and visible_to(agent_id, trigger)
-        )
-        for routine_id, raw in found if is_request else []:
+        requested = is_request(trigger, agent_id) and visible_to(agent_id, trigger)
+        for routine_id, raw in found if requested else []:
             try:
                 if thread_id in parse_config(raw).intake:
                     return str(routine_id), trigger
