@@ -5,12 +5,13 @@
 - ``demo``: the two-company demo (see :mod:`agent_network.demo`).
 - ``thread show`` / ``thread verify`` / ``thread list``: inspect a database file offline.
 - ``runner``: run the routines of a credential's agents in a separate process (remote runner).
+- ``doctor``: check Python, packages and the bundled local model (one token in a worker).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import typer
@@ -35,6 +36,50 @@ DbOption = Annotated[
     str | None,
     typer.Option("--db", help="SQLite file or database URL [env AGENT_NETWORK_DATABASE]"),
 ]
+
+
+def _uses_local_model(model: str | None) -> bool:
+    from agent_network.runtime.models import resolve_model_name
+
+    return resolve_model_name(None, model).startswith("local:")
+
+
+def _print_checks(checks: list[Any], *, only_problems: bool = False) -> None:
+    """The doctor's checks as lines: a mark, the name, the detail, then the fix command."""
+    for check in checks:
+        if only_problems and check.ok:
+            continue
+        mark = (
+            "[green]ok[/]  "
+            if check.ok
+            else ("[yellow]warn[/]" if check.warning else "[red]FAIL[/]")
+        )
+        console.print(f"{mark} [bold]{check.name}[/]: {check.detail}", highlight=False)
+        if not check.ok and check.fix:
+            console.print(f"       fix: [bold]{check.fix}[/]", highlight=False)
+
+
+def _startup_check(what: str) -> bool:
+    """The doctor's local-model checks before ``what`` starts; the process-wide model worker
+    stays up. Prints one line when all is well, else the problems and their fixes. Returns
+    whether the local model can run."""
+    from agent_network.doctor import failed, run_checks
+    from agent_network.runtime.model_supervisor import get_supervisor
+
+    checks = run_checks(supervisor=get_supervisor())
+    problems = failed(checks)
+    if problems:
+        console.print(f"[red]The local model cannot run here; {what} goes on without it:[/]")
+        _print_checks(checks, only_problems=True)
+        console.print(
+            "Agents on the local model will fail (audited as routine.failed) until it is "
+            "fixed; agents on other models are not affected."
+        )
+        return False
+    generation = next(c for c in checks if c.name == "generation")
+    console.print(f"Local model ready: {generation.detail}", highlight=False)
+    _print_checks([c for c in checks if c.warning])
+    return True
 
 
 def _settings(db: str | None, **extra: object) -> Settings:
@@ -71,6 +116,8 @@ def serve(
             await engine.dispose()
 
     key = anyio.run(bootstrap)
+    if settings.run_routines and _uses_local_model(settings.model):
+        _startup_check("the server")
     url = f"http://{settings.host}:{settings.port}"
     console.print(
         f"Agent Network serving on [bold]{url}[/] (API {url}/api/v1, "
@@ -255,6 +302,32 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 @app.command()
+def doctor(
+    json_output: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False,
+    no_generate: Annotated[
+        bool, typer.Option("--no-generate", help="skip the one-token generation")
+    ] = False,
+) -> None:
+    """Check this machine: Python, packages, the local model's packages, weights and build, and a
+    one-token generation in a model worker. Exit status 1 when something must be fixed."""
+    import json
+
+    from agent_network.doctor import failed, run_checks
+
+    checks = run_checks(generate=not no_generate)
+    if json_output:
+        typer.echo(json.dumps({"ok": not failed(checks), "checks": [c.as_dict() for c in checks]}))
+    else:
+        _print_checks(checks)
+        problems = failed(checks)
+        if problems:
+            console.print(f"[red]{len(problems)} problem(s): run the fix command(s) above.[/]")
+        else:
+            console.print("[green]Everything needed to run Agent Network is here.[/]")
+    raise typer.Exit(1 if failed(checks) else 0)
+
+
+@app.command()
 def runner(
     url: Annotated[str, typer.Option(help="server URL")] = "http://127.0.0.1:8321",
     token: Annotated[
@@ -312,6 +385,8 @@ def runner(
             console.print(f"[red]cannot import {name!r}: {exc}[/]")
             raise typer.Exit(2) from None
     default_model = model or Settings().model
+    if _uses_local_model(default_model):
+        _startup_check("the runner")
 
     async def run() -> int:
         refused: list[BaseException] = []

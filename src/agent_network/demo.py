@@ -225,9 +225,12 @@ def run_demo(
 
     import anyio
 
-    admin_key = anyio.run(bootstrap)
-    server = DemoServer(db, port or _free_port(), model or os.environ.get("AGENT_NETWORK_MODEL"))
+    chosen = model or os.environ.get("AGENT_NETWORK_MODEL")
     out.rule("[bold]Agent Network demo: acme-rollout")
+    if not _local_model_runs(out, chosen):
+        return 1
+    admin_key = anyio.run(bootstrap)
+    server = DemoServer(db, port or _free_port(), chosen)
     out.print(f"Starting the server on {server.url} (database {db}) ...")
     server.start()
     try:
@@ -237,6 +240,33 @@ def run_demo(
         return 1
     finally:
         server.stop()
+
+
+def _local_model_runs(out: Console, model: str | None) -> bool:
+    """For the local model, the doctor's checks (one token in a worker, stopped afterwards):
+    on a failure, say why and what to run instead, and return False. Other models: True."""
+    from agent_network.doctor import failed, run_checks
+    from agent_network.runtime.models import resolve_model_name
+
+    name = resolve_model_name(None, model)
+    if not name.startswith("local:"):
+        return True
+    out.print(f"Checking the local model {name} (one token in a model worker) ...")
+    problems = failed(run_checks())
+    if not problems:
+        return True
+    out.print(f"[bold red]The local model {name} cannot run on this machine:[/]")
+    for check in problems:
+        out.print(f"  - {check.detail}", highlight=False)
+        if check.fix:
+            out.print(f"    fix: [bold]{check.fix}[/]", highlight=False)
+    out.print(
+        "Or run the demo on another model: [bold]agent-network demo --model test[/] "
+        "(deterministic, instant), or a provider model such as "
+        "[bold]--model openai:gpt-4o[/] (with OPENAI_API_KEY set and "
+        "pip install 'agent-network[providers]')."
+    )
+    return False
 
 
 def _scenario(

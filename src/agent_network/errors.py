@@ -89,6 +89,15 @@ class ModelUnavailableError(AgentNetworkError):
     status = 422
 
 
+class ModelWorkerError(ModelUnavailableError):
+    """The local model's worker process died (segfault, abort, out of memory) or hung during a
+    generation; it is restarted for the next request. ``details`` hold ``returncode``, ``log``
+    (its last output) and ``restart_in`` (seconds)."""
+
+    code = "model_worker_failed"
+    status = 503
+
+
 class NotYourTurnError(AgentNetworkError):
     """The thread's adapter expects someone else to speak now (turn order of the protocol)."""
 

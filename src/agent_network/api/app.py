@@ -28,6 +28,7 @@ from agent_network.api.routes import (
 from agent_network.config import Settings
 from agent_network.errors import AgentNetworkError
 from agent_network.hub import Hub
+from agent_network.runtime.model_supervisor import worker_status
 from agent_network.runtime.runner import Runner
 from agent_network.services import ServiceContext, Services
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
@@ -104,9 +105,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.get(f"{API_PREFIX}/health", tags=["meta"])
-    async def health() -> dict[str, str]:
-        """Liveness: ``{"status": "ok"}`` once the hub is running."""
-        return {"status": "ok", "version": __version__}
+    async def health() -> dict[str, Any]:
+        """Liveness: ``{"status": "ok", "version", "model_worker": {"state", "model",
+        "restarts", "last_failure"}}`` once the hub is running; ``model_worker`` describes this
+        process's local model worker (``state``: stopped, starting, ready, busy, backoff)."""
+        return {"status": "ok", "version": __version__, "model_worker": worker_status()}
 
     for router in (
         orgs.router,

