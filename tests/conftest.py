@@ -64,6 +64,7 @@ class LiveServer:
             port=self.port,
             log_level="warning",
             lifespan="on",
+            ws_max_size=settings.max_body_bytes,  # as `agent-network serve` runs it
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

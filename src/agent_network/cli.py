@@ -125,7 +125,12 @@ def serve(
     )
     if key:
         console.print(f"Platform admin key (shown once, keep it): [bold yellow]{key}[/]")
-    serve_app(create_app(settings), host=settings.host, port=settings.port)
+    serve_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_body_bytes,
+    )
 
 
 @app.command("admin-key")

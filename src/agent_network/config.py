@@ -23,6 +23,15 @@ class Settings(BaseSettings):
       (``docs/protocol.md``); a client silent for 3 heartbeats is closed.
     - ``ws_buffer``: frames a WebSocket connection may have waiting to be written before it is
       disconnected as ``lagged``.
+    - ``max_body_bytes``: largest HTTP request body, and largest WebSocket message, in bytes
+      (default 1 MiB; ``AGENT_NETWORK_MAX_BODY_BYTES``); larger bodies get 413 before they are
+      read whole.
+    - ``max_upload_bytes``: largest knowledge upload body (``POST .../knowledge``), in bytes
+      (default 32 MiB).
+    - ``model_seed``: an integer mixed into the sampling seed of the bundled local model
+      (``AGENT_NETWORK_MODEL_SEED``, default 0). The seed of a reply is derived from the trigger
+      and this value, so another value gives other samples for the same trigger (e.g. to
+      repeat a benchmark run with other samples); 0 keeps the seeds of earlier versions.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGENT_NETWORK_")
@@ -38,3 +47,6 @@ class Settings(BaseSettings):
     port: int = 8321
     ws_heartbeat: float = Field(default=20.0, gt=0)
     ws_buffer: int = Field(default=1000, ge=8)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_upload_bytes: int = Field(default=33_554_432, ge=1024)
+    model_seed: int = 0

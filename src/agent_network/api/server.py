@@ -52,8 +52,17 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(app: FastAPI, *, host: str, port: int, log_level: str = "warning") -> None:
+def serve(
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    ws_max_size: int = 1_048_576,
+) -> None:
     """Run ``app`` on ``host``:``port`` until SIGINT/SIGTERM (blocking), with a graceful
-    realtime shutdown and the startup heap frozen (``GracefulServer(freeze_gc=True)``)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+    realtime shutdown and the startup heap frozen (``GracefulServer(freeze_gc=True)``).
+    ``ws_max_size`` is the largest WebSocket message accepted, in bytes (a larger one closes
+    the connection with 1009, before it is buffered whole)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=ws_max_size)
     GracefulServer(config, freeze_gc=True).run()

@@ -73,6 +73,7 @@ from agent_network.errors import (
     PermissionDeniedError,
 )
 from agent_network.hub import Subscription
+from agent_network.json_limits import JsonTooDeepError, parse_json
 from agent_network.model.envelope import Envelope
 from agent_network.services.base import ServiceContext
 from agent_network.services.orgs import OrgService
@@ -498,7 +499,10 @@ class Connection:
             obj: Any = None
             if isinstance(raw, str):
                 try:
-                    obj = json.loads(raw)
+                    obj = parse_json(raw)
+                except JsonTooDeepError as too_deep:
+                    self.reply_error(too_deep, None)  # refused; the connection stays
+                    continue
                 except ValueError:
                     obj = None
             kind = obj.get("type") if isinstance(obj, dict) else None
@@ -1048,8 +1052,8 @@ class RealtimeService:
             frame: Any = None
             if isinstance(raw, str):
                 try:
-                    frame = json.loads(raw)
-                except ValueError:
+                    frame = parse_json(raw)
+                except (ValueError, JsonTooDeepError):  # not an auth frame
                     frame = None
             if not (
                 isinstance(frame, dict)
