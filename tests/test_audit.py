@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import LiveServer, Org, assert_error
 
@@ -295,3 +297,34 @@ def test_export_streams_every_record_past_one_batch(
     assert len(export(b, action="bulk.*")) == 100
     # the export can resume after an id
     assert export(a, after_id=lines[1999]["id"]) == lines[2000:]
+
+
+# --- record ids carry no other org's activity (issue 13, point 5) ---
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=st.lists(st.sampled_from(["A", "B"]), min_size=2, max_size=30))
+def test_audit_ids_count_only_the_orgs_own_records(
+    module_server: LiveServer, plan: list[str]
+) -> None:
+    """Whatever the interleaving of two orgs' audited acts (users created, refused posts), each
+    org's record ids are exactly 1, 2, 3...: no gap reveals the other org's volume. Fails with
+    the table's global id (B read 2, 43, 44 after A's activity)."""
+    a, b = Org(module_server, "Org A"), Org(module_server, "Org B")
+    try:
+        for n, who in enumerate(plan):
+            org = a if who == "A" else b
+            if n % 3 == 2:  # a refusal is audited too (through the hub's own transaction)
+                r = org.http.post("/threads/thr_nope/messages", json={"content": "x"})
+                assert r.status_code in (404, 422)
+            else:
+                org.user(f"user {n}")
+        for org in (a, b):
+            ids = [r["id"] for r in audit(org)]
+            assert ids == list(range(1, len(ids) + 1)), (org.name, ids)
+            page = org.ok("GET", "/audit", params={"after_id": 1, "limit": 2})
+            assert [r["id"] for r in page] == ids[1:3]
+            assert [r["id"] for r in export(org)] == ids
+    finally:
+        a.http.close()
+        b.http.close()

@@ -65,11 +65,16 @@ async def read_audit(
 
     ``action`` is exact, ``action_prefix`` a prefix (``"network."``); ``since`` (inclusive) and
     ``until`` (exclusive) are timestamps in the stored format (:func:`now_iso`, UTC, so they
-    compare as text); ``after_id < id <= upto_id`` pages.
+    compare as text); ``after_id < id <= upto_id`` pages. A record's ``id`` is its number within
+    its org (``org_seq``: 1, 2, 3...), never the table's global row id, so that no org can count
+    another org's records from the gaps.
     """
-    q = select(audit_log).where(audit_log.c.org_id == org_id, audit_log.c.id > after_id)
+    columns = [c for c in audit_log.c if c.name not in ("id", "org_seq")]
+    q = select(audit_log.c.org_seq.label("id"), *columns).where(
+        audit_log.c.org_id == org_id, audit_log.c.org_seq > after_id
+    )
     if upto_id is not None:
-        q = q.where(audit_log.c.id <= upto_id)
+        q = q.where(audit_log.c.org_seq <= upto_id)
     if action:
         q = q.where(audit_log.c.action == action)
     if action_prefix:
@@ -84,11 +89,11 @@ async def read_audit(
         q = q.where(audit_log.c.created_at >= since)
     if until:
         q = q.where(audit_log.c.created_at < until)
-    q = q.order_by(audit_log.c.id).limit(limit)
+    q = q.order_by(audit_log.c.org_seq).limit(limit)
     return [dict(r._mapping) for r in (await conn.execute(q)).all()]
 
 
 async def last_audit_id(conn: AsyncConnection, org_id: str) -> int:
-    """The id of ``org_id``'s newest audit record (0 if none)."""
-    q = select(func.max(audit_log.c.id)).where(audit_log.c.org_id == org_id)
+    """The id (``org_seq``) of ``org_id``'s newest audit record (0 if none)."""
+    q = select(func.max(audit_log.c.org_seq)).where(audit_log.c.org_id == org_id)
     return int((await conn.execute(q)).scalar_one_or_none() or 0)

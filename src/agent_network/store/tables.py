@@ -257,9 +257,12 @@ audit_log = Table(
     Column("reason", Text),
     Column("data", JSON),
     Column("created_at", String(32), nullable=False),
+    # 1, 2, 3... within the org, set by a database trigger (migration 0008); the API's record id
+    Column("org_seq", Integer),
 )
 
 Index("ix_audit_log_org_created", audit_log.c.org_id, audit_log.c.created_at)
+Index("ux_audit_log_org_seq", audit_log.c.org_id, audit_log.c.org_seq, unique=True)
 Index("ix_envelopes_sender", envelopes.c.sender_id)
 
 runner_cursors = Table(
