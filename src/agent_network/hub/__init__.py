@@ -19,7 +19,13 @@ from agent_network.hub.fold import (
     fold,
     step,
 )
-from agent_network.hub.hub import Hub, HubClosedError, Subscription, VerifyReport
+from agent_network.hub.hub import (
+    AccessChangedError,
+    Hub,
+    HubClosedError,
+    Subscription,
+    VerifyReport,
+)
 
 __all__ = [
     "DEFAULT_AGENT_BUDGET",
@@ -36,6 +42,7 @@ __all__ = [
     "EV_THREAD_REJECT",
     "EV_VISIBILITY_SET",
     "HUB_SENDER_ID",
+    "AccessChangedError",
     "Due",
     "Hub",
     "HubClosedError",

@@ -5,6 +5,13 @@
 (group commit: many envelopes, one fsync) -> fold -> wake waiters -> fan-out to subscribers.
 An ``append`` returns only after the transaction holding its envelope committed durably.
 
+Revocations are ordered against appends through the **access epoch**: every append made on
+behalf of a checked principal carries the epoch at which its access check passed
+(``checked_at``); :meth:`Hub.revoke_access` bumps the epoch and returns only once the batch the
+committer was writing (if any) has committed. A batch prepared after the bump refuses every
+append checked before it with :class:`AccessChangedError`, and the caller checks again. So once a
+revocation is acknowledged, no append checked against the old access commits.
+
 The committer is the only writer of envelopes in this process. Ordering across processes (a
 later PostgreSQL deployment) rests on the ``(thread_id, seq)`` primary key: a conflicting batch
 fails, its threads are reloaded from the store and the appends are refused with a retryable error.
@@ -58,6 +65,14 @@ class HubClosedError(AgentNetworkError):
     status = 503
 
 
+class AccessChangedError(AgentNetworkError):
+    """Access was removed somewhere (a revocation) after this append's access check passed: the
+    append was not stored; check access again and append again (:meth:`Hub.append`)."""
+
+    code = "access_changed"
+    status = 409
+
+
 @dataclass(slots=True)
 class _Pending:
     thread_id: str
@@ -66,6 +81,7 @@ class _Pending:
     idempotency_key: str | None
     acted_by: tuple[str, str] | None
     future: asyncio.Future[Envelope]
+    checked_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -191,6 +207,11 @@ class Hub:
         self._closed = False
         self._sweeper: Sweeper | None = None  # made by _start
         self.batches = 0  # number of committed transactions (exposed for benchmarks)
+        # Revocation ordering (module docstring): the epoch, and batches started / finished.
+        self.access_epoch = 0
+        self._batches_started = 0
+        self._batches_finished = 0
+        self._batch_done = asyncio.Event()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -240,8 +261,14 @@ class Hub:
         causation_id: str | None = None,
         idempotency_key: str | None = None,
         acted_by: tuple[str, str] | None = None,
+        checked_at: int | None = None,
     ) -> Envelope:
         """Append one envelope and return it once it is durably committed.
+
+        ``checked_at`` is the :attr:`access_epoch` read before the caller checked the sender's
+        access (None: no access check applies, e.g. system envelopes). If access was removed
+        since (:meth:`revoke_access`), the append raises :class:`AccessChangedError` without
+        writing or auditing anything.
 
         Every accepted or refused envelope is recorded in the sender org's audit log in the same
         transaction (action ``envelope.<type>``); ``acted_by`` = (principal kind, principal id)
@@ -262,12 +289,26 @@ class Hub:
             idempotency_key,
             acted_by,
             fut,
+            checked_at,
         )
         if len(self._queue) >= self._max_queue:
             raise HubBusyError(f"the hub has {len(self._queue)} appends waiting; retry in a moment")
         self._queue.append(pending)
         self._wakeup.set()
         return await fut
+
+    async def revoke_access(self) -> None:
+        """Order a removal of access (already committed by the caller) before later appends.
+
+        Bumps :attr:`access_epoch`, then waits until the batch the committer is writing, if any,
+        has committed. Returns at once when the committer is idle. After it returns, every
+        append whose ``checked_at`` predates the bump is refused with AccessChangedError.
+        """
+        self.access_epoch += 1
+        target = self._batches_started
+        while self._batches_finished < target and not self._closed:
+            self._batch_done.clear()
+            await self._batch_done.wait()
 
     async def read(
         self, thread_id: str, *, after: int = 0, limit: int | None = None
@@ -360,9 +401,14 @@ class Hub:
                     continue
                 n = min(len(queue), self._max_batch)
                 batch = [queue.popleft() for _ in range(n)]
+                self._batches_started += 1
                 # A started batch always finishes, so every future learns the truth.
                 with anyio.CancelScope(shield=True):
-                    await self._commit(writer, batch)
+                    try:
+                        await self._commit(writer, batch)
+                    finally:
+                        self._batches_finished += 1
+                        self._batch_done.set()
         finally:
             with anyio.CancelScope(shield=True):
                 await writer.aclose()
@@ -418,7 +464,12 @@ class Hub:
         result = _BatchResult()
         work = result.states
         audits: list[dict[str, Any]] = []
+        epoch = self.access_epoch
         for p in batch:
+            if p.checked_at is not None and p.checked_at != epoch:
+                # checked before a revocation that was acknowledged meanwhile: check again
+                result.refused.append((p, AccessChangedError("access changed; check again")))
+                continue
             if p.idempotency_key:
                 found = existing.get((p.thread_id, p.idempotency_key))
                 if found is not None:

@@ -67,8 +67,12 @@ DEFAULT_MAX_TOKENS = 160
 """Reply length when the request's model settings give no ``max_tokens``."""
 DEFAULT_TEMPERATURE = 0.3
 """Sampling temperature when the request's model settings give no ``temperature``."""
-INSTALL_HINT = "scripts/setup local"
-"""What a user runs (in a checkout) to get the local model's packages, built portably."""
+INSTALL_HINT = (
+    "scripts/setup local in a checkout (a portable build); `agent-network doctor` prints the "
+    "exact command for this installation"
+)
+"""What a user runs to get the local model's packages (never a plain ``pip install``, whose
+build of llama-cpp-python is compiled for the build machine's CPU only)."""
 EXTRA_OPTIONS = frozenset(
     {"repeat_penalty", "top_k", "min_p", "frequency_penalty", "presence_penalty"}
 )

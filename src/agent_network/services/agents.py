@@ -215,7 +215,7 @@ class AgentService:
                 update(routines).where(routines.c.agent_id == agent_id).values(status="paused")
             )
             await record(conn, principal, "agent.delete", "agent", agent_id)
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
 
     # --------------------------------------------------------------- routines
 

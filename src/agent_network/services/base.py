@@ -17,10 +17,13 @@ from agent_network.store.audit import audit_row, insert_audit
 class ServiceContext:
     """Shared by the services of one process.
 
-    ``access_epoch`` counts the acts that removed someone's access (visa revoked, network left,
-    member removed, team deleted, user or agent deleted, credential revoked or rotated); each
-    such service method adds 1 after its transaction committed. Long-lived readers (WebSocket
-    connections) re-check their scope only when it changed since their last check.
+    ``access_epoch`` (the hub's, :attr:`Hub.access_epoch <agent_network.hub.Hub.access_epoch>`)
+    counts the acts that removed someone's access (visa revoked, network left, member removed,
+    team deleted, user or agent deleted, credential revoked or rotated); each such service
+    method calls :meth:`access_removed` after its transaction committed and before it answers.
+    Long-lived readers (WebSocket connections, long-polls) re-check their scope when it changed
+    since their last check, and an append checked before the change is refused by the hub
+    (``AccessChangedError``) and checked again.
     ``config_epoch`` counts the changes that alter what a post is checked against without
     removing access (an agent's rule, an org's egress policy, an agent or user row, members
     added, a thread widened); both tag the positive decisions cached by services/cache.py.
@@ -29,8 +32,18 @@ class ServiceContext:
     engine: AsyncEngine
     hub: Hub
     settings: Settings
-    access_epoch: int = 0
     config_epoch: int = 0
+
+    @property
+    def access_epoch(self) -> int:
+        """The hub's access epoch (see the class docstring)."""
+        return self.hub.access_epoch
+
+    async def access_removed(self) -> None:
+        """Record that an act removed access (its transaction committed): bumps the access
+        epoch and waits until no append checked before it can still commit
+        (:meth:`Hub.revoke_access <agent_network.hub.Hub.revoke_access>`)."""
+        await self.hub.revoke_access()
 
 
 async def record(

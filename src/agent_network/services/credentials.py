@@ -162,7 +162,7 @@ class CredentialService:
                 )
                 await record(conn, principal, "credential.revoke", "credential", credential_id)
             row = _public(await self._own(conn, org_id, credential_id))
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
         return row
 
     async def renew(
@@ -236,7 +236,7 @@ class CredentialService:
                 credential_id,
                 data={"replacement": row["id"]},
             )
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
         return {"credential": _public(row), "secret": secret}
 
     @staticmethod

@@ -228,7 +228,7 @@ class OrgService:
             await own_user(conn, principal, user_id)
             await soft_delete_member(conn, users, user_id)
             await record(conn, principal, "user.delete", "user", user_id)
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
 
 
 async def soft_delete_member(conn: AsyncConnection, table: Any, member_id: str) -> None:

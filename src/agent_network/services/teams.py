@@ -143,7 +143,7 @@ class TeamService:
             )
             await conn.execute(members.delete().where(members.c.team_id == team_id))
             await record(conn, principal, "team.delete", "team", team_id)
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
 
     # ---------------------------------------------------------------- members
 
@@ -286,7 +286,7 @@ class TeamService:
                 team_id,
                 data={"member_kind": member_kind, "member_id": member_id},
             )
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
 
     # ------------------------------------------------------- invites and joins
 
@@ -551,7 +551,7 @@ class TeamService:
                 raise NotFoundError("visa", visa_id)
             if visa["revoked_at"] is None:
                 await self._end_visa(conn, principal, visa, "revoked", other_org=visa["org_id"])
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
 
     async def leave(self, principal: Principal, network_id: str) -> dict[str, Any]:
         """The caller's org leaves a network it joined: its live visa ends (``left``) and its
@@ -580,7 +580,7 @@ class TeamService:
             if visa is None:  # visible but no live visa: cannot happen for a non-host
                 raise NotFoundError("network", network_id)
             ended = await self._end_visa(conn, principal, visa, "left", other_org=net["org_id"])
-        self.ctx.access_epoch += 1  # access removed: live readers re-check their scope
+        await self.ctx.access_removed()  # before answering: see ServiceContext
         return _visa({**visa, **ended}, [])
 
     async def _end_visa(

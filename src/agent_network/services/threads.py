@@ -24,6 +24,7 @@ from agent_network.adapters.model import parse_expectations
 from agent_network.adapters.workflow import WorkflowState
 from agent_network.errors import (
     AgentNetworkError,
+    ConflictError,
     InvalidAudienceError,
     InvalidRequestError,
     NotFoundError,
@@ -42,6 +43,7 @@ from agent_network.hub import (
     EV_THREAD_CREATED,
     EV_THREAD_REJECT,
     EV_VISIBILITY_SET,
+    AccessChangedError,
     ThreadState,
     VerifyReport,
 )
@@ -92,6 +94,7 @@ log = structlog.get_logger(__name__)
 SenderKind = Literal["agent", "user"]
 
 MAX_CONTENT = 32_000  # characters
+ACCESS_RETRIES = 5  # checks of one post when access keeps being removed meanwhile
 MAX_BUDGET = 1000
 MAX_KEY = 150  # characters of a client idempotency key (stored as "<sender_id>:<key>")
 
@@ -550,38 +553,51 @@ class ThreadService:
         audited here) when the credential was revoked after it authenticated (a WebSocket
         connection that outlived it).
         """
-        try:
-            calls = _tool_calls(tool_calls)
-            _check_audience_shape(audience)
-            grant, content, redactions = await self._check_post(
-                principal, thread_id, content, agent_id, user_id, idempotency_key, causation_id
-            )
-            if audience is not None:
-                await self._check_open_audience(grant, thread_id, audience)
-        except (
-            NotFoundError,
-            PermissionDeniedError,
-            InvalidRequestError,
-            EgressRefusedError,
-        ) as err:
-            await self._audit_refused_post(principal, thread_id, err)
-            raise
-        sender = grant.sender
-        data: dict[str, Any] = {"content": content}
-        if calls:
-            data["tool_calls"] = calls
-        env = await self.ctx.hub.append(
-            thread_id,
-            type=EV_MESSAGE,
-            data=data,
-            sender=sender,
-            audience=list(audience) if audience is not None else None,
-            idempotency_key=stored_key(sender.kind, sender.id, idempotency_key, causation_id)
-            if idempotency_key
-            else None,
-            causation_id=causation_id,
-            acted_by=(principal.kind, principal.key_id),
-        )
+        for _attempt in range(ACCESS_RETRIES):
+            # the access epoch before any check: if access is removed before the append
+            # commits, the hub refuses it (AccessChangedError) and everything is checked again
+            checked_at = self.ctx.access_epoch
+            try:
+                calls = _tool_calls(tool_calls)
+                _check_audience_shape(audience)
+                grant, text, redactions = await self._check_post(
+                    principal, thread_id, content, agent_id, user_id, idempotency_key, causation_id
+                )
+                if audience is not None:
+                    await self._check_open_audience(grant, thread_id, audience)
+            except (
+                NotFoundError,
+                PermissionDeniedError,
+                InvalidRequestError,
+                EgressRefusedError,
+            ) as err:
+                await self._audit_refused_post(principal, thread_id, err)
+                raise
+            sender = grant.sender
+            data: dict[str, Any] = {"content": text}
+            if calls:
+                data["tool_calls"] = calls
+            try:
+                env = await self.ctx.hub.append(
+                    thread_id,
+                    type=EV_MESSAGE,
+                    data=data,
+                    sender=sender,
+                    audience=list(audience) if audience is not None else None,
+                    idempotency_key=stored_key(
+                        sender.kind, sender.id, idempotency_key, causation_id
+                    )
+                    if idempotency_key
+                    else None,
+                    causation_id=causation_id,
+                    acted_by=(principal.kind, principal.key_id),
+                    checked_at=checked_at,
+                )
+            except AccessChangedError:
+                continue
+            break
+        else:
+            raise ConflictError("access to this thread kept changing while posting; retry")
         if redactions:
             async with write_transaction(self.ctx.engine) as conn:
                 await audit_egress(
@@ -836,7 +852,10 @@ class ThreadService:
         never loops on a hidden one. With ``wait`` > 0 (seconds, at most 60) and nothing
         visible yet, waits until a visible envelope arrives or ``wait`` runs out.
         Returns ``{"items": [...], "next_after": seq}``; pass ``next_after`` back as ``after``.
-        InvalidRequestError for a bad ``limit``/``after``/``wait``, NotFoundError outside scope.
+        InvalidRequestError for a bad ``limit``/``after``/``wait``, NotFoundError outside scope —
+        also when the caller lost access while the request waited (scope and credential are
+        checked again whenever access was removed anywhere meanwhile), AuthenticationError
+        when its credential was revoked meanwhile.
         """
         if not 1 <= limit <= 1000:
             raise InvalidRequestError("limit must be between 1 and 1000")
@@ -844,6 +863,7 @@ class ThreadService:
             raise InvalidRequestError("after must be >= 0")
         if not 0 <= wait <= 60:
             raise InvalidRequestError("wait must be between 0 and 60 seconds")
+        checked_at = self.ctx.access_epoch  # before the scope check: see the end
         async with self.ctx.engine.connect() as conn:
             await visible_thread(conn, principal, thread_id)
         hub = self.ctx.hub
@@ -869,6 +889,12 @@ class ThreadService:
             if anyio.current_time() >= deadline:
                 break
         async with self.ctx.engine.connect() as conn:
+            if self.ctx.access_epoch != checked_at:
+                # access was removed somewhere while this request waited (or read): answer
+                # only if the caller still has it (a revoked visa, membership or credential
+                # ends a pending long-poll at once)
+                await credential_in_force(conn, principal)
+                await visible_thread(conn, principal, thread_id)
             items = await render(conn, shown)
         return {"items": items, "next_after": cursor}
 
