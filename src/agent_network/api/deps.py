@@ -67,43 +67,20 @@ def check_credential_may(principal: Principal, method: str, path: str) -> None:
     administration, no audit log, no credentials, no secrets, no knowledge). Raises
     PermissionDeniedError otherwise; finer checks (which ids are in scope) happen in services.
     """
-    call = describe_call(method, path)
     if method not in READ_METHODS and WRITE not in principal.scopes:
-        raise PermissionDeniedError(f"this credential is read-only: it cannot {call}")
+        raise PermissionDeniedError("this credential is read-only")
     if principal.is_member_scoped:
-        token = f"{'an' if principal.kind == 'agent' else 'a'} {principal.kind} token"
         if method in READ_METHODS:
             if TOKEN_HIDDEN.match(path):
-                raise PermissionDeniedError(f"{token} cannot {call}; use an org key")
+                raise PermissionDeniedError(f"a {principal.kind} token cannot read this")
         elif not any(method == m and rx.match(path) for m, rx in TOKEN_WRITES):
             raise PermissionDeniedError(
-                f"{token} cannot {call}: it may post, and take part in protocol threads, as its "
-                f"own {principal.kind} only; use an org key"
+                f"a {principal.kind} token can only post messages as its {principal.kind}; "
+                "use an org key for this call"
             )
 
 
-_VERBS = {"GET": "read", "HEAD": "read", "POST": "create", "PUT": "replace", "PATCH": "update"}
-
-
-def describe_call(method: str, path: str) -> str:
-    """A call in words for an error message: ``PATCH /api/v1/agents/agt_1`` -> ``"update
-    agents/{id}"``; ids (``prefix_…`` segments) are shown as ``{id}``."""
-    parts = [p for p in path.removeprefix("/api/v1").split("/") if p]
-    shown = "/".join("{id}" if "_" in p and p.split("_", 1)[0].isalpha() else p for p in parts)
-    verb = "delete" if method == "DELETE" else _VERBS.get(method, method.lower())
-    if method == "POST" and parts and "_" in parts[-1]:
-        verb = "act on"
-    return f"{verb} {shown or '/'}"
-
-
 async def get_call(request: Request, principal: Principal = Depends(get_principal)) -> Call:
-    """Services plus the authenticated principal, after :func:`check_credential_may`. A call the
-    credential may not make answers 404 when its path names an id outside the caller's scope
-    (scope first, as for every other call), else 403 naming the call."""
-    services = get_services(request)
-    try:
-        check_credential_may(principal, request.method, request.url.path)
-    except PermissionDeniedError:
-        await services.check_path_scope(principal, request.url.path)
-        raise
-    return Call(services, principal)
+    """Services plus the authenticated principal, after :func:`check_credential_may`."""
+    check_credential_may(principal, request.method, request.url.path)
+    return Call(get_services(request), principal)

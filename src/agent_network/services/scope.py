@@ -25,7 +25,6 @@ from agent_network.services.principal import Principal
 from agent_network.store.tables import (
     agents,
     credentials,
-    knowledge_documents,
     members,
     org_policies,
     orgs,
@@ -329,58 +328,3 @@ async def credential_in_force(conn: AsyncConnection, principal: Principal) -> No
             "the credential was revoked since this connection authenticated; "
             "connect again with a valid credential"
         )
-
-
-# Tables whose rows belong to one org, by the prefix of their ids (what a path may name).
-_OWNED_BY_PREFIX = {
-    "cred": ("credential", credentials),
-    "doc": ("document", knowledge_documents),
-}
-
-
-async def path_in_scope(conn: AsyncConnection, principal: Principal, path: str) -> None:
-    """NotFoundError if the URL ``path`` names an id outside the caller's scope.
-
-    Used before a refusal by role or credential kind (403), so that an id of another org — or
-    one that does not exist — answers 404 whatever the caller may do: scope first, then role.
-    Agents and users must be the caller's org's; teams, networks and threads visible to it;
-    credentials and knowledge documents its org's. Other path segments are not looked at.
-    The platform admin has no org scope: nothing is checked for it.
-    """
-    if principal.org_id is None:
-        return
-    for segment in path.split("/"):
-        prefix, sep, _ = segment.partition("_")
-        if not sep:
-            continue
-        if prefix == "agt":
-            await own_agent(conn, principal, segment)
-        elif prefix == "usr":
-            await own_user(conn, principal, segment)
-        elif prefix in ("team", "net"):
-            row = (
-                await conn.execute(
-                    select(teams.c.id).where(teams.c.id == segment, team_visible(principal.org_id))
-                )
-            ).first()
-            if row is None:
-                raise NotFoundError("network" if prefix == "net" else "team", segment)
-        elif prefix == "thr":
-            row = (
-                await conn.execute(
-                    select(threads.c.id).where(
-                        threads.c.id == segment,
-                        threads.c.deleted_at.is_(None),
-                        threads.c.team_id.in_(
-                            select(teams.c.id).where(team_visible(principal.org_id))
-                        ),
-                    )
-                )
-            ).first()
-            if row is None:
-                raise NotFoundError("thread", segment)
-        elif prefix in _OWNED_BY_PREFIX:
-            what, table = _OWNED_BY_PREFIX[prefix]
-            q = select(table.c.id).where(table.c.id == segment, table.c.org_id == principal.org_id)
-            if (await conn.execute(q)).first() is None:
-                raise NotFoundError(what, segment)

@@ -1043,8 +1043,6 @@ class ThreadService:
         is not active. Raises NotFoundError (thread/agent outside scope),
         PermissionDeniedError (not the token's own agent, not a member), InvalidRequestError
         (an org key without ``agent_id``)."""
-        async with self.ctx.engine.connect() as conn:
-            await visible_thread(conn, principal, thread_id)  # scope first: 404 before 403/422
         if principal.kind == "user":
             raise PermissionDeniedError("workflow tools are for agents; use an agent token")
         if principal.kind == "org" and agent_id is None:
