@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_network.runtime.cleaning import MAX_REPLY_CHARS, clean_reply
+from agent_network.runtime.cleaning import (
+    MAX_REPLY_CHARS,
+    clean_reply,
+    drop_defective_sentences,
+    drop_echoes,
+    name_forms,
+    reply_defects,
+)
 
 SPEAKER = "Delivery Agent"
 OTHERS = ("Alex Rivera", "Sam Chen")
@@ -202,6 +209,241 @@ def test_names_with_regex_characters_are_matched_literally() -> None:
         other_names=["J.R. [QA]"],
     )
     assert out == "Done."
+
+
+# --- names in their other forms (rules 2 and 3) ---
+
+
+def test_name_without_its_parenthetical_is_a_turn_label_too() -> None:
+    out = clean_reply(
+        "The parcel ships on Monday.\nAlex Rivera: Great, thanks!",
+        speaker_name=SPEAKER,
+        other_names=["Alex Rivera (project lead)"],
+    )
+    assert out == "The parcel ships on Monday."
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            "The parcel ships on Monday. Sam Chen of Globex: And mine?",
+            "The parcel ships on Monday.",
+        ),
+        ("Delivery Agent of Globex: The parcel ships on Monday.", "The parcel ships on Monday."),
+        ("Sam Chen of Globex Inc: And mine?", ""),
+    ],
+)
+def test_name_of_org_is_a_turn_label(raw: str, expected: str) -> None:
+    assert clean(raw) == expected
+
+
+def test_name_forms() -> None:
+    assert name_forms("Alex Rivera (project lead)") == ["Alex Rivera (project lead)", "Alex Rivera"]
+    assert name_forms("Alex Rivera (project lead)", first_name=True)[-1] == "Alex"
+    assert name_forms("Delivery Agent", first_name=True) == ["Delivery Agent"]  # a role
+    assert name_forms("  ") == []
+
+
+# --- rule 4: repeats ignore punctuation ---
+
+
+def test_repeated_sentence_with_other_punctuation_is_dropped() -> None:
+    raw = "The 10 remaining items are done. The 10 remaining items are DONE! Call me."
+    assert clean(raw) == "The 10 remaining items are done. Call me."
+
+
+def test_repeated_line_with_other_punctuation_is_dropped() -> None:
+    assert clean("It ships Monday.\nIt ships Monday!\nCall me.") == "It ships Monday.\nCall me."
+
+
+# --- rule 8: salutations on the same line, name-only replies ---
+
+
+def brief(text: str, *others: str) -> str:
+    return clean_reply(text, speaker_name=SPEAKER, other_names=others or OTHERS, max_sentences=3)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "Hi [Customer Name]! the parcel ships on Monday.",
+        "Hello Alex, the parcel ships on Monday.",
+        "Alex, the parcel ships on Monday.",
+        "Alex Rivera - the parcel ships on Monday.",
+        "Sam Chen \u2014 The parcel ships on Monday.",
+        "Alex Rivera of Acme Corp, the parcel ships on Monday.",
+    ],
+)
+def test_salutation_on_the_same_line_is_dropped(raw: str) -> None:
+    assert brief(raw) == "The parcel ships on Monday."
+
+
+def test_salutation_with_a_parenthetical_name_is_dropped() -> None:
+    raw = "Alex Rivera (project lead) (Acme) - the parcel ships on Monday."
+    assert brief(raw, "Alex Rivera (project lead)") == "The parcel ships on Monday."
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "Hello world programs are the first thing people write.",
+        "Alexander, the courier, ships it on Monday.",
+        "Sam Chen will ship it on Monday.",
+        "Alex of course ships it on Monday.",
+    ],
+)
+def test_text_that_only_starts_like_a_salutation_is_kept(raw: str) -> None:
+    assert brief(raw) == raw
+
+
+@pytest.mark.parametrize(
+    "raw", ["Research Agent of Quickstart", "Research Agent", '"Research Agent (Quickstart):"']
+)
+def test_reply_that_is_only_a_name_is_empty(raw: str) -> None:
+    assert brief(raw, "Research Agent") == ""
+
+
+def test_reply_that_starts_with_a_name_and_goes_on_is_kept() -> None:
+    raw = "Research Agent of Quickstart will send the summary."
+    assert brief(raw, "Research Agent") == raw
+
+
+# --- rule 9: bracketed names ---
+
+
+def test_bracketed_participant_and_org_names_lose_their_brackets() -> None:
+    out = clean_reply(
+        "[Acme] and [Alex Rivera] are ready; [Customer Name] is not.",
+        speaker_name=SPEAKER,
+        other_names=["Alex Rivera (project lead)"],
+        org_names=["Acme", "Globex"],
+    )
+    assert out == "Acme and Alex Rivera are ready; [Customer Name] is not."
+
+
+# --- reply_defects and drop_defective_sentences ---
+
+
+def defects(text: str) -> list[str]:
+    return reply_defects(
+        text,
+        speaker_name=SPEAKER,
+        other_names=["Alex Rivera (project lead)", "Customer Ops Agent"],
+        other_orgs=["Acme"],
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hi [Customer Name], the parcel ships on Monday.",
+        "Signed, [Your Name].",
+        "Dear {name}, it ships.",
+        "Dear <customer name>, it ships.",
+        "Your order XXX ships on Monday.",
+    ],
+)
+def test_placeholders_are_defects(text: str) -> None:
+    assert [d for d in defects(text) if d.startswith("placeholder: ")], text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm Alex Rivera, the project lead.",
+        "I am Alex and the parcel ships on Monday.",
+        "This is the Customer Ops Agent speaking.",
+        "My name is Alex Rivera.",
+        "Alex Rivera here: it ships on Monday.",
+        "It ships on Monday. Best regards, Alex Rivera",
+        "It ships on Monday. - Alex",
+        "I'm from Acme and it ships on Monday.",
+        "We at Acme ship on Monday.",
+        "I'm an AI agent working for Acme.",
+        "On behalf of Acme, thanks.",
+        "It ships. Acme: thanks!",
+        "It ships. User: thanks!",
+        "It ships. Customer Ops Agent (Acme): thanks!",
+    ],
+)
+def test_speaking_as_someone_else_is_a_defect(text: str) -> None:
+    assert [d for d in defects(text) if d.startswith("speaks as someone else: ")], text
+
+
+def test_repeated_sentence_is_a_defect() -> None:
+    assert defects("It ships Monday. It ships monday!") == ["repeated sentence: It ships monday!"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I told Alex Rivera that the parcel ships on Monday.",
+        "Thanks, Alex. The parcel ships on Monday.",
+        "See [1] and tick [x]: the parcel ships on Monday.",
+        "I'm the Delivery Agent and I work with Acme on this.",
+        "Acme's rollout is on Monday, see [the runbook](https://example.com).",
+        "The parcel ships on Monday.",
+    ],
+)
+def test_fine_replies_have_no_defect(text: str) -> None:
+    assert defects(text) == []
+
+
+def test_bracketed_part_of_a_participant_name_is_no_placeholder() -> None:
+    assert (
+        reply_defects("J.R. [QA] approved it.", speaker_name="Bot", other_names=["J.R. [QA]"]) == []
+    )
+
+
+def test_defective_sentences_are_dropped() -> None:
+    out = drop_defective_sentences(
+        "Hi [Customer Name]. I'm Alex Rivera. The parcel ships on Monday. "
+        "The parcel ships on Monday! Call me.",
+        speaker_name=SPEAKER,
+        other_names=["Alex Rivera (project lead)"],
+    )
+    assert out == "The parcel ships on Monday. Call me."
+    assert defects(out) == []
+
+
+def test_reply_of_defective_sentences_only_drops_to_empty() -> None:
+    out = drop_defective_sentences(
+        "I'm Alex Rivera. Dear [Customer Name].",
+        speaker_name=SPEAKER,
+        other_names=["Alex Rivera"],
+    )
+    assert out == ""
+
+
+# --- drop_echoes ---
+
+
+def test_copied_instructions_are_cut_out() -> None:
+    out = drop_echoes(
+        'In 2 sentences. Start with this fact: "The cutover is on Thursday 12 June."',
+        phrases=[
+            "Reply to Alex Rivera in 1-2 sentences.",
+            "in 1-2 sentences",
+            "Start with this fact:",
+        ],
+    )
+    assert out == '"The cutover is on Thursday 12 June."'
+
+
+def test_copied_sentences_of_the_thread_are_dropped() -> None:
+    out = drop_echoes(
+        "We are ready to move the billing migration on Thursday! Webhooks are not validated. Yes.",
+        sources=["We are ready to move the billing migration on Thursday.", "Yes."],
+    )
+    assert out == "Webhooks are not validated. Yes."  # "Yes." is too short to count as a copy
+
+
+def test_reply_that_only_copies_is_empty() -> None:
+    assert (
+        drop_echoes("Reply to Alex in 1-2 sentences.", phrases=["Reply to Alex in 1-2 sentences."])
+        == ""
+    )
 
 
 # --- properties ---

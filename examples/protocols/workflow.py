@@ -36,6 +36,7 @@ from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
     ModelResponse,
+    SystemPromptPart,
     TextPart,
     ToolCallPart,
     ToolReturnPart,
@@ -100,9 +101,10 @@ def deterministic_reviewer(messages: list[ModelMessage], info: AgentInfo) -> Mod
         for m in messages
         if isinstance(m, ModelRequest)
         for p in m.parts
-        if isinstance(p, UserPromptPart)
+        if isinstance(p, SystemPromptPart | UserPromptPart)
     )
-    spoke_before = any(line.startswith("Reviewer (") for line in prompt.splitlines())
+    # the earlier messages of the thread are in the prompt as 'Reviewer of <org> wrote "..."'
+    spoke_before = "Reviewer of " in prompt
     tools = {t.name for t in info.function_tools}
     if spoke_before and "approve" in tools:
         return ModelResponse(parts=[ToolCallPart("approve", {})])

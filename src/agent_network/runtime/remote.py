@@ -138,6 +138,7 @@ from agent_network.client import (
     PermissionDenied,
     TransportError,
 )
+from agent_network.config import Settings
 from agent_network.errors import AgentNetworkError
 from agent_network.runtime.models import resolve_model_name
 from agent_network.runtime.prompt import build_prompt
@@ -311,10 +312,12 @@ class RemoteRunner:
     (claim lease, renewed every third of it), ``workers`` (jobs at once), ``relist_seconds``
     (how often assignments are re-read), ``poll_wait`` (long-poll seconds, at most 60),
     ``default_model`` (for agents without a model), ``history_limit`` (messages in a prompt),
-    ``knowledge_chunks`` (chunks in a prompt), ``max_backoff`` (seconds between retries).
-    Counters for progress and tests: ``replies`` (replies posted, a triage routine's in intake
-    included), ``forwards`` (requests a triage routine forwarded), ``dropped`` (triggers dropped
-    by ``inbox_cap``), ``jobs_done``.
+    ``knowledge_chunks`` (chunks in a prompt), ``max_backoff`` (seconds between retries),
+    ``model_seed`` (mixed into the local model's seeds, see
+    :func:`~agent_network.runtime.runner.local_seed`; default: ``AGENT_NETWORK_MODEL_SEED``,
+    else 0). Counters for progress and tests: ``replies`` (replies posted, a triage routine's in
+    intake included), ``forwards`` (requests a triage routine forwarded), ``dropped`` (triggers
+    dropped by ``inbox_cap``), ``jobs_done``.
     """
 
     def __init__(
@@ -330,6 +333,7 @@ class RemoteRunner:
         history_limit: int = 12,
         knowledge_chunks: int = 3,
         max_backoff: float = 2.0,
+        model_seed: int | None = None,
     ) -> None:
         if not 0 < lease_seconds <= 3600:
             raise ValueError("lease_seconds must be in (0, 3600]")
@@ -347,6 +351,7 @@ class RemoteRunner:
         self.history_limit = history_limit
         self.knowledge_chunks = knowledge_chunks
         self.max_backoff = max_backoff
+        self.model_seed = Settings().model_seed if model_seed is None else model_seed
         self.replies = 0
         self.forwards = 0
         self.dropped = 0
@@ -750,6 +755,7 @@ class RemoteRunner:
                 other_names=sorted({n for n, _, _ in job.history if n != agent.name}),
                 seed_key=key,
                 tools=tools or None,
+                model_seed=self.model_seed,
             )
         except AgentNetworkError as err:
             log.warning("runner.model_failed", agent_id=agent.id, error=f"{err.code}: {err}")

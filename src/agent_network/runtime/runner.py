@@ -113,10 +113,15 @@ from agent_network.errors import (
     RunawayBudgetError,
     ThreadClosedError,
 )
-from agent_network.hub import EV_MESSAGE, ThreadState, step
+from agent_network.hub import EV_MESSAGE, AccessChangedError, ThreadState, step
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.rule import Rule
-from agent_network.runtime.cleaning import clean_reply
+from agent_network.runtime.cleaning import (
+    clean_reply,
+    drop_defective_sentences,
+    drop_echoes,
+    reply_defects,
+)
 from agent_network.runtime.models import build_model, resolve_model_name
 from agent_network.runtime.prompt import Prompt, build_prompt
 from agent_network.runtime.protocol import (
@@ -180,8 +185,10 @@ from agent_network.store.wal import find_by_idempotency, read_envelopes
 log = structlog.get_logger(__name__)
 
 MODEL_TIMEOUT = 300.0  # seconds for one model call
-REPLY_ATTEMPTS = 3  # model calls per trigger while the cleaned reply comes out empty
+ACCESS_RETRIES = 5  # appends of one reply when access keeps being removed meanwhile
+REPLY_ATTEMPTS = 3  # model calls per trigger while the cleaned reply is empty or defective
 REPLY_MAX_TOKENS = 200
+RETRY_TEMPERATURE = 0.7  # the local model's temperature from the third attempt on
 REPLY_MAX_SENTENCES = 3
 CLAIM_LEASE = 60.0  # seconds a claim of the in-process runner lasts unless renewed
 RETRY_MARGIN = 0.2  # seconds after another runner's lease expires before trying to take over
@@ -197,6 +204,7 @@ __all__ = [
     "TriageOutcome",
     "classify_request",
     "generate_reply",
+    "local_seed",
     "new_runner_id",
     "reply_key",
 ]
@@ -241,6 +249,14 @@ class Reply:
     tool_calls: list[dict[str, Any]]
 
 
+def local_seed(seed_key: str, attempt: int, model_seed: int = 0) -> int:
+    """The local model's sampling seed (an unsigned 32-bit int) for ``attempt`` (0, 1, ...) at
+    answering the trigger named by ``seed_key``, mixed with the deployment's ``model_seed``
+    (:attr:`~agent_network.config.Settings.model_seed`; 0 gives the seeds of earlier versions)."""
+    mixed = f"{seed_key}:{attempt}" if model_seed == 0 else f"{model_seed}:{seed_key}:{attempt}"
+    return zlib.crc32(mixed.encode())
+
+
 async def generate_reply(
     *,
     model_name: str,
@@ -249,49 +265,71 @@ async def generate_reply(
     other_names: list[str],
     seed_key: str,
     tools: ToolBox | None = None,
+    model_seed: int = 0,
 ) -> Reply:
     """Call the model ``model_name`` with ``prompt`` and return the cleaned reply.
 
-    Up to :data:`REPLY_ATTEMPTS` calls while the cleaned text comes out empty; each call at most
-    :data:`REPLY_MAX_TOKENS` tokens and :data:`MODEL_TIMEOUT` seconds. The local model gets a
-    seed derived from ``seed_key`` and the attempt (reproducible per trigger). ``tools`` (a
-    workflow speaker's :class:`ToolBox`) are given to the model as pydantic-ai tools, and a
-    trailing ``[tool]``/``[tool: argument]`` tag in its text is taken as a call of that tool
-    (stripped from the content); the calls of the attempt that produced the reply are returned.
-    An attempt where pydantic-ai gives up on the model (UnexpectedModelBehavior, e.g. no text
-    after its output retries) counts as empty.
+    Each call's text is cleaned (:func:`~agent_network.runtime.cleaning.clean_reply`), stripped
+    of what the model copied from the prompt (:func:`~agent_network.runtime.cleaning.
+    drop_echoes` with the prompt's ``echo_sources`` and ``echo_phrases``) and cleaned again,
+    keeping at most :data:`REPLY_MAX_SENTENCES` sentences. The model is called again, up to
+    :data:`REPLY_ATTEMPTS` calls, each with the previous prompt's ``retry`` (when it has one),
+    while that comes out empty or with a defect
+    (:func:`~agent_network.runtime.cleaning.reply_defects`: a template placeholder, speaking
+    as another participant of ``other_names`` or org of the prompt's ``other_orgs``, a repeated
+    sentence). When no call gave a reply without defects, the first reply that still has a
+    sentence after its defective ones are dropped
+    (:func:`~agent_network.runtime.cleaning.drop_defective_sentences`) is returned, so no
+    defect is ever posted. Each call gets at most :data:`REPLY_MAX_TOKENS` tokens and
+    :data:`MODEL_TIMEOUT` seconds. The local model gets a seed derived from ``seed_key``, the
+    attempt and ``model_seed`` (:func:`local_seed`; reproducible per trigger, other samples for
+    another ``model_seed``). ``tools`` (a workflow speaker's :class:`ToolBox`) are given to the
+    model as pydantic-ai tools, and a trailing ``[tool]``/``[tool: argument]`` tag in its text
+    is taken as a call of that tool (stripped from the content); the calls of the attempt that
+    produced the reply are returned. An attempt where pydantic-ai gives up on the model
+    (UnexpectedModelBehavior, e.g. no text after its output retries) counts as empty.
     A reply that is only a tool call gets a short content naming the tool. Returns
     ``Reply("", [])`` when every attempt came out empty. Raises ModelUnavailableError (the
     model cannot be built), TimeoutError (a call took too long) and whatever the model's
     provider raises.
     """
     model = build_model(model_name)
+    orgs = tuple(o for o in (prompt.org_name, *prompt.other_orgs) if o)
+    fallback: Reply | None = None
+    asked = prompt
     for attempt in range(REPLY_ATTEMPTS):
         settings: ModelSettings = {"max_tokens": REPLY_MAX_TOKENS}
         if model_name.startswith("local:"):
-            # reproducible per (agent, trigger, attempt); a new sample on each retry
-            settings["seed"] = zlib.crc32(f"{seed_key}:{attempt}".encode())
+            # reproducible per (agent, trigger, attempt, model_seed); a new sample on each retry
+            settings["seed"] = local_seed(seed_key, attempt, model_seed)
+            if attempt >= 2:  # two samples were empty or defective: sample more freely
+                settings["temperature"] = RETRY_TEMPERATURE
         if tools:
             tools.reset()
+        if attempt:  # the last attempt came out empty or defective: a plainer prompt
+            asked = asked.retry or asked
         agent = ModelAgent(
             model,
-            system_prompt=prompt.system,
+            system_prompt=asked.system,
             tools=tools.pydantic_tools() if tools else (),
         )
         try:
             with anyio.fail_after(MODEL_TIMEOUT):
-                result = await agent.run(prompt.user, model_settings=settings)
+                result = await agent.run(asked.user, model_settings=settings)
         except UnexpectedModelBehavior as exc:  # e.g. no text after its retries: an empty try
             log.info("runner.model_misbehaved", error=str(exc))
             continue
         raw = str(result.output)
         if tools:
             raw = tools.take_tags(raw)
+        reply = clean_reply(raw, speaker_name=speaker_name, other_names=other_names, org_names=orgs)
+        reply = drop_echoes(reply, sources=prompt.echo_sources, phrases=prompt.echo_phrases)
         reply = clean_reply(
-            raw,
+            reply,
             speaker_name=speaker_name,
             other_names=other_names,
             max_sentences=REPLY_MAX_SENTENCES,
+            org_names=orgs,
         )
         calls: list[dict[str, Any]] = []
         if tools:
@@ -299,9 +337,27 @@ async def generate_reply(
             calls = list(tools.calls)
             if not reply and calls:
                 reply = calls[-1]["name"].replace("_", " ").capitalize() + "."
-        if reply:
+        if not reply:
+            continue
+        defects = reply_defects(
+            reply,
+            speaker_name=speaker_name,
+            other_names=other_names,
+            other_orgs=prompt.other_orgs,
+        )
+        if not defects:
             return Reply(reply, calls)
-    return Reply("", [])
+        log.info("runner.reply_defective", attempt=attempt, defects=defects[:5])
+        if fallback is None:
+            salvaged = drop_defective_sentences(
+                reply,
+                speaker_name=speaker_name,
+                other_names=other_names,
+                other_orgs=prompt.other_orgs,
+            )
+            if salvaged:
+                fallback = Reply(salvaged, calls)
+    return fallback or Reply("", [])
 
 
 async def classify_request(
@@ -762,6 +818,7 @@ class Runner:
             await self._triage(job, key)
             return
         trigger = job.trigger
+        checked_at = self.ctx.access_epoch  # before the access check (see _reply)
         async with self.ctx.engine.connect() as conn:
             agent, thread = await _agent_and_thread(conn, job.agent_id, trigger.thread_id)
             if agent is None or thread is None:
@@ -820,6 +877,7 @@ class Runner:
                 other_names=sorted({n for n, _, _ in history if n != agent["name"]}),
                 seed_key=key,
                 tools=tools or None,
+                model_seed=self.ctx.settings.model_seed,
             )
         except AgentNetworkError as err:
             await self._audit(
@@ -872,31 +930,57 @@ class Runner:
         data: dict[str, Any] = {"content": reply}
         if answer.tool_calls:
             data["tool_calls"] = answer.tool_calls
-        await self._reply(trigger, actor, now, data, key)
+        await self._reply(trigger, actor, now, data, key, checked_at)
 
     async def _reply(
-        self, trigger: Envelope, actor: Actor, now: ThreadState, data: dict[str, Any], key: str
+        self,
+        trigger: Envelope,
+        actor: Actor,
+        now: ThreadState,
+        data: dict[str, Any],
+        key: str,
+        checked_at: int,
     ) -> Envelope | None:
         """Append the agent's reply to ``trigger`` (``data``, idempotency ``key``) addressed
         like the trigger (:func:`reply_audience`) and return it; None when the hub refused it
-        (the hub audited the refusal)."""
+        (the hub audited the refusal) or the agent lost access to the thread. ``checked_at`` is
+        the access epoch read before the agent's access was checked: if access was removed
+        since, the hub refuses the append and the agent's access is checked again."""
         refused = (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError)
-        with contextlib.suppress(*refused):  # the hub audited the refusal
-            return await self.ctx.hub.append(
-                trigger.thread_id,
-                type=EV_MESSAGE,
-                data=data,
-                sender=actor,
-                audience=reply_audience(
-                    trigger.audience,
-                    (trigger.sender_kind, trigger.sender_id),
-                    actor.id,
-                    now.participant_ids,
-                ),
-                causation_id=trigger.id,
-                idempotency_key=key,
-            )
+        for _ in range(ACCESS_RETRIES):
+            try:
+                with contextlib.suppress(*refused):  # the hub audited the refusal
+                    return await self.ctx.hub.append(
+                        trigger.thread_id,
+                        type=EV_MESSAGE,
+                        data=data,
+                        sender=actor,
+                        audience=reply_audience(
+                            trigger.audience,
+                            (trigger.sender_kind, trigger.sender_id),
+                            actor.id,
+                            now.participant_ids,
+                        ),
+                        causation_id=trigger.id,
+                        idempotency_key=key,
+                        checked_at=checked_at,
+                    )
+                return None
+            except AccessChangedError:
+                checked_at = self.ctx.access_epoch
+                if not await self._still_in(actor.id, trigger.thread_id):
+                    return None  # removed while it answered: nothing is posted
         return None
+
+    async def _still_in(self, agent_id: str, thread_id: str) -> bool:
+        """Whether the agent still takes part in the thread (after access was removed)."""
+        async with self.ctx.engine.connect() as conn:
+            agent, thread = await _agent_and_thread(conn, agent_id, thread_id)
+            return (
+                agent is not None
+                and thread is not None
+                and await agent_in_thread(conn, agent_id, thread)
+            )
 
     # ---------------------------------------------------------------- triage
 
@@ -931,6 +1015,7 @@ class Runner:
         routine, agent or thread is gone or changed, a preflight refusal, not its turn).
         """
         trigger = job.trigger
+        checked_at = self.ctx.access_epoch  # before the access checks (see _reply)
         async with self.ctx.engine.connect() as conn:
             agent, thread = await _agent_and_thread(conn, job.agent_id, trigger.thread_id)
             routine = (
@@ -1030,7 +1115,8 @@ class Runner:
                 delivered=delivered,
             ),
         }
-        return TriageOutcome(label, forwarded, await self._reply(trigger, actor, now, data, key))
+        reply = await self._reply(trigger, actor, now, data, key, checked_at)
+        return TriageOutcome(label, forwarded, reply)
 
     async def _forward(
         self,
@@ -1050,6 +1136,7 @@ class Runner:
         (a reply in intake would exceed the rate too)."""
         trigger = job.trigger
         route_id = config.route_for(label).thread_id
+        checked_at = self.ctx.access_epoch  # before the route's access check (see _reply)
         refusal = await self._route_refusal(agent, label, route_id)
         if refusal is not None:
             await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
@@ -1084,9 +1171,12 @@ class Runner:
                 sender=actor,
                 causation_id=trigger.id,
                 idempotency_key=forward_key(agent["id"], trigger.id),
+                checked_at=checked_at,
             )
         except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
             return None, True  # the hub audited the refusal
+        except AccessChangedError:
+            return None, True  # access was removed after the route was checked: not forwarded
         return forwarded, True
 
     async def _route_refusal(self, agent: Any, label: str, thread_id: str) -> Refusal | None:
