@@ -37,6 +37,7 @@ from test_remote_runner import (  # fixtures and helpers, no tests
     quiet_server,
     replies_by_trigger,
     runners,
+    wait_until,
 )
 
 __all__ = ["quiet_server", "runners"]  # fixtures used here, imported from test_remote_runner
@@ -50,16 +51,6 @@ LONG = [
     {"role": "user", "content": "Tell a very long story about a dragon and a lighthouse."},
 ]
 LONG_OPTIONS = {"max_tokens": 1500, "temperature": 0.8, "seed": 7}
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:
