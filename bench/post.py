@@ -9,7 +9,7 @@ Scenarios (each on its own fresh thread):
 
 - ``team user``: an org key posts as one of its users into an org-internal team thread (the
   case ``bench/realtime.py`` measures);
-- ``network agent``: an org key posts as an agent with a rule (``outbound_to`` patterns and a
+- ``network agent``: an org key posts as an agent with a rule (``outbound_to`` ids and a
   rate that never runs out) into a network thread, where the org's egress policy (an e-mail
   redact rule and a secret refuse rule, neither matching) is applied; every 50th post is the
   user's (a thread accepts at most ``agent_budget`` consecutive agent messages, here 1000);
@@ -94,7 +94,7 @@ async def _world(svc: Services, admin_key: str) -> dict[str, Any]:
     await svc.teams.add_member(org, "team", team["id"], user_id=user["id"])
     agent = await svc.agents.create_agent(org, name="bench agent", lookup_key="bench-agent")
     rule = Rule(
-        outbound_to=["bench*", "org:bench org"],
+        outbound_to=[user["id"], "org:self"],
         rate=RateLimit(messages=100_000, per_seconds=0.001),
     )
     await svc.rules.put(org, agent["id"], rule)

@@ -41,6 +41,7 @@ from agent_network.client import (
     Thread,
     ThreadClosed,
     Unauthenticated,
+    UnresolvedPrincipal,
     User,
     VerifyReport,
     Visa,
@@ -148,9 +149,15 @@ def test_agents_routines_rule_knowledge_secrets(module_server: LiveServer) -> No
             rule = await client.agents.rule.put(
                 ada.id, Rule(inbound_from=["Ben"]), rate={"messages": 5, "per_seconds": 60}
             )
-            assert rule.inbound_from == ["Ben"] and rule.rate is not None
+            # the name is resolved to Ben's id; the rule shows who the id is
+            assert rule.inbound_from == [ben.id] and rule.rate is not None
+            assert rule.principals[ben.id].name == "Ben"
             assert (rule.rate.messages, rule.rate.per_seconds) == (5, 60.0)
             assert await client.agents.rule.get(ada.id) == rule
+            assert await client.agents.rule.put(ada.id, rule) == rule  # a rule read writes back
+            with pytest.raises(UnresolvedPrincipal) as unknown:
+                await client.agents.rule.put(ada.id, outbound_to=["Nobody"])
+            assert unknown.value.details["entry"] == "Nobody"
             with pytest.raises(InvalidRequest) as bad_rule:
                 await client.agents.rule.put(ada.id, inbox_cap=-1)
             assert "inbox_cap" in bad_rule.value.message

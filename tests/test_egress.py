@@ -92,7 +92,13 @@ def audit_text(org: Org) -> str:
 
 def test_policy_defaults_to_no_rules_and_round_trips(world: World) -> None:
     a = world.a
-    assert a.ok("GET", "/policy/egress") == {"rules": [], "updated_at": None}
+    builtin = {"org_secrets": "refuse", "key_formats": "redact", "team_threads": False}
+    assert a.ok("GET", "/policy/egress") == {
+        "rules": [],
+        "updated_at": None,
+        "defaults": builtin,
+        "defaults_off": [],
+    }
     rules = [
         rule("cards", "card_number", "refuse"),
         rule("codenames", "regex", "redact", r"PRJ-\d{4}"),
@@ -110,6 +116,7 @@ def test_policy_defaults_to_no_rules_and_round_trips(world: World) -> None:
         {"name": "cards", "kind": "card_number", "action": "refuse"},
         {"name": "codenames", "kind": "regex", "action": "redact"},
     ]
+    assert rec["data"]["defaults"] == builtin and got["defaults"] == builtin
     # replacing with no rules clears it
     assert put_policy(a).json()["rules"] == []
     assert world.post(f"card {VISA_CARD}").status_code == 201

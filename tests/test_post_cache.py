@@ -264,7 +264,9 @@ def test_websocket_post_after_member_removal_is_refused(world: World) -> None:
 
 def test_rule_change_applies_to_the_next_post(world: World) -> None:
     posted(world.a, world.team_thread, "free", agent_id=world.scout["id"])
-    world.a.ok("PUT", f"/agents/{world.scout['id']}/rule", json={"outbound_to": ["nobody"]})
+    world.a.ok(
+        "PUT", f"/agents/{world.scout['id']}/rule", json={"outbound_to": [world.scout["id"]]}
+    )
     err = assert_error(
         post(world.a, world.team_thread, "bound", agent_id=world.scout["id"]),
         403,
@@ -329,10 +331,11 @@ def test_renamed_member_and_renamed_sender(world: World) -> None:
         posted(world.a, world.team_thread, "me", user_id=world.alice["id"])["sender"]["name"]
         == "mallory"
     )
-    # and the agent's cached outbound_to pass no longer holds
-    assert_error(
-        post(world.a, world.team_thread, "hi?", agent_id=world.scout["id"]), 403, "rule_violation"
-    )
+    # the agent's outbound_to names alice by id: her new name changes nothing (a rule never
+    # decides on names, so a rename can neither shut an agent out nor let one in)
+    rule = world.a.ok("GET", f"/agents/{world.scout['id']}/rule")
+    assert rule["outbound_to"][0] == world.alice["id"]
+    posted(world.a, world.team_thread, "hi mallory", agent_id=world.scout["id"])
     world.a.ok("PATCH", f"/agents/{world.scout['id']}", json={"name": "ranger"})
     world.a.ok("PUT", f"/agents/{world.scout['id']}/rule", json={})
     env = posted(world.a, world.team_thread, "renamed", agent_id=world.scout["id"])

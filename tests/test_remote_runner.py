@@ -48,7 +48,7 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def claims(db: Path) -> list[tuple[str, str, int, str, float, int]]:
@@ -57,7 +57,7 @@ def claims(db: Path) -> list[tuple[str, str, int, str, float, int]]:
         return list(
             conn.execute(
                 "SELECT agent_id, thread_id, trigger_seq, runner_id, expires_at, done "
-                "FROM runner_claims ORDER BY trigger_seq"
+                "FROM runner_claims ORDER BY trigger_seq, agent_id"
             )
         )
 

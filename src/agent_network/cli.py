@@ -4,6 +4,8 @@
 - ``admin-key``: create another platform admin key.
 - ``demo``: the two-company demo (see :mod:`agent_network.demo`).
 - ``thread show`` / ``thread verify`` / ``thread list``: inspect a database file offline.
+- ``threads verify``: check a thread's hash chain on this machine, from what a running server
+  returns to a credential (the server is not trusted).
 - ``runner``: run the routines of a credential's agents in a separate process (remote runner).
 - ``doctor``: check Python, packages and the bundled local model (one token in a worker).
 """
@@ -27,6 +29,10 @@ app = typer.Typer(
 )
 thread_app = typer.Typer(help="Inspect threads in a database file (offline).", no_args_is_help=True)
 app.add_typer(thread_app, name="thread")
+threads_app = typer.Typer(
+    help="Threads on a running server, through the API.", no_args_is_help=True
+)
+app.add_typer(threads_app, name="threads")
 knowledge_app = typer.Typer(help="Attach knowledge to a running server.", no_args_is_help=True)
 app.add_typer(knowledge_app, name="knowledge")
 KNOWLEDGE_SUFFIXES = (".md", ".markdown", ".txt", ".rst")
@@ -255,6 +261,82 @@ def thread_verify(thread_id: str, db: DbOption = None) -> None:
     raise typer.Exit(anyio.run(run))
 
 
+@threads_app.command("verify")
+def threads_verify(
+    thread_id: Annotated[str, typer.Argument(help="the thread's id (thr_...)")],
+    url: Annotated[
+        str, typer.Option(help="server URL [env AGENT_NETWORK_URL]", envvar="AGENT_NETWORK_URL")
+    ] = "http://127.0.0.1:8321",
+    token: Annotated[
+        str,
+        typer.Option(
+            help="credential that reads the thread: org key, user or agent token "
+            "[env AGENT_NETWORK_TOKEN]",
+            envvar="AGENT_NETWORK_TOKEN",
+            show_default=False,
+        ),
+    ] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Check a thread's hash chain here, not on the server.
+
+    Fetches every envelope the credential may read (``GET /threads/{id}/envelopes``, paged),
+    with a stub for each one its audience hides, and recomputes every hash locally with
+    ``agent_network.client.verify_chain`` (docs/security.md, "The hash chain, byte for byte").
+    Exit status 0 when the chain holds; 1 when it breaks or the thread cannot be read (unknown,
+    out of scope, bad credential, server unreachable); 2 without a credential.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    from agent_network.client import ApiError, AsyncClient, TransportError, verify_chain
+
+    if not token:
+        console.print("[red]give the credential with --token or AGENT_NETWORK_TOKEN[/]")
+        raise typer.Exit(2)
+
+    async def fetch() -> list[Any]:
+        async with AsyncClient(url, token) as client:
+            return [e async for e in client.threads.chain(thread_id)]
+
+    try:
+        chain = anyio.run(fetch)
+    except ValidationError as exc:  # the server sent what no envelope looks like: broken
+        reason = f"the server sent a malformed envelope: {exc.errors()[0]['msg']}"
+        if json_output:
+            typer.echo(json.dumps({"thread_id": thread_id, "ok": False, "reason": reason}))
+        else:
+            console.print(f"[red]chain broken[/] in thread {thread_id}: {reason}", highlight=False)
+        raise typer.Exit(1) from None
+    except (ApiError, TransportError) as exc:
+        code = getattr(exc, "code", "transport_error")
+        if json_output:
+            error = {"code": code, "message": str(exc)}
+            typer.echo(json.dumps({"thread_id": thread_id, "ok": False, "error": error}))
+        else:
+            console.print(f"[red]cannot read thread {thread_id}[/]: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    report = verify_chain(chain)
+    if json_output:
+        typer.echo(json.dumps({**report.as_dict(), "thread_id": thread_id}))
+        raise typer.Exit(0 if report.ok else 1)
+    if report.ok:
+        console.print(
+            f"[green]chain intact[/]: thread {thread_id}, {report.checked} envelopes verified "
+            f"here ({report.checked - report.stubs} recomputed, {report.stubs} hidden from this "
+            f"credential checked by their links), last hash {report.last_hash}",
+            highlight=False,
+        )
+        raise typer.Exit(0)
+    console.print(
+        f"[red]chain broken at seq {report.first_bad_seq}[/] of thread {thread_id}: "
+        f"{report.reason}",
+        highlight=False,
+    )
+    raise typer.Exit(1)
+
+
 @knowledge_app.command("add")
 def knowledge_add(
     paths: Annotated[list[Path], typer.Argument(help="text/markdown files or directories")],
@@ -344,11 +426,21 @@ def runner(
         ),
     ] = "",
     runner_id: Annotated[
-        str | None, typer.Option(help="name in claims (default: unique per process)")
+        str | None,
+        typer.Option(
+            help="id in claims (default: stable per host, user, server and credential, so a "
+            "restarted runner takes back its own claims at once)"
+        ),
     ] = None,
     lease: Annotated[
-        float, typer.Option(min=0.1, max=3600, help="claim lease in seconds (renewed while busy)")
-    ] = 30.0,
+        float | None,
+        typer.Option(
+            min=0.1,
+            max=3600,
+            help="claim lease in seconds, renewed while busy [default: AGENT_NETWORK_CLAIM_LEASE "
+            "or 10]",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="triggers answered at once")] = 2,
     relist: Annotated[
         float, typer.Option(min=0.1, help="seconds between re-reading agents and threads")
@@ -372,12 +464,14 @@ def runner(
 
     Follows their threads over REST (long-poll), claims each trigger with a lease so that
     several runners (and the server's in-process runner) share the work, and posts each reply
-    once. Stops cleanly on SIGTERM / SIGINT; a crashed runner's claims expire after the lease.
+    once. Stops cleanly on SIGTERM / SIGINT; a crashed runner's claims are taken back when it
+    starts again on the same host, else they expire after the lease.
     """
     import importlib
     import signal
 
     from agent_network.client import ApiError, AsyncClient
+    from agent_network.runtime.identity import RunnerIdInUseError
     from agent_network.runtime.remote import RemoteRunner
 
     if not token:
@@ -395,6 +489,7 @@ def runner(
 
     async def run() -> int:
         refused: list[BaseException] = []
+        in_use: list[BaseException] = []
         try:
             async with AsyncClient(url, token) as client, anyio.create_task_group() as tg:
                 remote = RemoteRunner(
@@ -419,6 +514,11 @@ def runner(
                 typer.echo(f"runner {remote.runner_id} running against {url}")
         except* ApiError as group:
             refused.extend(_leaves(group))
+        except* RunnerIdInUseError as group:
+            in_use.extend(_leaves(group))
+        if in_use:
+            typer.echo(f"runner not started: {in_use[0]}", err=True)
+            return 2
         if refused:
             typer.echo(f"runner stopped: the server refused it: {refused[0]}", err=True)
             return 1

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
       (``AGENT_NETWORK_MODEL_SEED``, default 0). The seed of a reply is derived from the trigger
       and this value, so another value gives other samples for the same trigger (e.g. to
       repeat a benchmark run with other samples); 0 keeps the seeds of earlier versions.
+    - ``claim_lease``: seconds a runner's claim on a trigger lasts unless renewed
+      (``AGENT_NETWORK_CLAIM_LEASE``, default 10; the in-process runner and, as the default of
+      ``--lease``, ``agent-network runner``). A runner renews its claims every third of it while
+      it answers, so a claim of a runner that died elsewhere frees within one lease.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGENT_NETWORK_")
@@ -50,3 +54,4 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_upload_bytes: int = Field(default=33_554_432, ge=1024)
     model_seed: int = 0
+    claim_lease: float = Field(default=10.0, gt=0, le=3600)

@@ -78,9 +78,42 @@ def check_created(data: Mapping[str, Any]) -> OpenRequest:
     return request
 
 
-def admit(state: ThreadState, proposal: Proposal) -> None:
+def person_message(env_type: str, sender_kind: str) -> bool:
+    """True for a ``message`` sent by a person (a ``user``): an agent's answer to it is
+    ``answers_person`` in :func:`budget_spent`."""
+    return env_type == EV_MESSAGE and sender_kind == "user"
+
+
+def reply_key(agent_id: str, trigger_id: str) -> str:
+    """The idempotency key of ``agent_id``'s reply to the envelope ``trigger_id``, as stored:
+    ``reply:<agent_id>:<trigger_id>`` (re-exported by :mod:`agent_network.services.claims`)."""
+    return f"reply:{agent_id}:{trigger_id}"
+
+
+def budget_spent(state: ThreadState, *, answers_person: bool = False) -> bool:
+    """Whether the runaway budget refuses an agent's message in the thread whose folded state is
+    ``state``: ``consecutive_agent`` agent messages since the latest message of a person have
+    reached ``agent_budget``.
+
+    ``answers_person``: the message is an agent's first answer to a person's message (the hub
+    decides it: a message whose ``causation_id`` is a person's message of the thread, stored
+    under that agent's reply key ``reply:<agent id>:<message id>``, so at most one per agent and
+    person's message). Such an answer is refused only by a budget of 0: the person's message was
+    posted while the budget was not spent (it starts the count afresh), and an answer that comes
+    late — its runner crashed and restarted while other agents spent the budget — must not be
+    starved. It still counts as an agent message, so the agents' exchanges that follow stay
+    bounded (at most ``agent_budget`` plus one answer per agent and person's message).
+    """
+    if answers_person and state.agent_budget > 0:
+        return False
+    return state.consecutive_agent >= state.agent_budget
+
+
+def admit(state: ThreadState, proposal: Proposal, *, answers_person: bool = False) -> None:
     """Raise the typed error the hub answers when ``proposal`` may not be appended to the thread
-    whose folded state is ``state``; return None when it may.
+    whose folded state is ``state``; return None when it may. ``answers_person``: the proposal
+    is an agent's answer to a person's message, which a spent budget does not refuse
+    (:func:`budget_spent`).
 
     Order of checks: ``thread.created`` knobs; closed (ThreadClosedError); closing (only the
     system's ``thread.closed``; else ThreadClosedError); sender is a participant of a protocol
@@ -139,7 +172,7 @@ def admit(state: ThreadState, proposal: Proposal) -> None:
             raise ProtocolViolationError(
                 f"the thread is not active yet: waiting for acks from {waiting}"
             )
-        if sender.kind == "agent" and state.consecutive_agent >= state.agent_budget:
+        if sender.kind == "agent" and budget_spent(state, answers_person=answers_person):
             raise RunawayBudgetError(
                 f"thread budget exhausted: {state.consecutive_agent} consecutive agent messages "
                 f"without a human one (budget {state.agent_budget}); a person must post before "
@@ -181,14 +214,19 @@ def _check_audience(state: ThreadState, proposal: Proposal) -> None:
         )
 
 
-def may_speak(state: ThreadState, actor: Actor) -> bool:
+def may_speak(state: ThreadState, actor: Actor, *, answers_person: bool = False) -> bool:
     """True when a plain ``message`` from ``actor`` would be accepted now (same rules as the
     hub: status, membership, acks, budget, turn order). A runner asks this before calling a
-    model, so an agent whose turn it is not makes no model call."""
+    model, so an agent whose turn it is not makes no model call. ``answers_person``: the
+    message would be the agent's answer to a person's message (see :func:`budget_spent`)."""
     if state.last_seq == 0:
         return False
     try:
-        admit(state, Proposal(type=EV_MESSAGE, data={"content": ""}, sender=actor))
+        admit(
+            state,
+            Proposal(type=EV_MESSAGE, data={"content": ""}, sender=actor),
+            answers_person=answers_person,
+        )
     except AgentNetworkError:
         return False
     return True

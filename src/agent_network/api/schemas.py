@@ -121,6 +121,10 @@ class MemberAdd(Body):
     role: Literal["owner", "admin", "member"] = "member"
 
 
+class MemberUpdate(Body):
+    role: Literal["owner", "admin", "member"]
+
+
 class InviteCreate(Body):
     expires_in: float = Field(default=7 * 24 * 3600, gt=0, le=90 * 24 * 3600, description="seconds")
     max_uses: int | None = Field(default=None, ge=1, le=1_000_000)
@@ -322,5 +326,23 @@ class EgressRuleBody(Body):
     action: Literal["refuse", "redact"]
 
 
+class EgressDefaultsBody(Body):
+    org_secrets: Literal["refuse", "redact", "off"] = Field(
+        default="refuse", description="the org's own stored agent secrets and their encodings"
+    )
+    key_formats: Literal["refuse", "redact", "off"] = Field(
+        default="redact", description="common key formats (cloud, VCS, chat, payment tokens...)"
+    )
+    team_threads: bool = Field(
+        default=False, description="apply these defaults in the org's own team threads too"
+    )
+
+
 class EgressPolicyBody(Body):
     rules: list[EgressRuleBody] = Field(max_length=50)
+    defaults: EgressDefaultsBody | None = Field(
+        default=None, description="the built-in detectors (omitted: all on, as built in)"
+    )
+    acknowledge_loosening: bool = Field(
+        default=False, description="required (true) to turn a default detector off"
+    )

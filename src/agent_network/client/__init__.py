@@ -9,6 +9,7 @@ async with AsyncClient("http://127.0.0.1:8321", org_key) as client:
 ```
 """
 
+from agent_network.client.chain import ChainReport, verify_chain
 from agent_network.client.errors import (
     ApiError,
     BudgetExhausted,
@@ -35,6 +36,7 @@ from agent_network.client.errors import (
     ThreadClosed,
     TransportError,
     Unauthenticated,
+    UnresolvedPrincipal,
 )
 from agent_network.client.hubclient import (
     AgentClient,
@@ -62,6 +64,7 @@ from agent_network.client.models import (
     EgressRule,
     Envelope,
     EnvelopePage,
+    EnvelopeStub,
     Health,
     Invite,
     IssuedCredential,
@@ -73,8 +76,11 @@ from agent_network.client.models import (
     Participant,
     Principal,
     RateLimit,
+    ReleasedClaims,
+    RevealedSecret,
     Routine,
     Rule,
+    RulePrincipal,
     SearchHit,
     Secret,
     Sender,
@@ -103,6 +109,7 @@ __all__ = [
     "AsyncClient",
     "AuditRecord",
     "BudgetExhausted",
+    "ChainReport",
     "Channel",
     "Claim",
     "ClaimCompleted",
@@ -122,6 +129,7 @@ __all__ = [
     "Endpoint",
     "Envelope",
     "EnvelopePage",
+    "EnvelopeStub",
     "Health",
     "HubBusy",
     "HubClient",
@@ -150,10 +158,13 @@ __all__ = [
     "RateLimited",
     "Realtime",
     "RealtimeError",
+    "ReleasedClaims",
     "Resume",
+    "RevealedSecret",
     "Room",
     "Routine",
     "Rule",
+    "RulePrincipal",
     "RuleViolation",
     "SearchHit",
     "Secret",
@@ -167,8 +178,10 @@ __all__ = [
     "TriageRouted",
     "Typing",
     "Unauthenticated",
+    "UnresolvedPrincipal",
     "User",
     "VerifyReport",
     "Visa",
     "WsLink",
+    "verify_chain",
 ]

@@ -60,6 +60,13 @@ class InvalidRequest(ApiError):
     code_name = "invalid_request"
 
 
+class UnresolvedPrincipal(InvalidRequest):
+    """422 ``unresolved_principal``: a rule entry names no principal the org sees, or several
+    (``details``: field, entry, reason, candidates)."""
+
+    code_name = "unresolved_principal"
+
+
 class Unauthenticated(ApiError):
     """401 ``unauthenticated``: no key, or a key that matches nothing."""
 

@@ -216,7 +216,8 @@ class LocalLink:
                 principal, thread_id, after=after, limit=500, wait=30.0, messages_only=False
             )
             for item in page["items"]:
-                yield Envelope.model_validate(item)
+                if not item.get("stub"):  # a stub (hidden by its audience) carries nothing
+                    yield Envelope.model_validate(item)
             after = max(after, int(page["next_after"]))
 
     async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None:

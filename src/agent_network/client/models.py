@@ -8,9 +8,19 @@ timezone-aware ``datetime``; ids are strings with a kind prefix (``agt_``, ``thr
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SecretStr,
+    Tag,
+    model_validator,
+)
 
 
 class Model(BaseModel):
@@ -97,11 +107,26 @@ class RateLimit(Model):
     per_seconds: float
 
 
+class RulePrincipal(Model):
+    """Who an id of a rule is: ``kind`` (agent, user, org), ``name``, ``org_id``, ``org_name``
+    (``None`` but ``kind`` when the org no longer sees that principal)."""
+
+    kind: str
+    name: str | None = None
+    org_id: str | None = None
+    org_name: str | None = None
+
+
 class Rule(Model):
-    """An agent's rule; ``None`` fields mean no limit (see ``agent_network.model.rule``)."""
+    """An agent's rule; ``None`` fields mean no limit (see ``agent_network.model.rule``).
+
+    ``inbound_from`` / ``outbound_to`` hold ids (agent, user, org), ``org:self`` or ``*``; when
+    writing, names (``<name>``, ``org:<name>``) are accepted and resolved to ids by the server.
+    ``principals`` (read-only, filled by the server) says who each id is."""
 
     inbound_from: list[str] = Field(default_factory=lambda: ["*"])
     outbound_to: list[str] = Field(default_factory=lambda: ["*"])
+    principals: dict[str, RulePrincipal] = Field(default_factory=dict)
     rate: RateLimit | None = None
     inbox_cap: int | None = None
     max_concurrent_threads: int | None = None
@@ -276,7 +301,13 @@ class Sender(Model):
 
 
 class Envelope(Model):
-    """One record of a thread's log; ``content`` is set for ``message`` envelopes."""
+    """One record of a thread's log; ``content`` is set for ``message`` envelopes.
+
+    ``idempotency_key`` is the key as its sender gave it; ``stored_idempotency_key`` the key
+    as stored and hashed (``<sender_id>:<key>`` for a client key). ``wire_created_at`` is
+    ``created_at`` exactly as the server sent it (the hashed text). ``hash``/``prev_hash`` link
+    the thread's chain (:func:`agent_network.client.verify_chain`).
+    """
 
     id: str
     thread_id: str
@@ -288,16 +319,67 @@ class Envelope(Model):
     audience: list[str] | None = None
     causation_id: str | None = None
     idempotency_key: str | None = None
+    stored_idempotency_key: str | None = None
     created_at: datetime
     hash: str | None = None
     prev_hash: str | None = None
+    _wire_created_at: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_wire_time(cls, data: Any, handler: ModelWrapValidatorHandler[Envelope]) -> Envelope:
+        env = handler(data)
+        if isinstance(data, dict) and isinstance(data.get("created_at"), str):
+            env._wire_created_at = data["created_at"]
+        return env
+
+    @property
+    def wire_created_at(self) -> str:
+        """``created_at`` as the server sent it (else as the server writes it: ISO 8601 with
+        microseconds)."""
+        if self._wire_created_at is not None:
+            return self._wire_created_at
+        return self.created_at.isoformat(timespec="microseconds")
+
+
+class EnvelopeStub(Model):
+    """An envelope whose audience excludes the reader, as the reader gets it: its place in the
+    chain (``seq``, ``hash``, ``prev_hash``) and nothing else (``stub`` is always True)."""
+
+    thread_id: str
+    seq: int
+    hash: str
+    prev_hash: str
+    stub: Literal[True] = True
+
+
+def _envelope_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "stub" if value.get("stub") is True else "envelope"
+    return "stub" if isinstance(value, EnvelopeStub) else "envelope"
+
+
+AnyEnvelope = Annotated[
+    Annotated[Envelope, Tag("envelope")] | Annotated[EnvelopeStub, Tag("stub")],
+    Discriminator(_envelope_kind),
+]
+"""An item of ``GET /threads/{id}/envelopes``: an :class:`Envelope`, or an
+:class:`EnvelopeStub` for an envelope hidden from the reader by its audience."""
 
 
 class EnvelopePage(Model):
-    """A page of envelopes with ``seq > after``; ask again with ``after=next_after``."""
+    """A page of envelopes with ``seq > after``; ask again with ``after=next_after``.
 
-    items: list[Envelope]
+    Pages of ``GET /threads/{id}/envelopes`` hold an :class:`EnvelopeStub` for each envelope
+    hidden from the reader by its audience (``GET .../messages`` leaves those out)."""
+
+    items: list[AnyEnvelope]
     next_after: int
+
+    @property
+    def envelopes(self) -> list[Envelope]:
+        """The whole envelopes of the page (stubs left out)."""
+        return [e for e in self.items if isinstance(e, Envelope)]
 
 
 class VerifyReport(Model):
@@ -321,10 +403,14 @@ class EgressRule(Model):
 
 
 class EgressPolicy(Model):
-    """The org's egress rules (``updated_at`` ``None`` until set)."""
+    """The org's egress policy: its rules (``updated_at`` ``None`` until set), the built-in
+    ``defaults`` (``org_secrets``, ``key_formats``: refuse/redact/off; ``team_threads``) and
+    ``defaults_off`` (the detectors the org turned off)."""
 
     rules: list[EgressRule] = Field(default_factory=list)
     updated_at: datetime | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    defaults_off: list[str] = Field(default_factory=list)
 
 
 class AuditRecord(Model):
@@ -406,6 +492,16 @@ class ClaimCompleted(Model):
     trigger_seq: int
 
 
+class RevealedSecret(Model):
+    """``POST /runners/secrets``: one secret of the runner's agent, for its tools. ``value`` is
+    a ``SecretStr`` (``value.get_secret_value()``), so printing or logging the model never
+    shows it."""
+
+    agent_id: str
+    name: str
+    value: SecretStr
+
+
 class TriageRouted(Model):
     """``POST /runners/triage``: what the server did with an intake request. ``routed`` False:
     it stopped before routing (routine paused, not the agent's turn, a check refused it);
@@ -420,6 +516,13 @@ class TriageRouted(Model):
     forward_id: str | None = None
     forward_thread_id: str | None = None
     reply_id: str | None = None
+
+
+class ReleasedClaims(Model):
+    """``POST /claims/release``: how many live leases of ``runner_id`` were ended."""
+
+    runner_id: str
+    released: int = 0
 
 
 class DoneTriggers(Model):
@@ -448,6 +551,7 @@ class Typing(Model):
 __all__ = [
     "Agent",
     "AgentResume",
+    "AnyEnvelope",
     "AssignedAgent",
     "AssignedThread",
     "AssignedTriage",
@@ -462,6 +566,7 @@ __all__ = [
     "EgressRule",
     "Envelope",
     "EnvelopePage",
+    "EnvelopeStub",
     "Health",
     "Invite",
     "IssuedCredential",
@@ -474,8 +579,11 @@ __all__ = [
     "Participant",
     "Principal",
     "RateLimit",
+    "ReleasedClaims",
+    "RevealedSecret",
     "Routine",
     "Rule",
+    "RulePrincipal",
     "SearchHit",
     "Secret",
     "Sender",

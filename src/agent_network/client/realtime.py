@@ -11,8 +11,10 @@ async with client.realtime() as rt:
 One connection per :class:`Realtime`. One reader task (owned by the context's task group,
 cancelled and awaited on exit) reads every frame: replies are matched to requests by ``ref``;
 ``envelope`` frames go to their :class:`Room`'s buffer; ``ping`` is answered with ``pong``.
-Seqs seen by a room may skip numbers: envelopes whose audience excludes the caller are never
-sent.
+An envelope whose audience excludes the caller arrives as an :class:`EnvelopeStub` (seq, hash,
+prev_hash only): iterating a room skips stubs (its seqs may skip numbers), iterating
+:meth:`Room.entries` yields them too (the whole chain, for
+:func:`agent_network.client.verify_chain`).
 
 Delivery: each room remembers the last ``seq`` it received; when the socket drops, the server
 sends ``disconnect`` (``lagged``, ``shutdown``...), the server falls silent for
@@ -32,7 +34,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -53,7 +55,7 @@ from agent_network.client.errors import (
     Unauthenticated,
     error_from_body,
 )
-from agent_network.client.models import Envelope, Principal, Typing
+from agent_network.client.models import Envelope, EnvelopeStub, Principal, Typing
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,7 @@ class Room:
         self.last_joined: int | None = None
         self._received = after or 0  # last seq accepted into the buffer
         self._known = after is not None  # _received is meaningful (else: the cursor decides)
-        self._buffer: deque[Envelope] = deque()
+        self._buffer: deque[Envelope | EnvelopeStub] = deque()
         self._max_buffer = buffer
         self._accepting = False  # between our join and its `joined`, frames are dropped
         self._stale = False  # the buffer overflowed: join again with after=_received
@@ -188,8 +190,8 @@ class Room:
     def _on_join_error(self, error: ApiError) -> None:
         self._fail(error)
 
-    def _feed(self, env: Envelope) -> None:
-        # Seqs may skip: envelopes whose audience excludes the caller are never sent.
+    def _feed(self, env: Envelope | EnvelopeStub) -> None:
+        # Envelopes whose audience excludes the caller arrive as stubs (older servers: never).
         if not self._accepting or env.seq <= self._received:
             return  # a frame of an older join, or a duplicate after a rejoin
         if len(self._buffer) >= self._max_buffer:
@@ -238,9 +240,27 @@ class Room:
         return self
 
     async def __anext__(self) -> Envelope:
-        """The next envelope (seq order, each once). StopAsyncIteration once the room is left
-        or the connection closed for good (after the buffered envelopes); the room's error
-        (e.g. :class:`NotFound` when access to the thread was lost) is raised instead."""
+        """The next envelope (seq order, each once; stubs of envelopes hidden from the caller
+        are skipped). StopAsyncIteration once the room is left or the connection closed for
+        good (after the buffered envelopes); the room's error (e.g. :class:`NotFound` when
+        access to the thread was lost) is raised instead."""
+        while True:
+            item = await self._next_item()
+            if isinstance(item, Envelope):
+                return item
+
+    async def entries(self) -> AsyncIterator[Envelope | EnvelopeStub]:
+        """Iterate the room's whole chain: every envelope as :meth:`__anext__` yields it, and
+        an :class:`EnvelopeStub` for each one whose audience hides it from the caller. Use
+        either this or plain iteration of the room, not both."""
+        while True:
+            try:
+                item = await self._next_item()
+            except StopAsyncIteration:
+                return
+            yield item
+
+    async def _next_item(self) -> Envelope | EnvelopeStub:
         while True:
             while self._buffer:
                 env = self._buffer.popleft()
@@ -576,7 +596,11 @@ class Realtime:
         if kind == "envelope":
             room = self._rooms.get(str(frame.get("thread_id")))
             if room is not None:
-                room._feed(Envelope.model_validate(frame["envelope"]))
+                body = frame["envelope"]
+                stub = isinstance(body, dict) and body.get("stub") is True
+                room._feed(
+                    EnvelopeStub.model_validate(body) if stub else Envelope.model_validate(body)
+                )
         elif kind == "ping":
             with contextlib.suppress(WsConnectionClosed):
                 await conn.ws.send(json.dumps({"type": "pong"}))

@@ -37,6 +37,7 @@ from agent_network.client.models import (
     EgressPolicy,
     Envelope,
     EnvelopePage,
+    EnvelopeStub,
     Health,
     Invite,
     IssuedCredential,
@@ -44,6 +45,8 @@ from agent_network.client.models import (
     Member,
     Org,
     OrgCreated,
+    ReleasedClaims,
+    RevealedSecret,
     Routine,
     Rule,
     SearchHit,
@@ -545,10 +548,13 @@ class Rules(Resource):
     ) -> Req:
         """Replace the rule with ``rule`` (a :class:`Rule` or dict) and/or keyword ``fields``
         (``rate={"messages": 5, "per_seconds": 60}``, ``inbox_cap=10``...); fields left out
-        take their defaults. InvalidRequest (422) for an unknown field or a bad value."""
+        take their defaults. ``inbound_from`` / ``outbound_to`` take ids, ``org:self``, ``*``
+        or names, which the server resolves to ids (the returned rule shows both).
+        InvalidRequest (422) for an unknown field or a bad value, UnresolvedPrincipal (422)
+        for a name that names nobody or several principals."""
         body: dict[str, Any] = {}
         if isinstance(rule, Rule):
-            body.update(rule.model_dump(exclude_unset=True))
+            body.update(rule.model_dump(exclude_unset=True, exclude={"principals"}))
         elif rule is not None:
             body.update(rule)
         body.update(fields)
@@ -803,6 +809,17 @@ class Teams(Resource):
         """Remove a member (``member_kind`` ``agent`` or ``user``)."""
         return Req()
 
+    @endpoint("PATCH", "/teams/{team_id}/members/{member_kind}/{member_id}", Member.model_validate)
+    def set_role(
+        self,
+        team_id: str,
+        member_kind: Literal["agent", "user"],
+        member_id: str,
+        role: Literal["owner", "admin", "member"],
+    ) -> Req:
+        """Change a member's role (see docs/security.md, Team roles)."""
+        return Req({"role": role})
+
     @endpoint("POST", "/teams/{team_id}/threads", Thread.model_validate)
     def create_thread(
         self,
@@ -928,6 +945,20 @@ class Networks(Resource):
     ) -> Req:
         """Remove one of the caller org's members from the network."""
         return Req()
+
+    @endpoint(
+        "PATCH", "/networks/{team_id}/members/{member_kind}/{member_id}", Member.model_validate
+    )
+    def set_role(
+        self,
+        team_id: str,
+        member_kind: Literal["agent", "user"],
+        member_id: str,
+        role: Literal["owner", "admin", "member"],
+    ) -> Req:
+        """Change the role of one of the caller org's members (host org: any role; a member
+        org: ``member`` only)."""
+        return Req({"role": role})
 
     @endpoint("POST", "/networks/{team_id}/threads", Thread.model_validate)
     def create_thread(
@@ -1174,7 +1205,9 @@ class Threads(Resource):
         self, thread_id: str, *, after: int = 0, limit: int = 100, wait: float = 0
     ) -> Req:
         """Every envelope (messages and thread events) with ``seq > after``; ``wait`` seconds
-        (<= 60) long-polls until one arrives. Page on with ``after=page.next_after``."""
+        (<= 60) long-polls until one arrives. Page on with ``after=page.next_after``. An
+        envelope hidden from the caller by its audience is an :class:`EnvelopeStub` (seq, hash,
+        prev_hash only); ``page.envelopes`` leaves the stubs out."""
         return Req(
             params={"after": after, "limit": limit, "wait": wait},
             timeout=self._client.timeout + wait,
@@ -1183,8 +1216,26 @@ class Threads(Resource):
     async def history(
         self, thread_id: str, *, after: int = 0, messages_only: bool = False, page: int = 500
     ) -> AsyncIterator[Envelope]:
-        """Yield every envelope (or only messages) with ``seq > after`` that exists now, in
-        order, fetching ``page`` at a time."""
+        """Yield every envelope (or only messages) with ``seq > after`` that exists now and
+        the caller may see, in order, fetching ``page`` at a time (stubs of hidden envelopes
+        left out: :meth:`chain` yields them too)."""
+        async for env in self._pages(thread_id, after, messages_only, page):
+            if isinstance(env, Envelope):
+                yield env
+
+    async def chain(
+        self, thread_id: str, *, after: int = 0, page: int = 1000
+    ) -> AsyncIterator[Envelope | EnvelopeStub]:
+        """Yield the thread's whole chain with ``seq > after`` as it exists now, in order: every
+        envelope the caller may see, and an :class:`EnvelopeStub` for each one its audience
+        hides — the input of :func:`agent_network.client.verify_chain`. NotFound outside the
+        caller's scope."""
+        async for env in self._pages(thread_id, after, False, page):
+            yield env
+
+    async def _pages(
+        self, thread_id: str, after: int, messages_only: bool, page: int
+    ) -> AsyncIterator[Envelope | EnvelopeStub]:
         while True:
             if messages_only:
                 result = await self.messages(thread_id, after=after, limit=page)
@@ -1287,10 +1338,24 @@ class Policy(Resource):
         return Req()
 
     @endpoint("PUT", "/policy/egress", EgressPolicy.model_validate)
-    def set_egress(self, rules: Iterable[Mapping[str, Any]]) -> Req:
-        """Replace the egress rules (``{"name", "kind", "action", "pattern"?}`` each);
-        InvalidRequest for a bad rule (e.g. a catastrophic regex)."""
-        return Req({"rules": [dict(r) for r in rules]})
+    def set_egress(
+        self,
+        rules: Iterable[Mapping[str, Any]],
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        acknowledge_loosening: bool = False,
+    ) -> Req:
+        """Replace the egress policy: rules (``{"name", "kind", "action", "pattern"?}`` each)
+        and ``defaults`` (``{"org_secrets", "key_formats": "refuse"|"redact"|"off",
+        "team_threads": bool}``; None: the built-in defaults). Turning a default off needs
+        ``acknowledge_loosening=True`` (InvalidRequest ``loosening_not_acknowledged``
+        otherwise); InvalidRequest for a bad rule (e.g. a catastrophic regex)."""
+        body: dict[str, Any] = {"rules": [dict(r) for r in rules]}
+        if defaults is not None:
+            body["defaults"] = dict(defaults)
+        if acknowledge_loosening:
+            body["acknowledge_loosening"] = True
+        return Req(body)
 
 
 def _audit_params(
@@ -1370,7 +1435,7 @@ class Runners(Resource):
         trigger_seq: int,
         runner_id: str,
         *,
-        lease_seconds: float = 30.0,
+        lease_seconds: float = 10.0,
     ) -> Req:
         """Claim the trigger ``trigger_seq`` for ``agent_id`` for ``lease_seconds`` (renews a
         lease already ours). ClaimHeld (``retry_after``) while another runner holds it,
@@ -1412,6 +1477,25 @@ class Runners(Resource):
             body["detail"] = detail
         return Req(body)
 
+    @endpoint("POST", "/runners/secrets", RevealedSecret.model_validate)
+    def secret(
+        self, agent_id: str, thread_id: str, trigger_seq: int, runner_id: str, name: str
+    ) -> Req:
+        """Secret ``name`` of ``agent_id`` for the tools of its own runner, which holds a live
+        claim (``runner_id``) on trigger ``trigger_seq`` of ``thread_id``; audited, never
+        logged. Only the agent's own token is answered (PermissionDenied for an org key,
+        NotFound for another agent's token or no such secret, ClaimRequired without a live
+        claim)."""
+        return Req(
+            {
+                "agent_id": agent_id,
+                "thread_id": thread_id,
+                "trigger_seq": trigger_seq,
+                "runner_id": runner_id,
+                "name": name,
+            }
+        )
+
     @endpoint("POST", "/runners/triage", TriageRouted.model_validate)
     def triage(
         self,
@@ -1436,6 +1520,12 @@ class Runners(Resource):
                 "answer": answer,
             }
         )
+
+    @endpoint("POST", "/claims/release", ReleasedClaims.model_validate)
+    def release(self, runner_id: str) -> Req:
+        """End the live leases ``runner_id`` holds on this credential's agents (a runner
+        stopping cleanly), so other runners take those triggers over at once."""
+        return Req({"runner_id": runner_id})
 
     @endpoint("GET", "/claims/done", DoneTriggers.model_validate)
     def done(self, agent_id: str, thread_id: str) -> Req:

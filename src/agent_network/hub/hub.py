@@ -33,7 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agent_network.adapters import Proposal
-from agent_network.adapters.lifecycle import admit
+from agent_network.adapters.lifecycle import admit, person_message, reply_key
 from agent_network.adapters.model import STATUS_CLOSING
 from agent_network.errors import (
     AgentNetworkError,
@@ -41,7 +41,7 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub.expectations import Sweeper
-from agent_network.hub.fold import EV_THREAD_CREATED, ThreadState, fold, step
+from agent_network.hub.fold import EV_MESSAGE, EV_THREAD_CREATED, ThreadState, fold, step
 from agent_network.model.envelope import Actor, Envelope, envelope_hash
 from agent_network.model.ids import new_sorted_id, now_iso
 from agent_network.store.audit import audit_row
@@ -479,7 +479,7 @@ class Hub:
             if state is None:
                 state = fold(p.thread_id, session.read_envelopes(p.thread_id))
             try:
-                self._validate(state, p)
+                self._validate(state, p, _answers_person(session, state, p, result.accepted))
             except AgentNetworkError as err:
                 result.refused.append((p, err))
                 audits.append(_refusal_audit(p, err))
@@ -496,13 +496,14 @@ class Hub:
         return result
 
     @staticmethod
-    def _validate(state: ThreadState, p: _Pending) -> None:
+    def _validate(state: ThreadState, p: _Pending, answers_person: bool = False) -> None:
         prop = p.proposal
         if state.last_seq == 0 and prop.type != EV_THREAD_CREATED:
             raise NotFoundError("thread", p.thread_id)
         if state.last_seq > 0 and prop.type == EV_THREAD_CREATED:
             raise ThreadClosedError("thread already exists")
-        admit(state, prop)  # lifecycle, membership, audience, budget, then the adapter (pure)
+        # lifecycle, membership, audience, budget, then the adapter (pure)
+        admit(state, prop, answers_person=answers_person)
 
     def _publish(self, envs: list[Envelope]) -> None:
         """Hand each envelope to the subscriptions of its thread and to those of every thread,
@@ -539,6 +540,32 @@ class Hub:
         if self._sweeper is None:
             raise HubClosedError("the hub is not running: open it with Hub.open")
         return await self._sweeper.sweep(now, thread_ids)
+
+
+def _answers_person(
+    session: WalSession,
+    state: ThreadState,
+    p: _Pending,
+    accepted: list[tuple[_Pending, Envelope]],
+) -> bool:
+    """Whether ``p`` is an agent's answer to a person's message, which a spent runaway budget
+    does not refuse (:func:`~agent_network.adapters.lifecycle.budget_spent`): an agent's
+    ``message`` whose ``causation_id`` is a ``message`` of a ``user`` in the same thread and
+    whose idempotency key is the agent's reply key for it (so it is stored at most once per
+    agent and person's message). Looked up only while the budget is spent."""
+    prop = p.proposal
+    if (
+        prop.type != EV_MESSAGE
+        or prop.sender.kind != "agent"
+        or p.causation_id is None
+        or p.idempotency_key != reply_key(prop.sender.id, p.causation_id)
+        or not 0 < state.agent_budget <= state.consecutive_agent
+    ):
+        return False
+    cause = next(
+        (e for _, e in accepted if e.id == p.causation_id and e.thread_id == p.thread_id), None
+    ) or session.find_envelope(p.thread_id, p.causation_id)
+    return cause is not None and person_message(cause.type, cause.sender_kind)
 
 
 def _offer(sub: Subscription, env: Envelope) -> None:

@@ -84,13 +84,17 @@ def reply_audience(
     return sorted(people) or [agent_id]
 
 
-def thread_may_speak(thread: Mapping[str, Any], agent_id: str) -> bool:
+def thread_may_speak(
+    thread: Mapping[str, Any], agent_id: str, *, answers_person: bool = False
+) -> bool:
     """:func:`may_speak` from the REST view of a thread (``GET /threads/{id}``), for the remote
     runner: ``status`` is ``open`` or ``active``; if ``participants`` is a non-empty list (of
     ``[kind, id]`` pairs or ``{"kind", "id"}`` objects) the agent is one; ``expected_speaker``
     is None or the agent; no ``pending_acks``; and the runaway budget
-    (``consecutive_agent_messages`` < ``agent_budget``) is not spent. A field the server does
-    not send is not checked (older servers)."""
+    (``consecutive_agent_messages`` < ``agent_budget``) is not spent — unless the agent
+    ``answers_person`` (its reply answers a person's message) and the budget is not 0, as the
+    hub decides (:func:`~agent_network.adapters.lifecycle.budget_spent`). A field the server
+    does not send is not checked (older servers)."""
     if thread.get("status") not in LIVE_STATUSES:
         return False
     participants = thread.get("participants") or []
@@ -103,6 +107,8 @@ def thread_may_speak(thread: Mapping[str, Any], agent_id: str) -> bool:
         return False
     budget = thread.get("agent_budget")
     spent = thread.get("consecutive_agent_messages") or 0
+    if answers_person and isinstance(budget, int) and budget > 0:
+        return True
     return not (isinstance(budget, int) and spent >= budget)
 
 
@@ -113,6 +119,25 @@ def participant_id(p: Any) -> str:
     if isinstance(p, list | tuple) and len(p) == 2:
         return str(p[1])
     return str(p)
+
+
+def handoff_names(knob: Any, people: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """``name -> participant id`` for resolving a handoff target named by a model (pure).
+
+    ``knob``: the thread's ``names`` knob, bound to ids when the thread was created (it wins);
+    ``people``: ``(participant id, current display name)`` pairs. A display name joins only
+    when exactly one participant has it and the knob does not already use it: a display name
+    is chosen by its owner, so a participant renaming itself can neither take over a name the
+    thread bound to someone else nor make two participants answer to one name."""
+    names: dict[str, str] = {}
+    holders: dict[str, set[str]] = {}
+    for pid, name in people:
+        if name:
+            holders.setdefault(name, set()).add(pid)
+    names.update({name: next(iter(ids)) for name, ids in holders.items() if len(ids) == 1})
+    if isinstance(knob, Mapping):
+        names.update({str(k): str(v) for k, v in knob.items()})
+    return names
 
 
 # ------------------------------------------------------------------ workflow tools

@@ -42,7 +42,12 @@ Design
   (``retry_after``), which is how a crashed runner's work is taken over. ``claim_done``: answered
   already, or refused by the server's checks before a model call (closed thread, spent budget,
   the agent's rule) — drop it. After replying (or deciding not to) the runner completes the
-  claim (``POST /claims/complete``).
+  claim (``POST /claims/complete``). Leases are short (``--lease``, default the setting
+  ``claim_lease``, 10 s), and the runner id is stable across restarts on one host
+  (:mod:`agent_network.runtime.identity`): a runner killed while answering and started again
+  renews — takes back — its predecessor's claims during its catch-up instead of waiting for
+  them to run out. A spent runaway budget does not refuse an answer to a person's message
+  (:func:`~agent_network.adapters.lifecycle.budget_spent`).
 - **The reply** is built as in the in-process runner: :func:`~agent_network.runtime.
   prompt.build_prompt` over the last ``history_limit`` messages up to the trigger that the agent
   may see (audience), the protocol notes (adapter, participants, a workflow's context) and the
@@ -69,6 +74,13 @@ Design
   envelope, :func:`~agent_network.runtime.protocol.graph_tools`, when the server has no such
   endpoint) and a generic ``handoff`` to the other participants, as pydantic-ai tools and as
   the ``[tool: argument]`` text convention; the calls are posted as ``tool_calls``.
+- **Tools and secrets.** Each model run gets :class:`~agent_network.runtime.tools.RunDeps` as
+  its deps, with the tools registered for the agent in this process
+  (:func:`~agent_network.runtime.tools.register_agent_tools`); their
+  :class:`~agent_network.runtime.tools.RemoteSecrets` fetch the agent's secrets from
+  ``POST /runners/secrets`` under this runner's claim, which the server answers only for the
+  agent's own token (a runner using an org key gives its tools no secret). A reply repeating
+  one is refused by the server's egress default like any post.
 - **Failures.** Connection errors and 502/503/504 answers are retried with jittered exponential
   backoff (up to ``max_backoff`` seconds), indefinitely: a restarting server is waited for, and
   the idempotent reply key makes a retried post safe. A refused post (closed thread, budget,
@@ -76,7 +88,9 @@ Design
   runner (the error propagates out of :meth:`RemoteRunner.run`).
 - **Structured concurrency.** :meth:`RemoteRunner.run` owns one task group: the workers, the
   followers (each in its own cancel scope), lease renewals and delayed retries. Cancelling it
-  (SIGTERM/SIGINT in the CLI) stops everything; claims held at that moment simply expire.
+  (SIGTERM/SIGINT in the CLI) stops everything; the claims held at that moment are released
+  (``POST /claims/release``, as the in-process runner releases its own on a clean stop), so
+  other runners take them over at once.
 
 - **Triage routines.** An agent's triage routine follows its intake threads (assignment entries
   with ``preset`` ``triage``; the routine's config comes with the assignment). A request — a
@@ -121,6 +135,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from agent_network.adapters.graph import ToolSpec
+from agent_network.adapters.lifecycle import person_message
 from agent_network.adapters.model import (
     EV_MESSAGE,
     EV_THREAD_CLOSED,
@@ -140,17 +155,20 @@ from agent_network.client import (
 )
 from agent_network.config import Settings
 from agent_network.errors import AgentNetworkError
+from agent_network.runtime.identity import take_runner_id
 from agent_network.runtime.models import resolve_model_name
 from agent_network.runtime.prompt import build_prompt
 from agent_network.runtime.protocol import (
     PASS_REPLY,
     ToolBox,
     graph_tools,
+    handoff_names,
     participant_id,
     reply_audience,
     thread_may_speak,
 )
 from agent_network.runtime.runner import Reply, classify_request, generate_reply, new_runner_id
+from agent_network.runtime.tools import RemoteSecrets, RunDeps, agent_tools
 from agent_network.runtime.triage import TriageConfig, is_triage_output, parse_config
 from agent_network.services.claims import reply_key
 
@@ -308,8 +326,11 @@ def plans_from(assignments: list[Assignment]) -> dict[str, ThreadPlan]:
 class RemoteRunner:
     """Runs the routines of the agents ``client``'s credential owns (see the module docstring).
 
-    Arguments: ``runner_id`` (claims name it; default unique per process), ``lease_seconds``
-    (claim lease, renewed every third of it), ``workers`` (jobs at once), ``relist_seconds``
+    Arguments: ``runner_id`` (claims name it; default: the stable id
+    :func:`~agent_network.runtime.identity.take_runner_id` gives per host, OS user, server URL
+    and credential, taken when :meth:`run` starts, so a restarted runner takes back the claims
+    its dead predecessor held), ``lease_seconds`` (claim lease, renewed every third of it;
+    default the setting ``claim_lease``, 10 s), ``workers`` (jobs at once), ``relist_seconds``
     (how often assignments are re-read), ``poll_wait`` (long-poll seconds, at most 60),
     ``default_model`` (for agents without a model), ``history_limit`` (messages in a prompt),
     ``knowledge_chunks`` (chunks in a prompt), ``max_backoff`` (seconds between retries),
@@ -325,7 +346,7 @@ class RemoteRunner:
         client: AsyncClient,
         *,
         runner_id: str | None = None,
-        lease_seconds: float = 30.0,
+        lease_seconds: float | None = None,
         workers: int = 2,
         relist_seconds: float = 10.0,
         poll_wait: float = 20.0,
@@ -335,6 +356,8 @@ class RemoteRunner:
         max_backoff: float = 2.0,
         model_seed: int | None = None,
     ) -> None:
+        if lease_seconds is None:
+            lease_seconds = Settings().claim_lease
         if not 0 < lease_seconds <= 3600:
             raise ValueError("lease_seconds must be in (0, 3600]")
         if not 0 <= poll_wait <= 60:
@@ -342,7 +365,8 @@ class RemoteRunner:
         if workers < 1 or relist_seconds <= 0 or history_limit < 1 or knowledge_chunks < 0:
             raise ValueError("workers, relist_seconds and history_limit must be positive")
         self.client = client
-        self.runner_id = runner_id or new_runner_id("remote")
+        self._wanted_id = runner_id
+        self.runner_id = runner_id or new_runner_id("remote")  # the stable one is taken in run()
         self.lease_seconds = lease_seconds
         self.workers = workers
         self.relist_seconds = relist_seconds
@@ -371,8 +395,26 @@ class RemoteRunner:
     # ----------------------------------------------------------------- running
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled. ``task_status.started()`` once the first assignments are read
-        and their followers started. Raises ApiError when the credential is refused."""
+        """Take the runner id (see the class docstring), then run until cancelled: the
+        followers' catch-up claims again — takes back — what a dead predecessor with the same
+        id held. ``task_status.started()`` once the first assignments are read and their
+        followers started. Raises ApiError when the credential is refused and
+        RunnerIdInUseError when an explicit ``runner_id`` is held by another live process on
+        this host."""
+        seat = take_runner_id(
+            "remote", f"{self.client.base_url}\0{self.client.token}", runner_id=self._wanted_id
+        )
+        self.runner_id = seat.runner_id
+        try:
+            await self._run(task_status)
+        finally:
+            # a clean stop frees its claims at once for other runners (as in-process); best
+            # effort: a runner that cannot tell the server leaves them to their short lease
+            with anyio.move_on_after(5, shield=True), contextlib.suppress(Exception):
+                await self.client.runners.release(self.runner_id)
+            seat.release()
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for _ in range(self.workers):
@@ -435,7 +477,7 @@ class RemoteRunner:
             started = anyio.current_time()
             page = await self._page(tid, after, wait)
             found: list[RemoteJob] = []
-            for env in page.items:
+            for env in page.envelopes:  # stubs (hidden by their audience) never trigger
                 if env.type == EV_THREAD_CREATED:
                     self._created[tid] = dict(env.data)
                     protocol = bool(env.data.get("participants"))
@@ -669,9 +711,7 @@ class RemoteRunner:
             for p in view.get("participants") or []
         ]
         ids = {pid for pid, _ in people}
-        knob = self._created.get(job.thread_id, {}).get("names")
-        names: dict[str, str] = dict(knob) if isinstance(knob, Mapping) else {}
-        names.update({name: pid for pid, name in people if name})
+        names = handoff_names(self._created.get(job.thread_id, {}).get("names"), people)
 
         def resolve(who: str) -> str | None:
             if who in ids:
@@ -679,7 +719,11 @@ class RemoteRunner:
             pid = names.get(who)
             return pid if pid in ids else None
 
-        targets = tuple(name or pid for pid, name in people if pid != agent_id)
+        targets = tuple(
+            name if name and names.get(name) == pid else pid
+            for pid, name in people
+            if pid != agent_id
+        )
         return ToolBox(specs, targets, resolve)
 
     async def _newer_message(self, job: RemoteJob) -> bool:
@@ -726,7 +770,8 @@ class RemoteRunner:
             log.debug("runner.superseded", agent_id=agent.id, trigger_id=trigger.id)
             return None
         view = await self._thread_view(job.thread_id)
-        if not thread_may_speak(view, agent.id):
+        answers = person_message(trigger.type, trigger.sender.kind)  # see budget_spent
+        if not thread_may_speak(view, agent.id, answers_person=answers):
             log.info(
                 "runner.not_your_turn",
                 agent_id=agent.id,
@@ -756,6 +801,8 @@ class RemoteRunner:
                 seed_key=key,
                 tools=tools or None,
                 model_seed=self.model_seed,
+                deps=self._deps(job),
+                extra_tools=agent_tools(agent.id),
             )
         except AgentNetworkError as err:
             log.warning("runner.model_failed", agent_id=agent.id, error=f"{err.code}: {err}")
@@ -771,7 +818,7 @@ class RemoteRunner:
             log.warning("runner.empty_reply", agent_id=agent.id, trigger_id=trigger.id)
             return "empty_reply", None
         view = await self._thread_view(job.thread_id)
-        if not thread_may_speak(view, agent.id):  # the thread moved while the model ran
+        if not thread_may_speak(view, agent.id, answers_person=answers):  # it moved meanwhile
             log.info("runner.not_your_turn", agent_id=agent.id, trigger_id=trigger.id)
             return None
         extra: dict[str, Any] = {}
@@ -803,6 +850,24 @@ class RemoteRunner:
             raise
         self.replies += 1
         return None
+
+    def _deps(self, job: RemoteJob) -> RunDeps:
+        """The model run's deps: the agent's secrets for its tools come from
+        ``POST /runners/secrets`` under this runner's claim on the trigger (answered for the
+        agent's own token only; runtime/tools.py)."""
+        return RunDeps(
+            agent_id=job.agent.id,
+            org_id=job.agent.org_id,
+            thread_id=job.thread_id,
+            trigger_id=job.trigger.id,
+            secrets=RemoteSecrets(
+                self.client,
+                agent_id=job.agent.id,
+                thread_id=job.thread_id,
+                trigger_seq=job.trigger.seq,
+                runner_id=self.runner_id,
+            ),
+        )
 
     async def _route(self, job: RemoteJob, seat: TriageSeat) -> None:
         """Route one intake request: classify it with the agent's model here (unless the

@@ -9,9 +9,12 @@ through pydantic-ai (:func:`generate_reply`, also used by the remote runner), cl
 post it through the hub with the trigger as causation and the idempotency key
 ``reply:<agent>:<trigger>`` — so an agent answers one trigger at most once, also after a restart,
 a redelivery or a double claim — then complete the claim. A trigger whose claim another runner
-holds is retried when that lease expires (take-over if it crashed). A durable cursor per (agent,
-thread) records progress; on start the runner catches up from its cursors and from claims left
-open by a runner that died.
+holds is retried when that lease expires (take-over if it crashed; leases are short — the
+setting ``claim_lease``, 10 s — and renewed every third of it while a job runs). A durable
+cursor per (agent, thread) records progress; on start the runner catches up from its cursors and
+from claims left open by a runner that died. The runner's id is stable across restarts
+(:mod:`agent_network.runtime.identity`), so the claims its own dead predecessor left are renewed
+— taken back — at once rather than after their lease.
 
 Protocol threads (adapters ``consulting``, ``conversation``, ``discussion``, ``workflow``, or
 any thread with a participant list):
@@ -88,7 +91,9 @@ import socket
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -96,13 +101,14 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic_ai import Agent as ModelAgent
+from pydantic_ai import Tool
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.settings import ModelSettings
 from sqlalchemy import RowMapping, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.adapters.base import Proposal
-from agent_network.adapters.lifecycle import admit, may_speak
+from agent_network.adapters.lifecycle import admit, may_speak, person_message
 from agent_network.adapters.model import LIVE_STATUSES
 from agent_network.adapters.workflow import WorkflowState
 from agent_network.errors import (
@@ -122,6 +128,7 @@ from agent_network.runtime.cleaning import (
     drop_echoes,
     reply_defects,
 )
+from agent_network.runtime.identity import take_runner_id
 from agent_network.runtime.models import build_model, resolve_model_name
 from agent_network.runtime.prompt import Prompt, build_prompt
 from agent_network.runtime.protocol import (
@@ -133,6 +140,7 @@ from agent_network.runtime.protocol import (
     turn_takers,
     visible_to,
 )
+from agent_network.runtime.tools import RunDeps, agent_tools
 from agent_network.runtime.triage import (
     MARKER,
     TriageConfig,
@@ -158,8 +166,14 @@ from agent_network.services.claims import (
     triage_participations,
 )
 from agent_network.services.knowledge import KnowledgeService
-from agent_network.services.policy import EgressRefusedError, apply_egress, load_egress_policy
+from agent_network.services.policy import (
+    EgressRefusedError,
+    EgressResult,
+    check_outgoing,
+    matches_data,
+)
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
+from agent_network.services.secrets import RunSecrets
 from agent_network.services.threads import sender_names
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.claims import (
@@ -190,7 +204,6 @@ REPLY_ATTEMPTS = 3  # model calls per trigger while the cleaned reply is empty o
 REPLY_MAX_TOKENS = 200
 RETRY_TEMPERATURE = 0.7  # the local model's temperature from the third attempt on
 REPLY_MAX_SENTENCES = 3
-CLAIM_LEASE = 60.0  # seconds a claim of the in-process runner lasts unless renewed
 RETRY_MARGIN = 0.2  # seconds after another runner's lease expires before trying to take over
 DISPATCH_RETRIES = 8  # looks for a protocol thread's rows committed just after its envelope
 STATE_CACHE = 1024  # protocol threads whose folded state (at the last dispatch) is kept
@@ -203,6 +216,7 @@ __all__ = [
     "Runner",
     "TriageOutcome",
     "classify_request",
+    "database_scope",
     "generate_reply",
     "local_seed",
     "new_runner_id",
@@ -240,6 +254,15 @@ def new_runner_id(kind: str) -> str:
     return f"{kind}:{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def database_scope(engine: Any) -> str:
+    """What identifies ``engine``'s database for runner ids (:func:`take_runner_id`): the
+    resolved file path of a SQLite database, else its URL without the password."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return f"sqlite:{Path(url.database).resolve()}"
+    return str(url.render_as_string(hide_password=True))
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """A model's cleaned reply: ``content`` ("" when nothing worth posting came out) and the
@@ -266,6 +289,8 @@ async def generate_reply(
     seed_key: str,
     tools: ToolBox | None = None,
     model_seed: int = 0,
+    deps: RunDeps | None = None,
+    extra_tools: Sequence[Tool[Any]] = (),
 ) -> Reply:
     """Call the model ``model_name`` with ``prompt`` and return the cleaned reply.
 
@@ -288,8 +313,11 @@ async def generate_reply(
     is taken as a call of that tool (stripped from the content); the calls of the attempt that
     produced the reply are returned. An attempt where pydantic-ai gives up on the model
     (UnexpectedModelBehavior, e.g. no text after its output retries) counts as empty.
-    A reply that is only a tool call gets a short content naming the tool. Returns
-    ``Reply("", [])`` when every attempt came out empty. Raises ModelUnavailableError (the
+    A reply that is only a tool call gets a short content naming the tool. ``deps`` (the
+    agent's :class:`~agent_network.runtime.tools.RunDeps`, with its secrets) is the model
+    run's pydantic-ai ``deps``, which ``extra_tools`` (the agent's own tools,
+    :func:`~agent_network.runtime.tools.agent_tools`) read through their ``RunContext``.
+    Returns ``Reply("", [])`` when every attempt came out empty. Raises ModelUnavailableError (the
     model cannot be built), TimeoutError (a call took too long) and whatever the model's
     provider raises.
     """
@@ -308,14 +336,13 @@ async def generate_reply(
             tools.reset()
         if attempt:  # the last attempt came out empty or defective: a plainer prompt
             asked = asked.retry or asked
-        agent = ModelAgent(
-            model,
-            system_prompt=asked.system,
-            tools=tools.pydantic_tools() if tools else (),
+        offered: list[Tool[Any]] = [*(tools.pydantic_tools() if tools else ()), *extra_tools]
+        agent: ModelAgent[Any, str] = ModelAgent(
+            model, system_prompt=asked.system, tools=offered, deps_type=object
         )
         try:
             with anyio.fail_after(MODEL_TIMEOUT):
-                result = await agent.run(asked.user, model_settings=settings)
+                result = await agent.run(asked.user, model_settings=settings, deps=deps)
         except UnexpectedModelBehavior as exc:  # e.g. no text after its retries: an empty try
             log.info("runner.model_misbehaved", error=str(exc))
             continue
@@ -403,8 +430,11 @@ class Runner:
 
     ``workers`` is how many jobs run at once (the local model itself runs one at a time).
     ``jobs_done`` counts finished jobs (for tests and the demo's progress). ``runner_id`` names
-    this runner in claims (default: unique per process); ``lease_seconds`` is how long a claim
-    lasts without renewal (renewed every third of it while a job runs).
+    this runner in claims (default: the stable id :func:`~agent_network.runtime.identity.
+    take_runner_id` gives per host, OS user and database, taken when :meth:`run` starts: a
+    restarted server's runner gets its predecessor's id and so takes back the claims that one
+    held when it died); ``lease_seconds`` is how long a claim lasts without renewal (default
+    the setting ``claim_lease``, 10 s; renewed every third of it while a job runs).
     """
 
     def __init__(
@@ -414,13 +444,14 @@ class Runner:
         workers: int = 2,
         rules: RuleService | None = None,
         runner_id: str | None = None,
-        lease_seconds: float = CLAIM_LEASE,
+        lease_seconds: float | None = None,
     ) -> None:
         self.ctx = ctx
         self.knowledge = KnowledgeService(ctx)
         self.rules = rules or RuleService(ctx)
-        self.runner_id = runner_id or new_runner_id("inproc")
-        self.lease_seconds = lease_seconds
+        self._wanted_id = runner_id
+        self.runner_id = runner_id or new_runner_id("inproc")  # the stable one is taken in run()
+        self.lease_seconds = ctx.settings.claim_lease if lease_seconds is None else lease_seconds
         self._workers = workers
         self._send: MemoryObjectSendStream[Job]
         self._recv: MemoryObjectReceiveStream[Job]
@@ -438,16 +469,22 @@ class Runner:
         self._turn_locks: dict[tuple[str, str], anyio.Lock] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Subscribe, catch up from cursors and open claims, then handle jobs until cancelled.
+        """Take the runner id, subscribe, catch up from cursors and open claims (the claims a
+        dead predecessor with the same id left are renewed, i.e. taken back, at once), then
+        handle jobs until cancelled.
 
         On the way out the claims this runner still holds are released (a clean stop does not
-        make the next runner wait for their leases)."""
+        make the next runner wait for their leases) and the runner id is given up. Raises
+        RunnerIdInUseError when an explicit ``runner_id`` is held by another live process."""
+        seat = take_runner_id("inproc", database_scope(self.ctx.engine), runner_id=self._wanted_id)
+        self.runner_id = seat.runner_id
         try:
             await self._run(task_status)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 async with write_transaction(self.ctx.engine) as conn:
                     await release_claims(conn, self.runner_id)
+            seat.release()
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -565,8 +602,9 @@ class Runner:
                 reason = self._refuse_trigger(
                     parse_rule(raw_rule),
                     agent_id,
-                    sender_name,
-                    sender_org,
+                    org_id,
+                    env,
+                    f"{sender_name!r} ({env.sender_id} of {sender_org} {env.sender_org_id})",
                     inbound=env.type == EV_MESSAGE,
                 )
                 if reason is not None:
@@ -653,15 +691,19 @@ class Runner:
         self,
         rule: Rule | None,
         agent_id: str,
-        sender_name: str,
-        sender_org: str,
+        agent_org_id: str,
+        env: Envelope,
+        sender_label: str,
         *,
         inbound: bool = True,
     ) -> str | None:
         """Why the agent's rule drops this trigger (inbound_from for a message — ``inbound`` —,
-        inbox_cap), or None."""
-        if inbound and not RuleService.inbound_allows(rule, sender_name, sender_org):
-            return f"inbound_from does not admit {sender_name!r} ({sender_org})"
+        decided on ``env``'s sender id and org id against the agent's org ``agent_org_id``;
+        inbox_cap), or None. ``sender_label`` names the sender in the reason, for people."""
+        if inbound and not RuleService.inbound_allows(
+            rule, env.sender_id, env.sender_org_id, agent_org_id
+        ):
+            return f"inbound_from does not admit {sender_label}"
         cap = rule.inbox_cap if rule is not None else None
         if cap is not None and self._pending_by_agent.get(agent_id, 0) >= cap:
             return f"inbox_cap {cap} reached; trigger dropped"
@@ -869,6 +911,19 @@ class Runner:
             situation=notes,
         )
         model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
+        deps = RunDeps(  # the agent's secrets reach its tools here only (runtime/tools.py)
+            agent_id=agent["id"],
+            org_id=agent["org_id"],
+            thread_id=trigger.thread_id,
+            trigger_id=trigger.id,
+            secrets=RunSecrets(
+                self.ctx,
+                org_id=agent["org_id"],
+                agent_id=agent["id"],
+                thread_id=trigger.thread_id,
+                trigger_id=trigger.id,
+            ),
+        )
         try:
             answer = await generate_reply(
                 model_name=model_name,
@@ -878,6 +933,8 @@ class Runner:
                 seed_key=key,
                 tools=tools or None,
                 model_seed=self.ctx.settings.model_seed,
+                deps=deps,
+                extra_tools=agent_tools(agent["id"]),
             )
         except AgentNetworkError as err:
             await self._audit(
@@ -903,20 +960,10 @@ class Runner:
                 org_id=agent["org_id"],
             )
             return
-        policy = await load_egress_policy(self.ctx.engine, agent["org_id"], trigger.thread_id)
-        try:
-            reply, redacted = apply_egress(policy, reply)
-        except EgressRefusedError as err:
-            await self._audit(job, "egress.refused", ", ".join(err.rules), org_id=agent["org_id"])
-            return
-        if redacted:
-            await self._audit(
-                job,
-                "egress.redacted",
-                ", ".join(redacted),
-                org_id=agent["org_id"],
-                outcome="accepted",
-            )
+        checked = await self._checked(job, agent, trigger.thread_id, reply, answer.tool_calls)
+        if checked is None:
+            return  # refused by the org's egress policy (audited)
+        reply = checked.content
         try:
             self.rules.take_rate(agent)
         except RuleViolationError as err:
@@ -928,8 +975,8 @@ class Runner:
         if await self._not_your_turn(job, now, actor):  # the state moved while the model ran
             return
         data: dict[str, Any] = {"content": reply}
-        if answer.tool_calls:
-            data["tool_calls"] = answer.tool_calls
+        if checked.tool_calls:
+            data["tool_calls"] = checked.tool_calls
         await self._reply(trigger, actor, now, data, key, checked_at)
 
     async def _reply(
@@ -1224,23 +1271,47 @@ class Runner:
         return None
 
     async def _egress(self, job: Job, agent: Any, thread_id: str, content: str) -> str | None:
-        """``content`` after the org's egress policy for ``thread_id`` (redactions audited), or
-        None when the policy refuses it (audited as ``egress.refused``)."""
-        policy = await load_egress_policy(self.ctx.engine, agent["org_id"], thread_id)
+        """``content`` after the org's egress policy (:meth:`_checked`), or None when it
+        refuses it."""
+        checked = await self._checked(job, agent, thread_id, content, None)
+        return None if checked is None else checked.content
+
+    async def _checked(
+        self,
+        job: Job,
+        agent: Any,
+        thread_id: str,
+        content: str,
+        tool_calls: list[dict[str, Any]] | None,
+    ) -> EgressResult | None:
+        """A message (``content`` and ``tool_calls``) after the org's egress policy for
+        ``thread_id`` — its rules and its defaults: the org's own stored secrets, common key
+        formats (services/policy.py :func:`check_outgoing`) — with redactions audited, or None
+        when the policy refuses it (audited as ``egress.refused``). Audit records name rules,
+        secrets and spans, never the text."""
         try:
-            content, redacted = apply_egress(policy, content)
+            result = await check_outgoing(
+                self.ctx, agent["org_id"], thread_id, content, tool_calls or None
+            )
         except EgressRefusedError as err:
-            await self._audit(job, "egress.refused", ", ".join(err.rules), org_id=agent["org_id"])
+            await self._audit(
+                job,
+                "egress.refused",
+                ", ".join(err.rules),
+                org_id=agent["org_id"],
+                data={"rules": err.rules, **matches_data(err.matches)},
+            )
             return None
-        if redacted:
+        if result.redacted:
             await self._audit(
                 job,
                 "egress.redacted",
-                ", ".join(redacted),
+                ", ".join(result.redacted),
                 org_id=agent["org_id"],
                 outcome="accepted",
+                data={"rules": result.redacted, **result.audit_data()},
             )
-        return content
+        return result
 
     async def _protocol_notes(self, conn: Any, state: ThreadState, agent_id: str) -> list[str]:
         """Prompt lines about the thread's protocol for the agent whose turn it is: the adapter
@@ -1267,10 +1338,16 @@ class Runner:
         ``envelope.message`` with ``agent_budget_exhausted`` (as the hub would), anything else
         as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``); a closing,
         closed or not yet active thread is not audited."""
-        if may_speak(state, actor):
+        trigger = job.trigger
+        answers = person_message(trigger.type, trigger.sender_kind)  # see budget_spent
+        if may_speak(state, actor, answers_person=answers):
             return False
         try:
-            admit(state, Proposal(type=EV_MESSAGE, data={"content": ""}, sender=actor))
+            admit(
+                state,
+                Proposal(type=EV_MESSAGE, data={"content": ""}, sender=actor),
+                answers_person=answers,
+            )
         except AgentNetworkError as err:
             if state.status in LIVE_STATUSES:
                 action = (
@@ -1288,6 +1365,7 @@ class Runner:
         *,
         org_id: str | None = None,
         outcome: str = "refused",
+        data: dict[str, Any] | None = None,
     ) -> None:
         if org_id is None:
             async with self.ctx.engine.connect() as conn:
@@ -1303,7 +1381,7 @@ class Runner:
             resource_id=job.trigger.thread_id,
             outcome=outcome,
             reason=reason,
-            data={"trigger_id": job.trigger.id, "routine_id": job.routine_id},
+            data={"trigger_id": job.trigger.id, "routine_id": job.routine_id, **(data or {})},
         )
         async with write_transaction(self.ctx.engine) as conn:
             await insert_audit(conn, [row])

@@ -14,6 +14,7 @@ from agent_network.services.policy import PolicyService
 from agent_network.services.principal import Principal
 from agent_network.services.realtime import RealtimeService
 from agent_network.services.rules import RuleService
+from agent_network.services.scope import path_in_scope
 from agent_network.services.secrets import SecretService
 from agent_network.services.teams import TeamService
 from agent_network.services.threads import ThreadService
@@ -35,6 +36,12 @@ class Services:
     rules: RuleService
     policy: PolicyService
     realtime: RealtimeService
+
+    async def check_path_scope(self, principal: Principal, path: str) -> None:
+        """NotFoundError if the URL ``path`` names an id outside ``principal``'s scope
+        (:func:`~agent_network.services.scope.path_in_scope`); checked before a 403."""
+        async with self.ctx.engine.connect() as conn:
+            await path_in_scope(conn, principal, path)
 
     @classmethod
     def create(cls, ctx: ServiceContext) -> Services:

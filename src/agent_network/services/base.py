@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -11,6 +11,9 @@ from agent_network.config import Settings
 from agent_network.hub import Hub
 from agent_network.services.principal import Principal
 from agent_network.store.audit import audit_row, insert_audit
+
+if TYPE_CHECKING:
+    from agent_network.services.secrets import OrgSecrets
 
 
 @dataclass
@@ -33,6 +36,8 @@ class ServiceContext:
     hub: Hub
     settings: Settings
     config_epoch: int = 0
+    # the server key and each org's secret fingerprints (services/secrets.py::org_secrets)
+    org_secrets: OrgSecrets | None = field(default=None, repr=False, compare=False)
 
     @property
     def access_epoch(self) -> int:

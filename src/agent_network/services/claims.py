@@ -33,6 +33,8 @@ from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from agent_network.adapters.lifecycle import budget_spent, person_message
+from agent_network.adapters.lifecycle import reply_key as lifecycle_reply_key
 from agent_network.adapters.model import LIVE_STATUSES
 from agent_network.errors import (
     ConflictError,
@@ -54,6 +56,7 @@ from agent_network.store.claims import (
     ClaimState,
     complete_claim,
     done_seqs,
+    release_claims,
     stored_claim,
     try_claim,
 )
@@ -103,9 +106,11 @@ def reply_key(agent_id: str, trigger_id: str) -> str:
 
     Every path stores a reply under this exact key: the in-process runner appends with it, and a
     REST post by the agent carrying ``causation_id`` = the trigger and this key as its
-    ``idempotency_key`` is stored under it unscoped (:func:`stored_key`).
+    ``idempotency_key`` is stored under it unscoped (:func:`stored_key`). The hub recognises it
+    too: an agent's answer to a person's message under this key is not refused by a spent
+    runaway budget (:func:`~agent_network.adapters.lifecycle.budget_spent`).
     """
-    return f"reply:{agent_id}:{trigger_id}"
+    return lifecycle_reply_key(agent_id, trigger_id)
 
 
 def stored_key(sender_kind: str, sender_id: str, key: str, causation_id: str | None) -> str:
@@ -296,13 +301,15 @@ async def preflight(
 
     Returns None when the agent may go ahead, else the :class:`Refusal`: the thread is closed
     (not audited: the hub refuses every append there anyway), the thread's runaway budget is
-    spent, or the agent's rule forbids sending there (``check_send`` without counting the rate).
-    ``agent`` is a row of ``agents``; ``thread`` a row of ``threads``.
+    spent (unless ``trigger`` is a person's message: :func:`budget_spent`), or the agent's
+    rule forbids sending there (``check_send`` without counting the rate). ``agent`` is a row
+    of ``agents``; ``thread`` a row of ``threads``.
     """
     state = await ctx.hub.state(trigger.thread_id)
     if state.status == "closed":
         return Refusal("thread.closed", "the thread is closed", audit=False)
-    if state.consecutive_agent >= state.agent_budget:
+    # a person's message is answered even when other agents spent the budget meanwhile
+    if budget_spent(state, answers_person=person_message(trigger.type, trigger.sender_kind)):
         return Refusal(
             "envelope.message",
             f"{RunawayBudgetError.code}: budget of {state.agent_budget} consecutive agent "
@@ -534,6 +541,33 @@ class ClaimService:
             "trigger_seq": trigger_seq,
         }
 
+    async def release(self, principal: Principal, *, runner_id: str) -> dict[str, Any]:
+        """End the live leases ``runner_id`` holds on the caller's agents' triggers that are not
+        done (a remote runner stopping cleanly, as the in-process runner does), so another runner
+        takes them over at once. An org key releases on every agent of its org, an agent token
+        on its own agent. Returns ``{"runner_id", "released": n}``.
+
+        Raises InvalidRequestError (bad runner id) and PermissionDeniedError for a user token
+        (it runs no agent).
+        """
+        self._check(runner_id, 1)
+        org_id = require_org(principal)
+        if principal.is_member_scoped and principal.kind != "agent":
+            raise PermissionDeniedError(
+                "a user token runs no agent: release runner claims (POST /claims/release) "
+                "with the org key or the agent token the runner uses"
+            )
+        if principal.kind == "agent":
+            ids = [str(principal.subject_id)]
+        else:
+            async with self.ctx.engine.connect() as conn:
+                q = select(agents.c.id).where(agents.c.org_id == org_id)
+                ids = [str(r[0]) for r in await conn.execute(q)]
+        # the update is the first statement of its transaction (it waits for SQLite's lock)
+        async with write_transaction(self.ctx.engine) as conn:
+            released = await release_claims(conn, runner_id, ids)
+        return {"runner_id": runner_id, "released": released}
+
     async def done(self, principal: Principal, *, agent_id: str, thread_id: str) -> dict[str, Any]:
         """``{"agent_id", "thread_id", "done": [seq, ...]}``: the triggers of the thread that are
         done for the agent (a restarting runner skips them). Scope errors as :meth:`claim`."""
@@ -698,14 +732,17 @@ class ClaimService:
         """The checks before a model call; ``inbound_from`` applies to a message trigger only
         (an ack or a context change is not a message to the agent, as in-process)."""
         async with self.ctx.engine.connect() as conn:
-            sender_name, sender_org = await _sender_of(conn, trigger)
             if trigger.type == EV_MESSAGE and not RuleService.inbound_allows(
-                parse_rule(agent["rule"]), sender_name, sender_org
+                parse_rule(agent["rule"]),
+                trigger.sender_id,
+                trigger.sender_org_id,
+                agent["org_id"],
             ):
+                sender_name, sender_org = await _sender_of(conn, trigger)
                 return Refusal(
                     "rule.refused",
                     f"{RuleViolationError.code}: inbound_from does not admit {sender_name!r} "
-                    f"({sender_org})",
+                    f"({trigger.sender_id} of {sender_org} {trigger.sender_org_id})",
                 )
             return await preflight(self.ctx, self.rules, conn, agent, thread, trigger)
 

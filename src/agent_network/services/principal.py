@@ -59,6 +59,17 @@ class Principal:
         return self.org_id or "platform"
 
     @property
+    def credential_name(self) -> str:
+        """The credential in words, for messages: ``an org key``, ``a user token``, ``an agent
+        token``, ``the platform admin key``."""
+        return {
+            "admin": "the platform admin key",
+            "org": "an org key",
+            "user": "a user token",
+            "agent": "an agent token",
+        }[self.kind]
+
+    @property
     def is_member_scoped(self) -> bool:
         """True for user and agent tokens: they see only the teams/networks their subject is in."""
         return self.kind in ("user", "agent")

@@ -12,8 +12,10 @@ cost per batch does not grow with the number of connections or of unrelated thre
 fan-out task (:meth:`RealtimeService.run`) takes every committed batch, renders each envelope
 once (the REST shape, sender names from a small TTL cache, so no query per envelope), serialises
 the ``envelope`` frame once, and hands the same text to every following connection whose
-audience check passes, by a non-blocking put into the connection's bounded outbox. One writer
-task per connection drains its outbox to the socket; the fan-out never awaits a socket.
+audience check passes (a connection whose audience check fails gets the envelope's stub
+instead, :func:`~agent_network.services.threads.render_stub`, also serialised once), by a
+non-blocking put into the connection's bounded outbox. One writer task per connection drains
+its outbox to the socket; the fan-out never awaits a socket.
 
 Replay then live, without gap or duplicate
 ------------------------------------------
@@ -89,6 +91,7 @@ from agent_network.services.threads import (
     ThreadService,
     _sender_for,
     render_envelope,
+    render_stub,
     sender_names,
 )
 from agent_network.store.delivery import advance_cursor, read_cursor
@@ -327,9 +330,9 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
 class Follow:
     """One connection following one thread since its join.
 
-    ``after`` is where the join started; ``seq`` the last envelope handled (sent, or skipped by
-    the audience rule). While ``live`` is False the control task is catching up from the WAL and
-    the fan-out keeps frames aside in ``pending`` (``(seq, text or None if not admitted)``);
+    ``after`` is where the join started; ``seq`` the last envelope handled (sent whole, or as
+    a stub when the audience rule hides it). While ``live`` is False the control task is
+    catching up from the WAL and the fan-out keeps frames aside in ``pending`` (``(seq, text)``);
     ``overflow`` means some were dropped and the store must be read again.
     """
 
@@ -338,7 +341,7 @@ class Follow:
     after: int
     seq: int
     live: bool = False
-    pending: list[tuple[int, str | None]] = field(default_factory=list)
+    pending: list[tuple[int, str]] = field(default_factory=list)
     overflow: bool = False
 
 
@@ -652,24 +655,25 @@ class Connection:
         """The fan-out's hand-off of one live envelope to one follow (never waits)."""
         if self.close_request is not None:
             return
-        admitted = audience_admits(self.principal, env, self.acts_for)
+        if not audience_admits(self.principal, env, self.acts_for):
+            text = self.service.stub_frame(env)  # its place in the chain, nothing else
         if not f.live:
             if len(f.pending) >= self.outbox.capacity:
                 f.overflow = True
                 f.pending.clear()
             elif not f.overflow:
-                f.pending.append((env.seq, text if admitted else None))
+                f.pending.append((env.seq, text))
             return
         if env.seq <= f.seq:
             return
         if env.seq != f.seq + 1 or self.checked_epoch != self.service.ctx.access_epoch:
             # access must be re-checked first (or, defensively, a gap): back to catching up
             f.live = False
-            f.pending = [(env.seq, text if admitted else None)]
+            f.pending = [(env.seq, text)]
             self.schedule_catchup(f)
             return
         f.seq = env.seq
-        if admitted and not self.outbox.put_nowait((text, f.thread_id, env.seq)):
+        if not self.outbox.put_nowait((text, f.thread_id, env.seq)):
             self.lagged()
 
     def schedule_catchup(self, f: Follow) -> None:
@@ -696,10 +700,11 @@ class Connection:
                     return
                 if env.seq <= f.seq:
                     continue
-                if audience_admits(self.principal, env, self.acts_for):
-                    await self.outbox.put_replay((text, f.thread_id, env.seq))
-                    if not self._current(f):
-                        return
+                if not audience_admits(self.principal, env, self.acts_for):
+                    text = service.stub_frame(env)  # its place in the chain, nothing else
+                await self.outbox.put_replay((text, f.thread_id, env.seq))
+                if not self._current(f):
+                    return
                 f.seq = env.seq
             if len(envs) == REPLAY_PAGE:
                 continue
@@ -713,8 +718,7 @@ class Connection:
                 f.pending.clear()  # read them from the store instead
                 continue
             for seq, kept in ahead:
-                if kept is not None:
-                    self.outbox.put_nowait((kept, f.thread_id, seq))
+                self.outbox.put_nowait((kept, f.thread_id, seq))
                 f.seq = seq
             f.pending.clear()
             f.live = True
@@ -1005,6 +1009,7 @@ class RealtimeService:
         self._sub: Subscription | None = None
         self._names: dict[str, tuple[str, str, float]] = {}
         self._frames: dict[tuple[str, int], tuple[str, float, str]] = {}
+        self._stubs: dict[tuple[str, int], tuple[str, str]] = {}
         self._closing = False
         self._empty = asyncio.Event()
         self._empty.set()
@@ -1182,6 +1187,21 @@ class RealtimeService:
         while len(frames) > FRAME_CACHE_MAX:  # drop the oldest (dicts keep insertion order)
             del frames[next(iter(frames))]
         return [t for t in out if t is not None]
+
+    def stub_frame(self, env: Envelope) -> str:
+        """The ``envelope`` frame text of ``env``'s stub (for a reader its audience excludes:
+        seq, hash, prev_hash, ``"stub": true``); texts of recent stubs are cached."""
+        key = (env.thread_id, env.seq)
+        hit = self._stubs.get(key)
+        if hit is not None and hit[1] == env.id:
+            return hit[0]
+        text = _dumps(
+            {"type": "envelope", "thread_id": env.thread_id, "envelope": render_stub(env)}
+        )
+        self._stubs[key] = (text, env.id)
+        while len(self._stubs) > FRAME_CACHE_MAX:  # drop the oldest (dicts keep insertion order)
+            del self._stubs[next(iter(self._stubs))]
+        return text
 
     def _index(self, f: Follow) -> None:
         follows = self._followers.get(f.thread_id)

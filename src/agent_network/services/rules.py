@@ -1,5 +1,14 @@
 """Agent rules: storage, and the checks every path that lets an agent speak goes through.
 
+Rules name principals by id (see :mod:`agent_network.model.rule`): ``inbound_from`` and
+``outbound_to`` hold agent, user and org ids, ``org:self`` and ``*``, and every check compares
+the sender's id and org id with them, never a name. :meth:`RuleService.put` (the only writer of
+rules) accepts names too and resolves each one to an id at write time among the principals the
+writing org can see (:func:`visible_parties`: its own agents, users and org first; then those of
+other orgs it shares a network with), refusing one that names nobody or several with
+:class:`UnresolvedPrincipalError` (422) naming the entry; nothing is written then. Reading a
+rule shows the ids and, in ``principals``, who each id is.
+
 ``RuleService.check_send`` is called by the thread service (an agent posting over REST, with an
 org key or its agent token) and by the runner (before the model call, so no call is wasted);
 ``inbound_allows`` and ``inbox_cap`` are applied by the runner when it dispatches triggers. A
@@ -18,29 +27,45 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agent_network.errors import PermissionDeniedError
+from agent_network.errors import InvalidRequestError, PermissionDeniedError
 from agent_network.hub import EV_MESSAGE
 from agent_network.model.ids import now_iso
-from agent_network.model.rule import Rule, matches
+from agent_network.model.rule import (
+    EntryUnresolved,
+    Party,
+    PartyKind,
+    Rule,
+    id_kind,
+    matches,
+    resolve_entries,
+)
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal
 from agent_network.services.ratelimit import SlidingWindowLimiter
-from agent_network.services.scope import own_agent, require_org_key
+from agent_network.services.scope import own_agent, require_org_key, team_visible
 from agent_network.services.teams import member_list
 from agent_network.store.engine import write_transaction
-from agent_network.store.tables import agents, envelopes
+from agent_network.store.tables import agents, envelopes, members, orgs, teams, users, visas
 
-AgentRow = Mapping[Any, Any]  # an agents row (RowMapping) or a dict with id, name, rule
+AgentRow = Mapping[Any, Any]  # an agents row (RowMapping) or a dict with id, org_id, name, rule
 
 
 class RuleViolationError(PermissionDeniedError):
     """The agent's rule forbids this; the message names the rule."""
 
     code = "rule_violation"
+
+
+class UnresolvedPrincipalError(InvalidRequestError):
+    """A rule entry names no principal the org can see, or several (422): ``details`` holds
+    ``field``, ``entry``, ``reason`` and ``candidates`` (``[{"id", "kind", "name", "org_id",
+    "org_name"}]``, the principals an ambiguous name could mean)."""
+
+    code = "unresolved_principal"
 
 
 def parse_rule(raw: Any) -> Rule | None:
@@ -53,6 +78,98 @@ def parse_rule(raw: Any) -> Rule | None:
         return Rule(inbound_from=[], outbound_to=[])  # unreadable rule: deny rather than allow
 
 
+async def visible_parties(conn: AsyncConnection, org_id: str) -> tuple[list[Party], list[Party]]:
+    """The principals a rule of ``org_id``'s agents may name, as ``(own, shared)``.
+
+    ``own``: the org itself and its live agents and users. ``shared``: what the org sees of
+    other orgs through the teams and networks visible to it (``scope.team_visible``): the live
+    agents and users that are members of them, the orgs of those members, the host orgs of
+    those networks, and the orgs holding a live visa to a network ``org_id`` hosts. Nothing
+    else: an org that merely exists, or shares nothing with ``org_id``, is never a candidate.
+    """
+    own_name = (await conn.execute(select(orgs.c.name).where(orgs.c.id == org_id))).scalar()
+    own = [Party("org", org_id, own_name or "", org_id, own_name or "")]
+    kinds: tuple[tuple[PartyKind, Any], ...] = (("agent", agents), ("user", users))
+    for kind, table in kinds:
+        q = select(table.c.id, table.c.name).where(
+            table.c.org_id == org_id, table.c.deleted_at.is_(None)
+        )
+        own += [Party(kind, r[0], r[1], org_id, own_name or "") for r in await conn.execute(q)]
+    visible = list(
+        await conn.execute(select(teams.c.id, teams.c.org_id).where(team_visible(org_id)))
+    )
+    if not visible:
+        return own, []
+    team_ids = [r[0] for r in visible]
+    found: list[tuple[PartyKind, str, str, str]] = []  # (kind, id, name, org id)
+    for kind, table in kinds:
+        q = (
+            select(table.c.id, table.c.name, table.c.org_id)
+            .join(members, and_(members.c.member_kind == kind, members.c.member_id == table.c.id))
+            .where(
+                members.c.team_id.in_(team_ids),
+                table.c.org_id != org_id,
+                table.c.deleted_at.is_(None),
+            )
+        )
+        found += [(kind, r[0], r[1], r[2]) for r in await conn.execute(q)]
+    q_visas = (
+        select(visas.c.org_id)
+        .join(teams, teams.c.id == visas.c.network_id)
+        .where(teams.c.org_id == org_id, teams.c.deleted_at.is_(None), visas.c.revoked_at.is_(None))
+    )
+    other_orgs = {r[1] for r in visible} | {f[3] for f in found}
+    other_orgs |= {r[0] for r in await conn.execute(q_visas)}
+    other_orgs.discard(org_id)
+    q_orgs = select(orgs.c.id, orgs.c.name).where(orgs.c.id.in_(sorted(other_orgs)))
+    org_names = {r[0]: r[1] for r in await conn.execute(q_orgs)} if other_orgs else {}
+    shared = {
+        pid: Party(kind, pid, name, oid, org_names.get(oid, "")) for kind, pid, name, oid in found
+    }
+    shared.update({oid: Party("org", oid, name, oid, name) for oid, name in org_names.items()})
+    return own, sorted(shared.values(), key=lambda p: p.id)
+
+
+def rule_view(rule: Rule, own: list[Party], shared: list[Party]) -> dict[str, Any]:
+    """The API form of a stored rule: its fields, plus ``principals``: ``{id: {"kind",
+    "name", "org_id", "org_name"}}`` for every id in ``inbound_from`` and ``outbound_to``
+    (``name``, ``org_id`` and ``org_name`` None for an id the org no longer sees)."""
+    known = {p.id: p for p in (*own, *shared)}
+    labels: dict[str, dict[str, Any]] = {}
+    for entry in (*rule.inbound_from, *rule.outbound_to):
+        kind = id_kind(entry)
+        if kind is None or entry in labels:
+            continue
+        party = known.get(entry)
+        labels[entry] = (
+            party.label()
+            if party is not None
+            else {"kind": kind, "name": None, "org_id": None, "org_name": None}
+        )
+    return {**rule.model_dump(), "principals": labels}
+
+
+def resolve_rule(rule: Rule, own: list[Party], shared: list[Party]) -> Rule:
+    """``rule`` with every ``inbound_from`` / ``outbound_to`` entry in its stored form (ids,
+    ``org:self``, ``*``; see :func:`agent_network.model.rule.resolve_entry`).
+    UnresolvedPrincipalError naming the field and the entry it cannot resolve."""
+    fields: dict[str, list[str]] = {}
+    for field in ("inbound_from", "outbound_to"):
+        try:
+            fields[field] = resolve_entries(getattr(rule, field), own, shared)
+        except EntryUnresolved as err:
+            raise UnresolvedPrincipalError(
+                f"{field} entry {err.entry!r}: {err.reason}",
+                details={
+                    "field": field,
+                    "entry": err.entry,
+                    "reason": err.reason,
+                    "candidates": [{"id": p.id, **p.label()} for p in err.candidates],
+                },
+            ) from None
+    return rule.model_copy(update=fields)
+
+
 class RuleService:
     """Get/set an agent's rule, and enforce it. Rate windows are kept per process."""
 
@@ -61,34 +178,49 @@ class RuleService:
         self._rates: dict[float, SlidingWindowLimiter] = {}
 
     async def get(self, principal: Principal, agent_id: str) -> dict[str, Any]:
-        """The agent's rule (all defaults when none is set)."""
+        """The agent's rule (all defaults when none is set) as :func:`rule_view` shows it:
+        the stored fields plus ``principals`` naming each id. NotFoundError for an agent
+        outside the caller's org."""
         async with self.ctx.engine.connect() as conn:
             agent = await own_agent(conn, principal, agent_id)
-        rule = parse_rule(agent["rule"]) or Rule()
-        return rule.model_dump()
+            rule = parse_rule(agent["rule"]) or Rule()
+            own, shared = await visible_parties(conn, agent["org_id"])
+        return rule_view(rule, own, shared)
 
     async def put(self, principal: Principal, agent_id: str, rule: Rule) -> dict[str, Any]:
-        """Replace the agent's rule (org key only); audited."""
+        """Replace the agent's rule (org key only); audited. Returns it as :meth:`get` does.
+
+        Names in ``inbound_from`` / ``outbound_to`` are resolved to ids among the principals
+        the org can see (:func:`resolve_rule`, :func:`visible_parties`) and only ids are
+        stored. Raises UnresolvedPrincipalError (422) naming the field and the entry when one
+        names nobody, several principals, an id the org cannot see, or is a pattern (nothing
+        is written then); PermissionDeniedError for a token; NotFoundError for an agent
+        outside the caller's org."""
         require_org_key(principal, "setting an agent's rule")
         async with write_transaction(self.ctx.engine) as conn:
-            await own_agent(conn, principal, agent_id)
+            agent = await own_agent(conn, principal, agent_id)
+            own, shared = await visible_parties(conn, agent["org_id"])
+            stored = resolve_rule(rule, own, shared)
             await conn.execute(
                 update(agents)
                 .where(agents.c.id == agent_id)
-                .values(rule=rule.model_dump(), updated_at=now_iso())
+                .values(rule=stored.model_dump(), updated_at=now_iso())
             )
             await record(
-                conn, principal, "agent.rule_set", "agent", agent_id, data=rule.model_dump()
+                conn, principal, "agent.rule_set", "agent", agent_id, data=stored.model_dump()
             )
         self.ctx.config_epoch += 1  # cached post decisions hold the old rule
-        return rule.model_dump()
+        return rule_view(stored, own, shared)
 
     # ------------------------------------------------------------ enforcement
 
     @staticmethod
-    def inbound_allows(rule: Rule | None, sender_name: str, sender_org_name: str) -> bool:
-        """Whether a message from this sender may trigger the agent."""
-        return rule is None or matches(rule.inbound_from, sender_name, sender_org_name)
+    def inbound_allows(
+        rule: Rule | None, sender_id: str, sender_org_id: str, owner_org_id: str
+    ) -> bool:
+        """Whether a message from the sender ``sender_id`` of org ``sender_org_id`` may trigger
+        an agent of org ``owner_org_id`` with this rule (ids only; None: no rule, yes)."""
+        return rule is None or matches(rule.inbound_from, sender_id, sender_org_id, owner_org_id)
 
     async def check_send(
         self,
@@ -140,12 +272,15 @@ class RuleService:
         conn: AsyncConnection, agent: AgentRow, rule: Rule | None, team_id: str
     ) -> None:
         """The second check of :meth:`check_send`: every other member of ``team_id`` matches
-        the rule's ``outbound_to`` (one query per member kind unless it is ``["*"]``).
+        the rule's ``outbound_to`` by id and org id (``agent`` needs ``id``, ``org_id`` and
+        ``name``; one query per member kind unless it is ``["*"]``).
         RuleViolationError naming the first member it does not admit."""
         if rule is None or rule.outbound_to == ["*"]:
             return
         for m in await member_list(conn, team_id):
-            if m["id"] != agent["id"] and not matches(rule.outbound_to, m["name"], m["org_name"]):
+            if m["id"] != agent["id"] and not matches(
+                rule.outbound_to, m["id"], m["org_id"], agent["org_id"]
+            ):
                 raise RuleViolationError(
                     f"rule of {agent['name']!r}: outbound_to does not admit {m['name']!r} "
                     f"({m['org_name']}), a participant of this thread"

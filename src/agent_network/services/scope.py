@@ -25,6 +25,7 @@ from agent_network.services.principal import Principal
 from agent_network.store.tables import (
     agents,
     credentials,
+    knowledge_documents,
     members,
     org_policies,
     orgs,
@@ -328,3 +329,56 @@ async def credential_in_force(conn: AsyncConnection, principal: Principal) -> No
             "the credential was revoked since this connection authenticated; "
             "connect again with a valid credential"
         )
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def looks_like_id(segment: str) -> bool:
+    """Whether a URL path segment has the shape of our ids: a lower-case prefix, ``_`` and
+    lower-case hex (``agt_3f9c…``); a secret name such as ``API_KEY`` or ``thr_key`` has not."""
+    prefix, sep, rest = segment.partition("_")
+    return bool(sep and rest and prefix.isalpha() and prefix.islower() and set(rest) <= _HEX)
+
+
+# Rows of one org, by the prefix of their ids (what a path may name besides the above).
+_OWNED_BY_PREFIX = {
+    "cred": ("credential", credentials),
+    "doc": ("document", knowledge_documents),
+}
+
+
+async def path_in_scope(conn: AsyncConnection, principal: Principal, path: str) -> None:
+    """NotFoundError if the URL ``path`` names an id the caller could not read.
+
+    Used before a refusal by credential kind or scope (403), so that an id of another org —
+    or one that does not exist — answers 404 whatever the caller may do: scope first, then
+    role. Each segment shaped like an id (:func:`looks_like_id`) is checked as its read checks
+    it: agents and users of the caller's org (:func:`own_agent`, :func:`own_user`), teams and
+    networks visible to the caller (:func:`visible_team`: for a token, those its subject is a
+    member of), threads it may read (:func:`visible_thread`: restricted ones only as a
+    participant), and its org's credentials and knowledge documents. Other segments are not
+    looked at. One indexed lookup per id, only on a refused call. The platform admin has no
+    org scope: nothing is checked.
+    """
+    if principal.org_id is None:
+        return
+    for segment in path.split("/"):
+        if not looks_like_id(segment):
+            continue
+        prefix = segment.partition("_")[0]
+        if prefix == "agt":
+            await own_agent(conn, principal, segment)
+        elif prefix == "usr":
+            await own_user(conn, principal, segment)
+        elif prefix in ("team", "net"):
+            await visible_team(
+                conn, principal, segment, kind="network" if prefix == "net" else "team"
+            )
+        elif prefix == "thr":
+            await visible_thread(conn, principal, segment)
+        elif prefix in _OWNED_BY_PREFIX:
+            what, table = _OWNED_BY_PREFIX[prefix]
+            q = select(table.c.id).where(table.c.id == segment, table.c.org_id == principal.org_id)
+            if (await conn.execute(q)).first() is None:
+                raise NotFoundError(what, segment)

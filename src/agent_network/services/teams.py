@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,6 +23,7 @@ from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal, hash_secret
 from agent_network.services.ratelimit import SlidingWindowLimiter
+from agent_network.services.roles import ROLES, Standing, require, require_role
 from agent_network.services.scope import (
     own_agent,
     own_user,
@@ -35,7 +36,6 @@ from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, invites, members, orgs, teams, threads, users, visas
 
 TeamKind = Literal["team", "network"]
-ROLES = ("owner", "admin", "member")
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: 32 symbols, 5 bits each
 CODE_LENGTH = 12
 DEFAULT_INVITE_TTL = 7 * 24 * 3600
@@ -111,31 +111,46 @@ class TeamService:
             return _team(await visible_team(conn, principal, team_id, kind=kind))
 
     async def _owned(
-        self, conn: AsyncConnection, principal: Principal, kind: TeamKind, team_id: str
+        self,
+        conn: AsyncConnection,
+        principal: Principal,
+        kind: TeamKind,
+        team_id: str,
+        *,
+        need: str,
+        doing: str,
     ) -> RowMapping:
+        """The team/network ``team_id`` if the caller sees it (NotFoundError otherwise), its org
+        hosts it and the caller acts in it with role ``need`` (PermissionDeniedError naming the
+        act ``doing``, e.g. ``"closing"``, otherwise; see :mod:`~agent_network.services.roles`)."""
         row = await visible_team(conn, principal, team_id, kind=kind)
         if row["org_id"] != principal.org_id:
-            raise PermissionDeniedError(f"only the org that hosts this {kind} may do this")
+            raise PermissionDeniedError(f"{doing} {kind} {team_id} is for the org that hosts it")
+        await require_role(conn, principal, row, need, doing)
         return row
 
     async def update(
         self, principal: Principal, kind: TeamKind, team_id: str, changes: dict[str, Any]
     ) -> dict[str, Any]:
-        """Rename or re-describe a team/network (host org only)."""
+        """Rename or re-describe a team/network (host org only; a user token needs role admin).
+        NotFoundError outside scope, PermissionDeniedError, InvalidRequestError (empty name)."""
         values = {k: v for k, v in changes.items() if k in ("name", "description")}
         if "name" in values and not str(values["name"]).strip():
             raise InvalidRequestError(f"{kind} name must not be empty")
         async with write_transaction(self.ctx.engine) as conn:
-            await self._owned(conn, principal, kind, team_id)
+            await self._owned(
+                conn, principal, kind, team_id, need="admin", doing="renaming or re-describing"
+            )
             if values:
                 await conn.execute(update(teams).where(teams.c.id == team_id).values(**values))
             await record(conn, principal, f"{kind}.update", kind, team_id)
             return _team(await visible_team(conn, principal, team_id, kind=kind))
 
     async def delete(self, principal: Principal, team_id: str) -> None:
-        """Delete an org-internal team and hide its threads (their WAL is kept)."""
+        """Delete an org-internal team and hide its threads (their WAL is kept). A user token
+        needs role owner. NotFoundError outside scope, PermissionDeniedError."""
         async with write_transaction(self.ctx.engine) as conn:
-            await self._owned(conn, principal, "team", team_id)
+            await self._owned(conn, principal, "team", team_id, need="owner", doing="deleting")
             ts = now_iso()
             await conn.execute(update(teams).where(teams.c.id == team_id).values(deleted_at=ts))
             await conn.execute(
@@ -157,10 +172,15 @@ class TeamService:
         user_id: str | None = None,
         role: str = "member",
     ) -> dict[str, Any]:
-        """Add one of the caller's own agents or users to a team or network.
+        """Add one of the caller's own agents or users to a team or network with ``role``.
+        Returns the member (kind, id, name, role, org_id); adding an existing member changes
+        nothing and returns it with its stored role (change roles with :meth:`set_role`).
 
         In a network the caller's org must be the host or hold a live visa. Exactly one of
-        ``agent_id``/``user_id``. ThreadClosedError when the network is closed.
+        ``agent_id``/``user_id``. A user token needs role admin, and owner to add an owner;
+        in a network it does not host, an org gives only the role ``member``. Raises
+        NotFoundError (team or member outside scope), PermissionDeniedError (role),
+        InvalidRequestError, ThreadClosedError when the network is closed.
         """
         if (agent_id is None) == (user_id is None):
             raise InvalidRequestError("give exactly one of agent_id or user_id")
@@ -168,6 +188,8 @@ class TeamService:
             raise InvalidRequestError(f"role must be one of {', '.join(ROLES)}")
         async with write_transaction(self.ctx.engine) as conn:
             team = await visible_team(conn, principal, team_id, kind=kind)
+            who = await require_role(conn, principal, team, "admin", "adding members to")
+            self._check_grant(principal, team, who, role, "adding an owner to")
             if team["status"] == "closed":
                 raise ThreadClosedError(f"the {kind} is closed")
             visa_id = None
@@ -184,6 +206,20 @@ class TeamService:
             )
         self.ctx.config_epoch += 1  # a new member: cached outbound_to checks must be redone
         return added
+
+    @staticmethod
+    def _check_grant(
+        principal: Principal, team: RowMapping, who: Standing, role: str, doing: str
+    ) -> None:
+        """Whether the caller may give ``role`` in ``team``: an owner only by an owner (a user
+        token; an org key may); admin and owner in a network only by its host org."""
+        if role != "member" and team["org_id"] != principal.org_id:
+            raise PermissionDeniedError(
+                f"giving role {role} in network {team['id']} is for the org that hosts it; "
+                "the agents and users a member org brings are members"
+            )
+        if role == "owner":
+            require(who, "owner", doing, team)
 
     async def _live_visa_id(self, conn: AsyncConnection, network_id: str, org_id: str) -> str:
         row = (
@@ -246,6 +282,8 @@ class TeamService:
                 team["id"],
                 data={"member_kind": member_kind, "member_id": who["id"]},
             )
+        else:
+            role = str(existing.role)  # adding again changes nothing, its role included
         return {
             "kind": member_kind,
             "id": who["id"],
@@ -265,19 +303,30 @@ class TeamService:
     async def remove_member(
         self, principal: Principal, kind: TeamKind, team_id: str, member_kind: str, member_id: str
     ) -> None:
-        """Remove one of the caller's own agents/users from a team or network."""
+        """Remove one of the caller's own agents/users from a team or network.
+
+        A user token needs role admin, and owner to remove an owner. The last owner cannot be
+        removed: ConflictError (409) — make another member owner first (or delete the team).
+        Raises NotFoundError (team, or a member of the caller's org, outside scope),
+        PermissionDeniedError (role).
+        """
         async with write_transaction(self.ctx.engine) as conn:
-            await visible_team(conn, principal, team_id, kind=kind)
+            team = await visible_team(conn, principal, team_id, kind=kind)
+            who = await require_role(conn, principal, team, "admin", "removing members from")
+            target = await _own_member(conn, principal, team, member_kind, member_id)
+            if target["role"] == "owner":
+                require(who, "owner", "removing an owner from", team)
             result = await conn.execute(
                 members.delete().where(
                     members.c.team_id == team_id,
                     members.c.member_kind == member_kind,
                     members.c.member_id == member_id,
                     members.c.org_id == require_org(principal),
+                    _keeps_an_owner(team_id, member_kind, member_id),
                 )
             )
             if result.rowcount == 0:
-                raise NotFoundError("member", member_id)
+                raise _last_owner(team, member_kind, member_id)
             await record(
                 conn,
                 principal,
@@ -287,6 +336,68 @@ class TeamService:
                 data={"member_kind": member_kind, "member_id": member_id},
             )
         await self.ctx.access_removed()  # before answering: see ServiceContext
+
+    async def set_role(
+        self,
+        principal: Principal,
+        kind: TeamKind,
+        team_id: str,
+        member_kind: str,
+        member_id: str,
+        role: str,
+    ) -> dict[str, Any]:
+        """Change the role (``owner`` | ``admin`` | ``member``) of one of the caller org's
+        agents or users in a team or network; returns the member as :meth:`add_member` does.
+
+        A user token needs role admin, and owner to give the role owner or to change an
+        owner's role; in a network it does not host, an org gives only the role ``member``.
+        The last owner keeps its role: ConflictError (409) — make another member owner first.
+        Raises NotFoundError (team, or a member of the caller's org, outside scope),
+        PermissionDeniedError (role), InvalidRequestError (unknown role).
+        """
+        if role not in ROLES:
+            raise InvalidRequestError(f"role must be one of {', '.join(ROLES)}")
+        async with write_transaction(self.ctx.engine) as conn:
+            team = await visible_team(conn, principal, team_id, kind=kind)
+            who = await require_role(conn, principal, team, "admin", "changing roles in")
+            target = await _own_member(conn, principal, team, member_kind, member_id)
+            previous = str(target["role"])
+            if previous == "owner":
+                require(who, "owner", "changing an owner's role in", team)
+            self._check_grant(principal, team, who, role, "giving role owner in")
+            if role != previous:
+                result = await conn.execute(
+                    update(members)
+                    .where(
+                        members.c.team_id == team_id,
+                        members.c.member_kind == member_kind,
+                        members.c.member_id == member_id,
+                        _keeps_an_owner(team_id, member_kind, member_id),
+                    )
+                    .values(role=role)
+                )
+                if result.rowcount == 0:
+                    raise _last_owner(team, member_kind, member_id)
+                await record(
+                    conn,
+                    principal,
+                    f"{kind}.member_role",
+                    kind,
+                    team_id,
+                    data={
+                        "member_kind": member_kind,
+                        "member_id": member_id,
+                        "role": role,
+                        "previous": previous,
+                    },
+                )
+        return {
+            "kind": member_kind,
+            "id": member_id,
+            "name": target["name"],
+            "role": role,
+            "org_id": target["org_id"],
+        }
 
     # ------------------------------------------------------- invites and joins
 
@@ -311,7 +422,9 @@ class TeamService:
             timespec="microseconds"
         )
         async with write_transaction(self.ctx.engine) as conn:
-            net = await self._owned(conn, principal, "network", network_id)
+            net = await self._owned(
+                conn, principal, "network", network_id, need="admin", doing="creating invites to"
+            )
             if net["status"] == "closed":
                 raise ThreadClosedError("the network is closed; it admits nobody")
             row = {
@@ -348,7 +461,9 @@ class TeamService:
         PermissionDeniedError for a member org (it sees the network), NotFoundError otherwise.
         """
         async with self.ctx.engine.connect() as conn:
-            await self._owned(conn, principal, "network", network_id)
+            await self._owned(
+                conn, principal, "network", network_id, need="admin", doing="listing invites of"
+            )
             rows = (
                 await conn.execute(
                     select(invites)
@@ -365,7 +480,9 @@ class TeamService:
         """Revoke an invite (host only): its code stops admitting anybody. Orgs it admitted keep
         their visas and members. Revoking a revoked invite changes nothing."""
         async with write_transaction(self.ctx.engine) as conn:
-            await self._owned(conn, principal, "network", network_id)
+            await self._owned(
+                conn, principal, "network", network_id, need="admin", doing="revoking invites of"
+            )
             inv = (
                 await conn.execute(
                     select(invites.c.id, invites.c.revoked_at).where(
@@ -519,6 +636,7 @@ class TeamService:
         org_id = require_org(principal)
         async with self.ctx.engine.connect() as conn:
             net = await visible_team(conn, principal, network_id, kind="network")
+            await require_role(conn, principal, net, "admin", "listing visas of")
             q = (
                 select(visas, orgs.c.name.label("org_name"))
                 .join(orgs, orgs.c.id == visas.c.org_id)
@@ -537,7 +655,9 @@ class TeamService:
         the network or its threads (404) until it joins again with a valid code (a new visa).
         Revoking an ended visa changes nothing. Recorded in both orgs' audit logs."""
         async with write_transaction(self.ctx.engine) as conn:
-            await self._owned(conn, principal, "network", network_id)
+            await self._owned(
+                conn, principal, "network", network_id, need="admin", doing="revoking visas of"
+            )
             visa = (
                 (
                     await conn.execute(
@@ -623,7 +743,9 @@ class TeamService:
         """Close a network (host only): no new threads, messages or members; history stays
         readable by every member org. Each thread gets a ``thread.closed`` envelope."""
         async with write_transaction(self.ctx.engine) as conn:
-            net = await self._owned(conn, principal, "network", network_id)
+            net = await self._owned(
+                conn, principal, "network", network_id, need="owner", doing="closing"
+            )
             if net["status"] != "closed":
                 await conn.execute(
                     update(teams)
@@ -649,6 +771,60 @@ class TeamService:
                     acted_by=(principal.kind, principal.key_id),
                 )
         return await self.get(principal, "network", network_id)
+
+
+async def _own_member(
+    conn: AsyncConnection, principal: Principal, team: RowMapping, member_kind: str, member_id: str
+) -> RowMapping:
+    """The member row (with ``name``) of the caller org's ``member_kind`` ``member_id`` in
+    ``team``; NotFoundError otherwise (another org's member looks missing too). On PostgreSQL
+    the team's row is locked first, so that two changes of its owners are ordered (SQLite
+    orders every write transaction already)."""
+    await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
+    who = agents if member_kind == "agent" else users
+    row = (
+        (
+            await conn.execute(
+                select(members.c.role, members.c.org_id, who.c.name)
+                .join(who, who.c.id == members.c.member_id)
+                .where(
+                    members.c.team_id == team["id"],
+                    members.c.member_kind == member_kind,
+                    members.c.member_id == member_id,
+                    members.c.org_id == require_org(principal),
+                )
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if member_kind not in ("agent", "user") or row is None:
+        raise NotFoundError("member", member_id)
+    return row
+
+
+def _keeps_an_owner(team_id: str, member_kind: str, member_id: str) -> Any:
+    """SQL condition over ``members``: the row is not an owner, or ``team_id`` has another
+    owner — so a statement with it never takes away the last owner, whatever ran since the
+    caller read the row."""
+    other = members.alias("other_owner")
+    return or_(
+        members.c.role != "owner",
+        exists().where(
+            and_(
+                other.c.team_id == team_id,
+                other.c.role == "owner",
+                or_(other.c.member_kind != member_kind, other.c.member_id != member_id),
+            )
+        ),
+    )
+
+
+def _last_owner(team: RowMapping, member_kind: str, member_id: str) -> ConflictError:
+    return ConflictError(
+        f"{member_kind} {member_id} is the last owner of {team['kind']} {team['id']}; make "
+        "another member owner first"
+    )
 
 
 def _visa(row: Any, attached: list[dict[str, Any]]) -> dict[str, Any]:

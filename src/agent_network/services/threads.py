@@ -56,11 +56,15 @@ from agent_network.services.claims import stored_key
 from agent_network.services.policy import (
     EgressPolicy,
     EgressRefusedError,
-    apply_egress,
+    EgressResult,
     audit_egress,
+    check_message,
+    matches_data,
+    policy_for_thread,
     policy_from_row,
 )
 from agent_network.services.principal import Principal
+from agent_network.services.roles import require, require_role, standing
 from agent_network.services.rules import AgentRow, RuleService, parse_rule
 from agent_network.services.scope import (
     audience_admits,
@@ -76,6 +80,7 @@ from agent_network.services.scope import (
     visible_team,
     visible_thread,
 )
+from agent_network.services.secrets import org_secret_index
 from agent_network.store.engine import write_transaction
 from agent_network.store.tables import (
     agents,
@@ -156,6 +161,10 @@ class ThreadService:
         otherwise it stays pending and a ``rule.refused`` audit record in the agent's org says
         why), a user when its ``auto_ack`` setting is on. Returns the thread as :meth:`get`.
 
+        Every member may create threads, user and agent tokens included (they see only the
+        teams and networks their subject is a member of); a token opens a restricted thread
+        only among its participants and a protocol thread only as its initiator.
+
         Raises InvalidRequestError (422) naming the bad knob or a participant who is not a
         member, NotFoundError for a team outside scope, ThreadClosedError for a closed network.
         """
@@ -194,6 +203,7 @@ class ThreadService:
         _check_budget(budget)
         async with self.ctx.engine.connect() as conn:
             team = await visible_team(conn, principal, team_id, kind=kind)
+            _check_token_opens(principal, protocol, visibility, participants or [], initiator)
             people = await self._members_of(conn, team_id, participants or [])
             info = await _participant_info(conn, participants or []) if protocol else {}
         if team["status"] == "closed":
@@ -276,7 +286,7 @@ class ThreadService:
                 if allowed is not None and request.adapter not in allowed:
                     refusal = f"adapter {request.adapter!r} is not in allowed_adapters"
                 if refusal is None and not RuleService.inbound_allows(
-                    rule, opener["name"], opener["org_name"]
+                    rule, request.initiator[1], opener["org_id"], p["org_id"]
                 ):
                     refusal = f"inbound_from does not admit the initiator {opener['name']!r}"
             elif not p["auto_ack"]:
@@ -344,10 +354,12 @@ class ThreadService:
         """Widen who sees a restricted thread: add participants, or open it to all members.
 
         Visibility can be widened, never narrowed: ``members`` -> ``restricted`` is refused
-        (InvalidRequestError). Each change is also an envelope in the thread's WAL.
+        (InvalidRequestError). Each change is also an envelope in the thread's WAL. A user
+        token needs role admin in the thread's team or network (PermissionDeniedError).
         """
         async with self.ctx.engine.connect() as conn:
             row, team = await visible_thread(conn, principal, thread_id)
+            await require_role(conn, principal, team, "admin", "widening threads of")
             people = await self._members_of(conn, team["id"], participants or [])
         if visibility == "restricted" and row["visibility"] == "members":
             raise InvalidRequestError("visibility can be widened, never narrowed")
@@ -482,12 +494,20 @@ class ThreadService:
         return out
 
     async def set_budget(self, principal: Principal, thread_id: str, budget: int) -> dict[str, Any]:
-        """Set the thread's budget of consecutive agent messages (org that created it only)."""
+        """Set the thread's budget of consecutive agent messages (the org that created it or
+        hosts its team/network; a user token needs role admin there). NotFoundError outside
+        scope, PermissionDeniedError, InvalidRequestError (bad budget)."""
         _check_budget(budget)
         async with self.ctx.engine.connect() as conn:
             row, team = await visible_thread(conn, principal, thread_id)
-        if principal.org_id not in (row["org_id"], team["org_id"]):
-            raise PermissionDeniedError("only the org that created the thread or hosts it may")
+            if principal.org_id not in (row["org_id"], team["org_id"]):
+                raise PermissionDeniedError(
+                    "setting the agent budget of a thread is for the org that created it or "
+                    f"hosts its {team['kind']}"
+                )
+            await require_role(
+                conn, principal, team, "admin", "setting the agent budget of threads in"
+            )
         await self.ctx.hub.append(
             thread_id,
             type=EV_BUDGET_SET,
@@ -523,10 +543,13 @@ class ThreadService:
 
         An org key names the sender (``agent_id`` or ``user_id``); a user or agent token posts
         as its own user/agent (naming anyone else is refused). In a **network** thread the
-        egress policy of the sender's org is applied first (services/policy.py): a ``refuse``
-        rule raises EgressRefusedError and nothing is written; ``redact`` rules replace their
-        matches and the redacted text is what is appended. Each refusal (``egress.refused``) and
-        each redaction (``egress.redacted``) is audited with the rule names, never the text.
+        egress policy of the sender's org is applied first (services/policy.py) — its rules,
+        then its defaults (the org's own stored secrets, common key formats) unless turned off;
+        in a team thread only the defaults, and only if the org applies them there: a
+        ``refuse`` rule raises EgressRefusedError and nothing is written; ``redact`` rules
+        replace their matches and the redacted text is what is appended. Each refusal
+        (``egress.refused``) and each redaction (``egress.redacted``) is audited with the rule
+        names, secret names and spans, never the text.
 
         ``causation_id`` names the envelope of this thread the message answers. An agent's reply
         key ``reply:<agent_id>:<causation_id>`` is stored unscoped, the same key the in-process
@@ -561,8 +584,17 @@ class ThreadService:
                 calls = _tool_calls(tool_calls)
                 _check_audience_shape(audience)
                 grant, text, redactions = await self._check_post(
-                    principal, thread_id, content, agent_id, user_id, idempotency_key, causation_id
+                    principal,
+                    thread_id,
+                    content,
+                    agent_id,
+                    user_id,
+                    idempotency_key,
+                    causation_id,
+                    tool_calls=calls,
                 )
+                if redactions is not None and redactions.tool_calls is not None:
+                    calls = redactions.tool_calls  # the egress policy checked them too
                 if audience is not None:
                     await self._check_open_audience(grant, thread_id, audience)
             except (
@@ -598,16 +630,16 @@ class ThreadService:
             break
         else:
             raise ConflictError("access to this thread kept changing while posting; retry")
-        if redactions:
+        if redactions is not None and redactions.redacted:
             async with write_transaction(self.ctx.engine) as conn:
                 await audit_egress(
                     conn,
                     principal,
                     "egress.redacted",
                     thread_id,
-                    redactions,
+                    redactions.redacted,
                     org_id=sender.org_id,
-                    data=_egress_data(sender, envelope_id=env.id),
+                    data=_egress_data(sender, envelope_id=env.id, **redactions.audit_data()),
                 )
         if env.sender_id == sender.id and env.sender_org_id == sender.org_id:
             return render_envelope(env, sender.name, grant.sender_org_name)
@@ -642,9 +674,12 @@ class ThreadService:
         user_id: str | None,
         idempotency_key: str | None,
         causation_id: str | None = None,
-    ) -> tuple[PostGrant, str, list[str]]:
-        """Everything ``post`` checks before the append: ``(grant, content to append, names of
-        the redact rules applied)``; raises the refusals ``post`` documents, in this order:
+        *,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> tuple[PostGrant, str, EgressResult | None]:
+        """Everything ``post`` checks before the append: ``(grant, content to append, what the
+        egress policy let through — content and ``tool_calls``, redacted — or None when no
+        policy applies)``; raises the refusals ``post`` documents, in this order:
         sender naming and content, credential, thread visible, ``causation_id``, sender own /
         member / participant, the agent's rule (adapter, outbound_to, delegation depth,
         concurrent threads, rate), the egress policy."""
@@ -685,9 +720,13 @@ class ThreadService:
                 grant.agent, grant.rule, thread_id=thread_id, causation_id=causation_id
             )
         if grant.policy is None:
-            return grant, content, []  # org-internal threads are not filtered
+            return grant, content, None  # a team thread without the defaults: not filtered
+        org_id = grant.sender.org_id
+        index = None
+        if grant.policy.defaults.org_secrets != "off":  # the org's own secrets (fingerprints)
+            index = await org_secret_index(ctx, org_id)
         try:
-            content, redactions = apply_egress(grant.policy, content)
+            result = check_message(grant.policy, content, tool_calls, index)
         except EgressRefusedError as err:
             async with write_transaction(ctx.engine) as conn:
                 await audit_egress(
@@ -696,11 +735,11 @@ class ThreadService:
                     "egress.refused",
                     thread_id,
                     err.rules,
-                    org_id=grant.sender.org_id,
-                    data=_egress_data(grant.sender),
+                    org_id=org_id,
+                    data=_egress_data(grant.sender, **matches_data(err.matches)),
                 )
             raise
-        return grant, content, redactions
+        return grant, result.content, result
 
     async def _make_grant(
         self,
@@ -845,12 +884,15 @@ class ThreadService:
     ) -> dict[str, Any]:
         """Envelopes with ``seq > after`` (at most ``limit``, 1-1000), rendered with sender names.
 
-        Only envelopes whose audience admits the caller are returned
+        Only envelopes whose audience admits the caller are returned whole
         (:func:`~agent_network.services.scope.audience_admits`: no audience, the caller named in
         it, or sent by the caller; an org key also for its own org's senders and the agents and
-        users it acts for). ``next_after`` still moves past the envelopes left out, so a reader
-        never loops on a hidden one. With ``wait`` > 0 (seconds, at most 60) and nothing
-        visible yet, waits until a visible envelope arrives or ``wait`` runs out.
+        users it acts for). With ``messages_only`` (``GET .../messages``) the others are left
+        out; otherwise (``GET .../envelopes``, the chain view) each of them is a stub
+        (:func:`render_stub`: seq, hash, prev_hash, nothing else), so every reader gets the
+        whole chain. ``next_after`` moves past the envelopes left out, so a reader never loops
+        on a hidden one. With ``wait`` > 0 (seconds, at most 60) and nothing to return yet,
+        waits until something arrives (a message for ``messages_only``) or ``wait`` runs out.
         Returns ``{"items": [...], "next_after": seq}``; pass ``next_after`` back as ``after``.
         InvalidRequestError for a bad ``limit``/``after``/``wait``, NotFoundError outside scope —
         also when the caller lost access while the request waited (scope and credential are
@@ -871,6 +913,7 @@ class ThreadService:
         acts_for: frozenset[str] | None = None
         cursor = after
         shown: list[Envelope] = []
+        hidden: set[int] = set()  # seqs of ``shown`` answered as stubs
         while True:
             envs = await hub.read(thread_id, after=cursor, limit=limit)
             if not envs:
@@ -883,7 +926,11 @@ class ThreadService:
                 async with self.ctx.engine.connect() as conn:
                     acts_for = await org_member_ids(conn, principal)
             admitted = [e for e in envs if audience_admits(principal, e, acts_for or frozenset())]
-            shown = [e for e in admitted if not messages_only or e.type == EV_MESSAGE]
+            if messages_only:
+                shown = [e for e in admitted if e.type == EV_MESSAGE]
+            else:  # the chain view: what the audience hides is a stub
+                shown = envs
+                hidden = {e.seq for e in envs} - {e.seq for e in admitted}
             if shown or len(admitted) == len(envs) or wait <= 0:
                 break  # (nothing hidden by an audience: answered as before audiences)
             if anyio.current_time() >= deadline:
@@ -895,7 +942,8 @@ class ThreadService:
                 # ends a pending long-poll at once)
                 await credential_in_force(conn, principal)
                 await visible_thread(conn, principal, thread_id)
-            items = await render(conn, shown)
+            whole = iter(await render(conn, [e for e in shown if e.seq not in hidden]))
+            items = [render_stub(e) if e.seq in hidden else next(whole) for e in shown]
         return {"items": items, "next_after": cursor}
 
     # ------------------------------------------------------------------ protocol lifecycle
@@ -944,26 +992,26 @@ class ThreadService:
         A protocol thread: a participant (its user/agent token) or an org key of an org that
         has a participant writes ``thread.closing`` (sender: the participant, or the org as
         ``system``); the hub's sweeper then writes ``thread.closed``. An open thread: the org
-        key of the org that created it or hosts its team/network writes ``thread.closed`` at
-        once. Raises NotFoundError outside scope, PermissionDeniedError (not allowed to close
-        it), ProtocolViolationError (409: a token whose subject is not a participant),
-        ThreadClosedError (409: already closing or closed), InvalidRequestError (bad reason).
+        that created it or hosts its team/network (an org key, or a user token with role admin
+        there) writes ``thread.closed`` at once. Raises NotFoundError outside scope,
+        PermissionDeniedError (not allowed to close it), ProtocolViolationError (409: a token
+        whose subject is not a participant), ThreadClosedError (409: already closing or
+        closed), InvalidRequestError (bad reason).
         """
         data = {"reason": reason} if reason is not None else {}
         async with self.ctx.engine.connect() as conn:
             row, team = await visible_thread(conn, principal, thread_id)
             org_part = await self._org_participants(conn, principal, thread_id)
+            who = await standing(conn, principal, team)
         state = await self.ctx.hub.state(thread_id)
         acted_by = (principal.kind, principal.key_id)
         if not state.participants:
-            if principal.is_member_scoped or principal.org_id not in (
-                row["org_id"],
-                team["org_id"],
-            ):
+            if principal.org_id not in (row["org_id"], team["org_id"]):
                 raise PermissionDeniedError(
-                    "only an org key of the org that created this open thread or hosts its "
-                    f"{team['kind']} may close it"
+                    "closing an open thread is for the org that created it or hosts its "
+                    f"{team['kind']}"
                 )
+            require(who, "admin", "closing open threads of", team)
             await self.ctx.hub.append(
                 thread_id,
                 type=EV_THREAD_CLOSED,
@@ -1042,7 +1090,9 @@ class ThreadService:
         own agent, ``agent_id`` optional); ``[]`` outside workflow threads or while the thread
         is not active. Raises NotFoundError (thread/agent outside scope),
         PermissionDeniedError (not the token's own agent, not a member), InvalidRequestError
-        (an org key without ``agent_id``)."""
+        (an org key without ``agent_id``) — the thread is checked first: out of scope is 404."""
+        async with self.ctx.engine.connect() as conn:
+            await visible_thread(conn, principal, thread_id)  # scope first: 404 before 403/422
         if principal.kind == "user":
             raise PermissionDeniedError("workflow tools are for agents; use an agent token")
         if principal.kind == "org" and agent_id is None:
@@ -1152,7 +1202,8 @@ class PostGrant:
     rendering); ``team_id`` the thread's team or network. For an agent sender, ``agent`` holds
     its ``id``, ``org_id``, ``name`` and stored ``rule`` and ``rule`` the parsed rule (None: no
     rule), whose adapter and outbound_to checks passed when the grant was made. ``policy`` is
-    the sender org's egress policy for a network thread, None for an org-internal one.
+    what of the sender org's egress policy applies in the thread (all of it in a network
+    thread; in a team thread its defaults if it applies them there, else None).
     """
 
     team_id: str
@@ -1179,7 +1230,9 @@ def _grant_of(row: Mapping[Any, Any], kind: SenderKind, egress: Any, updated_at:
         sender_org_name=row["org_name"],
         agent=agent,
         rule=parse_rule(row["rule"]) if agent is not None else None,
-        policy=policy_from_row(egress, updated_at) if row["team_kind"] == "network" else None,
+        policy=policy_for_thread(
+            policy_from_row(egress, updated_at), row["team_kind"] == "network"
+        ),
     )
 
 
@@ -1192,13 +1245,41 @@ def _sender_for(
         other = user_id if principal.kind == "agent" else agent_id
         if other is not None or (named is not None and named != principal.subject_id):
             raise PermissionDeniedError(
-                f"a {principal.kind} token posts only as its own {principal.kind}"
+                f"{principal.credential_name} posts only as its own {principal.kind}"
             )
         subject = principal.subject_id
         return (subject, None) if principal.kind == "agent" else (None, subject)
     if (agent_id is None) == (user_id is None):
         raise InvalidRequestError("give exactly one of agent_id or user_id as the sender")
     return agent_id, user_id
+
+
+def _check_token_opens(
+    principal: Principal,
+    protocol: bool,
+    visibility: str,
+    participants: list[tuple[str, str]],
+    initiator: tuple[str, str] | None,
+) -> None:
+    """A user or agent token opens threads as itself: a restricted thread must list its own
+    user/agent among the participants (else it could not read what it opened), and a protocol
+    thread must have it as the initiator (by default the first participant).
+    InvalidRequestError otherwise; nothing to check for an org key."""
+    if not principal.is_member_scoped:
+        return
+    me = (principal.kind, str(principal.subject_id))
+    if protocol:
+        opener = initiator or (participants[0] if participants else None)
+        if opener is not None and tuple(opener) != me:
+            raise InvalidRequestError(
+                f"initiator: {principal.credential_name} opens a protocol thread as its own "
+                f"{principal.kind} {me[1]!r} (name it as the initiator or first participant)"
+            )
+    elif visibility == "restricted" and me not in {tuple(p) for p in participants}:
+        raise InvalidRequestError(
+            f"participants: {principal.credential_name} opens a restricted thread only with its "
+            f"own {principal.kind} {me[1]!r} among the participants"
+        )
 
 
 async def _add_participants(
@@ -1418,7 +1499,13 @@ async def render(conn: AsyncConnection, envs: list[Envelope]) -> list[dict[str, 
 
 def render_envelope(e: Envelope, name: str, org_name: str) -> dict[str, Any]:
     """One envelope as its API dict, given its sender's display ``name`` and ``org_name`` (the
-    one shape shared by REST pages and WebSocket ``envelope`` frames)."""
+    one shape shared by REST pages and WebSocket ``envelope`` frames).
+
+    It carries every hashed field with its stored value (docs/security.md, "The hash chain,
+    byte for byte"): ``idempotency_key`` is the key as its sender gave it, and
+    ``stored_idempotency_key`` the key as stored and hashed (a client key scoped as
+    ``<sender_id>:<key>``), so any reader can recompute ``hash``.
+    """
     return {
         "id": e.id,
         "thread_id": e.thread_id,
@@ -1435,8 +1522,23 @@ def render_envelope(e: Envelope, name: str, org_name: str) -> dict[str, Any]:
         },
         "causation_id": e.causation_id,
         "idempotency_key": client_key(e.sender_id, e.idempotency_key),
+        "stored_idempotency_key": e.idempotency_key,
         "audience": e.audience,
         "created_at": e.created_at,
         "hash": e.hash,
         "prev_hash": e.prev_hash,
+    }
+
+
+def render_stub(e: Envelope) -> dict[str, Any]:
+    """An envelope whose audience excludes the reader, as that reader gets it: its place in
+    the chain only (``thread_id``, ``seq``, ``hash``, ``prev_hash``, ``"stub": true``) — no
+    type, content, data, sender, audience or time — so the reader can still check that the
+    chain links up (docs/security.md, "The hash chain, byte for byte")."""
+    return {
+        "thread_id": e.thread_id,
+        "seq": e.seq,
+        "hash": e.hash,
+        "prev_hash": e.prev_hash,
+        "stub": True,
     }

@@ -11,6 +11,7 @@ the second one sees the first one's row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -118,16 +119,18 @@ async def complete_claim(
     return await _current(conn, agent_id, thread_id, trigger_seq)
 
 
-async def release_claims(conn: AsyncConnection, runner_id: str) -> int:
+async def release_claims(
+    conn: AsyncConnection, runner_id: str, agent_ids: Sequence[str] | None = None
+) -> int:
     """End the live leases ``runner_id`` holds on triggers not yet done (a runner stopping
-    cleanly), so another runner — or this one restarted under a new id — takes them over at once
-    instead of waiting for the lease to run out. Returns how many claims were released."""
+    cleanly), so another runner takes them over at once instead of waiting for the lease to run
+    out. ``agent_ids`` limits it to those agents' claims (a remote runner's credential). Returns
+    how many claims were released."""
     row = runner_claims.c
-    result = await conn.execute(
-        update(runner_claims)
-        .where(row.runner_id == runner_id, row.done.is_(False))
-        .values(expires_at=0.0)
-    )
+    stmt = update(runner_claims).where(row.runner_id == runner_id, row.done.is_(False))
+    if agent_ids is not None:
+        stmt = stmt.where(row.agent_id.in_(list(agent_ids)))
+    result = await conn.execute(stmt.values(expires_at=0.0))
     return int(result.rowcount or 0)
 
 

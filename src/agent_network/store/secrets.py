@@ -12,12 +12,17 @@ from agent_network.store.tables import agent_secrets
 
 
 async def upsert_secret(conn: AsyncConnection, row: dict[str, Any]) -> None:
-    """Insert the secret row or replace the ciphertext of the agent's secret of that name."""
+    """Insert the secret row or replace the ciphertext (and fingerprints) of the agent's secret of
+    that name."""
     ins = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     stmt = ins(agent_secrets).values(**row)
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["agent_id", "name"],
-            set_={"ciphertext": row["ciphertext"], "updated_at": row["updated_at"]},
+            set_={
+                "ciphertext": row["ciphertext"],
+                "fingerprints": row.get("fingerprints"),
+                "updated_at": row["updated_at"],
+            },
         )
     )

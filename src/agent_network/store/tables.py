@@ -75,6 +75,8 @@ agent_secrets = Table(
     Column("agent_id", String(40), ForeignKey("agents.id"), nullable=False),
     Column("name", String(100), nullable=False),
     Column("ciphertext", Text, nullable=False),  # Fernet token (AES-128-CBC + HMAC-SHA256)
+    # keyed MACs of the value and its encodings for the egress default (services/fingerprints.py)
+    Column("fingerprints", JSON),
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     UniqueConstraint("agent_id", "name", name="uq_agent_secrets_agent_name"),

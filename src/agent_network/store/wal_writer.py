@@ -73,6 +73,10 @@ class WalSession(Protocol):
 
     def read_envelopes(self, thread_id: str) -> list[Envelope]: ...
 
+    def find_envelope(self, thread_id: str, envelope_id: str) -> Envelope | None:
+        """The envelope ``envelope_id`` of ``thread_id``, or None."""
+        ...
+
     def insert_envelopes(self, batch: Sequence[Envelope]) -> None: ...
 
     def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None: ...
@@ -144,6 +148,12 @@ class _SqliteSession:
     def read_envelopes(self, thread_id: str) -> list[Envelope]:
         rows = self.conn.execute(f"{_SELECT} WHERE thread_id = ? ORDER BY seq", (thread_id,))
         return [_envelope_from_tuple(r) for r in rows]
+
+    def find_envelope(self, thread_id: str, envelope_id: str) -> Envelope | None:
+        row = self.conn.execute(
+            f"{_SELECT} WHERE id = ? AND thread_id = ?", (envelope_id, thread_id)
+        ).fetchone()
+        return None if row is None else _envelope_from_tuple(row)
 
     def insert_envelopes(self, batch: Sequence[Envelope]) -> None:
         self.conn.executemany(
@@ -368,6 +378,13 @@ class _SqlAlchemySession:
     def read_envelopes(self, thread_id: str) -> list[Envelope]:
         q = select(envelopes).where(envelopes.c.thread_id == thread_id).order_by(envelopes.c.seq)
         return [Envelope(**dict(r._mapping)) for r in self.conn.execute(q).all()]
+
+    def find_envelope(self, thread_id: str, envelope_id: str) -> Envelope | None:
+        q = select(envelopes).where(
+            envelopes.c.id == envelope_id, envelopes.c.thread_id == thread_id
+        )
+        row = self.conn.execute(q).first()
+        return None if row is None else Envelope(**dict(row._mapping))
 
     def insert_envelopes(self, batch: Sequence[Envelope]) -> None:
         if batch:

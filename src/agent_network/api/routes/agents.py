@@ -109,16 +109,28 @@ async def delete_routine(
     return Response(status_code=204)
 
 
+class RuleBody(Rule):
+    """A rule as written: ``inbound_from`` / ``outbound_to`` entries may be ids, ``org:self``,
+    ``*``, or names (``<name>``, ``org:<name>``) resolved to ids before storing. ``principals``
+    (what GET shows) is read-only and ignored, so a rule read can be written back as it is."""
+
+    principals: dict[str, Any] | None = None
+
+
 @router.get("/agents/{agent_id}/rule")
 async def get_rule(agent_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """The agent's rule (defaults when none was set)."""
+    """The agent's rule (defaults when none was set): ids in ``inbound_from`` and
+    ``outbound_to``, and ``principals`` ``{id: {kind, name, org_id, org_name}}`` naming them."""
     return await call.services.rules.get(call.principal, agent_id)
 
 
 @router.put("/agents/{agent_id}/rule")
-async def put_rule(agent_id: str, body: Rule, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """Replace the agent's rule; enforced on every message the agent sends or receives."""
-    return await call.services.rules.put(call.principal, agent_id, body)
+async def put_rule(agent_id: str, body: RuleBody, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """Replace the agent's rule; enforced on every message the agent sends or receives. Names
+    are resolved to ids among the principals the org sees; 422 ``unresolved_principal``
+    naming the entry when one names nobody or several."""
+    rule = Rule.model_validate(body.model_dump(exclude={"principals"}))
+    return await call.services.rules.put(call.principal, agent_id, rule)
 
 
 @router.post("/agents/{agent_id}/knowledge", status_code=201)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from pydantic import Field
 
 from agent_network.api.deps import Call, get_call
@@ -34,7 +34,7 @@ class ClaimTarget(Body):
 
 
 class ClaimCreate(ClaimTarget):
-    lease_seconds: float = Field(default=30.0, gt=0, le=MAX_LEASE, description="seconds")
+    lease_seconds: float = Field(default=10.0, gt=0, le=MAX_LEASE, description="seconds")
 
 
 def _claims(call: Call) -> ClaimService:
@@ -77,10 +77,39 @@ async def complete(body: ClaimComplete, call: Call = Depends(get_call)) -> dict[
     return await _claims(call).complete(call.principal, **body.model_dump())
 
 
+class ClaimRelease(Body):
+    runner_id: str = Field(min_length=1, max_length=MAX_RUNNER_ID)
+
+
+@router.post("/claims/release")
+async def release(body: ClaimRelease, call: Call = Depends(get_call)) -> dict[str, Any]:
+    """End the live leases ``runner_id`` holds on the caller's agents (a runner stopping
+    cleanly), so other runners take the triggers over at once: ``{"runner_id", "released"}``.
+    403 for a user token."""
+    return await _claims(call).release(call.principal, runner_id=body.runner_id)
+
+
 @router.get("/claims/done")
 async def done(agent_id: str, thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """The trigger seqs of a thread that are done for an agent."""
     return await _claims(call).done(call.principal, agent_id=agent_id, thread_id=thread_id)
+
+
+class SecretRequest(ClaimTarget):
+    name: str = Field(min_length=1, max_length=100, description="the secret's name")
+
+
+@router.post("/runners/secrets")
+async def secret(
+    body: SecretRequest, response: Response, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """One secret of the runner's agent, for the tools it runs (``{"agent_id", "name",
+    "value"}``). Only the agent's own token is answered, and only while ``runner_id`` holds a
+    live claim on the trigger (409 ``claim_required`` otherwise); an org key or user token
+    gets 403, another agent's token 404. Audited as ``secret.revealed`` (the name, never the
+    value); the answer is marked ``Cache-Control: no-store``."""
+    response.headers["Cache-Control"] = "no-store"
+    return await call.services.secrets.reveal_for_runner(call.principal, **body.model_dump())
 
 
 class TriageAnswer(ClaimTarget):

@@ -11,6 +11,7 @@ from agent_network.api.schemas import (
     InviteCreate,
     JoinRequest,
     MemberAdd,
+    MemberUpdate,
     TeamCreate,
     TeamUpdate,
     ThreadCreate,
@@ -67,6 +68,20 @@ def _router(kind: TeamKind) -> APIRouter:
             call.principal, kind, team_id, member_kind, member_id
         )
         return Response(status_code=204)
+
+    @router.patch("/{team_id}/members/{member_kind}/{member_id}")
+    async def set_role(
+        team_id: str,
+        member_kind: str,
+        member_id: str,
+        body: MemberUpdate,
+        call: Call = Depends(get_call),
+    ) -> dict[str, Any]:
+        """Change the role of one of the caller org's members (owner, admin, member; see
+        docs/security.md#team-roles). 409 ``conflict`` for the last owner."""
+        return await call.services.teams.set_role(
+            call.principal, kind, team_id, member_kind, member_id, body.role
+        )
 
     @router.post("/{team_id}/threads", status_code=201)
     async def create_thread(
