@@ -18,18 +18,6 @@ from typing import Any
 import anyio
 import pytest
 
-from agent_network.adapters import (
-    BaseAdapter,
-    Proposal,
-    acks_within,
-    max_silence,
-    may_speak,
-    register_adapter,
-    reply_within,
-    thread_created_data,
-    turn_within,
-)
-from agent_network.adapters.model import epoch
 from agent_network.errors import (
     AgentNetworkError,
     InvalidAudienceError,
@@ -40,7 +28,22 @@ from agent_network.errors import (
     RunawayBudgetError,
     ThreadClosedError,
 )
-from agent_network.hub import (
+from agent_network.hub import Hub
+from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.ids import new_id
+from agent_network.protocol import (
+    BaseAdapter,
+    Proposal,
+    acks_within,
+    max_silence,
+    may_speak,
+    register_adapter,
+    reply_within,
+    thread_created_data,
+    turn_within,
+)
+from agent_network.protocol.deadlines import next_due
+from agent_network.protocol.events import (
     EV_EXPECTATION_VIOLATED,
     EV_MESSAGE,
     EV_NOTIFY,
@@ -49,13 +52,10 @@ from agent_network.hub import (
     EV_THREAD_CLOSING,
     EV_THREAD_CREATED,
     EV_THREAD_REJECT,
-    Hub,
-    ThreadState,
-    fold,
-    next_due,
 )
-from agent_network.model.envelope import Actor, Envelope
-from agent_network.model.ids import new_id
+from agent_network.protocol.fold import fold
+from agent_network.protocol.knobs import epoch
+from agent_network.protocol.state import ThreadState
 from agent_network.store.engine import create_engine, database_url
 
 ORG = "org_protocols"

@@ -32,13 +32,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
+from agent_network.api.embedded import EmbeddedLink
 from agent_network.client import (
     AsyncClient,
     ChainReport,
     Envelope,
     EnvelopeStub,
     HubClient,
-    LocalLink,
     Passport,
     verify_chain,
 )
@@ -322,7 +322,10 @@ def test_stubs_never_reach_hubclient_handlers(tmp_path: Path) -> None:
         return f"ok {env.content}"
 
     async def main() -> None:
-        async with LocalLink.open(tmp_path / "hub.db") as link, HubClient(link, discover=0.2) as hc:
+        async with (
+            EmbeddedLink.open(tmp_path / "hub.db") as link,
+            HubClient(link, discover=0.2) as hc,
+        ):
             clerk = await hc.register(Passport(name="Clerk"), handler=record)
             ann, bob = await hc.human("Ann"), await hc.human("Bob")
             thread = await hc.rest.threads.create(

@@ -35,13 +35,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_network.adapters.lifecycle import budget_spent, reply_key
 from agent_network.errors import RunawayBudgetError
-from agent_network.hub import EV_MESSAGE, EV_THREAD_CREATED, Hub
-from agent_network.hub.fold import EV_BUDGET_SET, ThreadState
+from agent_network.hub import Hub
 from agent_network.model.envelope import Actor
+from agent_network.protocol.events import EV_BUDGET_SET, EV_MESSAGE, EV_THREAD_CREATED
+from agent_network.protocol.lifecycle import budget_spent, reply_key
+from agent_network.protocol.state import ThreadState
 from agent_network.runtime.identity import RunnerIdInUseError, take_runner_id
-from agent_network.runtime.protocol import thread_may_speak
+from agent_network.runtime.thread_view import thread_may_speak
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 from conftest import LiveServer, Org, all_envelopes, assert_error, free_port
 from test_remote_runner import claims, wait_until  # helpers, no tests

@@ -1,5 +1,5 @@
 """Hub clients (HubClient, AgentClient, HumanClient) over both links: the same scenario runs in
-process (LocalLink, no socket) and against a live server over WebSocket (WsLink)."""
+process (EmbeddedLink, no socket) and against a live server over WebSocket (WsLink)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import pytest
 
-from agent_network.client import ApiError
+from agent_network.api.embedded import EmbeddedLink
+from agent_network.client import ApiError, InvalidRequest, NotFound
 from agent_network.client.hubclient import (
     Channel,
     HubClient,
     Link,
-    LocalLink,
     Passport,
     Resume,
     WsLink,
@@ -36,7 +36,7 @@ def open_link(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 
         @contextlib.asynccontextmanager
         async def local() -> AsyncIterator[Link]:
-            async with LocalLink.open(db, token=token[0] if token else None) as link:
+            async with EmbeddedLink.open(db, token=token[0] if token else None) as link:
                 token[:] = [link.token]
                 yield link
 
@@ -198,7 +198,7 @@ def test_opening_with_an_unknown_target_says_which_name_is_missing(open_link: Li
 
 def test_hubclient_tokens_expire_and_are_renewed_while_it_runs(tmp_path: Path) -> None:
     async def main() -> None:
-        async with LocalLink.open(tmp_path / "hub.db") as link:
+        async with EmbeddedLink.open(tmp_path / "hub.db") as link:
             async with HubClient(link, token_ttl=3) as hc:
                 alice = await hc.register(Passport(name="alice"))
                 creds = {c.id: c for c in await hc.rest.credentials.list()}
@@ -211,5 +211,38 @@ def test_hubclient_tokens_expire_and_are_renewed_while_it_runs(tmp_path: Path) -
                 assert later is not None and later > first
             with pytest.raises(ValueError, match="token_ttl"):
                 HubClient(link, token_ttl=0.5)
+
+    anyio.run(main)
+
+
+def test_embedded_link_speaks_sdk_errors_and_keeps_cursors_through_the_service(
+    tmp_path: Path,
+) -> None:
+    """The embedded link (server side, ``api/embedded.py``) raises the SDK's errors, as REST
+    would, and moves durable cursors through ``services.delivery``: forward only, never past
+    the thread's last seq, and a follow from the cursor resumes after it."""
+
+    async def main() -> None:
+        async with EmbeddedLink.open(tmp_path / "hub.db") as link, HubClient(link) as hc:
+            alice = await hc.register(Passport(name="alice"))
+            await hc.register(Passport(name="bob"))
+            carol = await hc.register(Passport(name="carol"))
+            channel = await alice.open("two only", target="bob")
+            await channel.send("one")
+            last = await channel.send("two")
+            with pytest.raises(NotFound):  # carol is not in the thread
+                await anext(link.follow(carol.token, channel.thread_id))
+            with pytest.raises(NotFound):
+                await link.ack(carol.token, channel.thread_id, 1, "probe")
+            with pytest.raises(InvalidRequest):  # beyond the last seq: nothing written
+                await link.ack(alice.token, channel.thread_id, last.seq + 1, "probe")
+            await link.ack(alice.token, channel.thread_id, last.seq - 1, "probe")
+            await link.ack(alice.token, channel.thread_id, 1, "probe")  # never backwards
+            stream = link.follow(alice.token, channel.thread_id, cursor="probe")
+            try:
+                first = await anext(stream)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+            assert first.seq == last.seq and first.id == last.id
 
     anyio.run(main)

@@ -5,7 +5,7 @@ A real server (uvicorn on 127.0.0.1, real SQLite file) is driven over HTTP: open
 rule and user setting, explicit ack/reject/close/context and their errors, the consulting,
 discussion and workflow rules, audiences on every read path (messages, envelopes, long-poll,
 WebSocket; a property test over random audiences and readers), agent resumes, the SDK's
-``AsyncClient`` and a ``HubClient`` over ``LocalLink``.
+``AsyncClient`` and a ``HubClient`` over ``EmbeddedLink``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
-from agent_network.adapters import Finish, Handoff, ToolSpec, TransitionGraph, tool_call
+from agent_network.api.embedded import EmbeddedLink
 from agent_network.client import (
     AsyncClient,
     HubClient,
     InvalidAudience,
-    LocalLink,
     NotYourTurn,
     Passport,
     ProtocolViolation,
@@ -37,6 +36,7 @@ from agent_network.client import (
     ThreadClosed,
 )
 from agent_network.client.models import Thread
+from agent_network.protocol import Finish, Handoff, ToolSpec, TransitionGraph, tool_call
 from conftest import LiveServer, Org, all_envelopes, assert_error, open_network
 
 # ----------------------------------------------------------------------------- helpers
@@ -782,7 +782,7 @@ def test_sdk_drives_protocol_threads(crew: Crew) -> None:
 
 def test_hubclient_consulting_over_locallink(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with LocalLink.open(tmp_path / "hc.db") as link, HubClient(link) as hc:
+        async with EmbeddedLink.open(tmp_path / "hc.db") as link, HubClient(link) as hc:
             expert = await hc.register(
                 Passport(name="Expert"),
                 Resume(capabilities=["arithmetic"]),

@@ -32,8 +32,6 @@ from hypothesis.stateful import (
     rule,
 )
 
-from agent_network.adapters import Handoff, TransitionGraph, may_speak, tool_call
-from agent_network.adapters.model import epoch
 from agent_network.errors import (
     AgentNetworkError,
     InvalidAudienceError,
@@ -41,7 +39,11 @@ from agent_network.errors import (
     ProtocolViolationError,
     ThreadClosedError,
 )
-from agent_network.hub import (
+from agent_network.hub import Hub
+from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.ids import new_id
+from agent_network.protocol import Handoff, TransitionGraph, may_speak, tool_call
+from agent_network.protocol.events import (
     EV_CONTEXT_SET,
     EV_EXPECTATION_VIOLATED,
     EV_MESSAGE,
@@ -50,11 +52,9 @@ from agent_network.hub import (
     EV_THREAD_CLOSING,
     EV_THREAD_CREATED,
     EV_THREAD_REJECT,
-    Hub,
-    fold,
 )
-from agent_network.model.envelope import Actor, Envelope
-from agent_network.model.ids import new_id
+from agent_network.protocol.fold import fold
+from agent_network.protocol.knobs import epoch
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
 ORG = "org_fold"

@@ -27,8 +27,9 @@ from websockets.sync.client import ClientConnection, connect
 from agent_network.api import create_app
 from agent_network.api.server import GracefulServer
 from agent_network.config import Settings
-from agent_network.hub import EV_MESSAGE, EV_THREAD_CREATED, Hub
+from agent_network.hub import Hub
 from agent_network.model.envelope import Actor, Envelope
+from agent_network.protocol.events import EV_MESSAGE, EV_THREAD_CREATED
 from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
 from agent_network.services.realtime import Connection, Follow

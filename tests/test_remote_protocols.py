@@ -30,16 +30,10 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo
 
-from agent_network.adapters import (
-    AgentTarget,
-    FromSpeaker,
-    ToolSpec,
-    Transition,
-    TransitionGraph,
-)
 from agent_network.client import AsyncClient, Envelope, Sender
-from agent_network.runtime.protocol import HANDOFF_TOOL
+from agent_network.protocol import AgentTarget, FromSpeaker, ToolSpec, Transition, TransitionGraph
 from agent_network.runtime.remote import AgentCard, RemoteJob, RemoteRunner, may_trigger
+from agent_network.runtime.thread_view import HANDOFF_TOOL
 from conftest import LiveServer, Org, all_envelopes, assert_error, function_model
 
 # ------------------------------------------------------------------------------ fixtures

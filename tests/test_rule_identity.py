@@ -29,7 +29,7 @@ from agent_network.model.rule import (
     matches,
     resolve_entry,
 )
-from agent_network.runtime.protocol import handoff_names
+from agent_network.runtime.thread_view import handoff_names
 from conftest import LiveServer, Org, assert_error, function_model, open_network, settle
 
 # ------------------------------------------------------------------ pure: matching, resolving

@@ -32,7 +32,10 @@ from pydantic_ai.messages import (
 from pydantic_ai.models.function import AgentInfo
 from sqlalchemy import select
 
-from agent_network.adapters import (
+from agent_network.client import AsyncClient
+from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.ids import new_id, now_iso
+from agent_network.protocol import (
     AgentTarget,
     FromSpeaker,
     ToolSpec,
@@ -40,18 +43,17 @@ from agent_network.adapters import (
     TransitionGraph,
     thread_created_data,
 )
-from agent_network.adapters.model import epoch
-from agent_network.client import AsyncClient
-from agent_network.hub import (
+from agent_network.protocol.events import (
     EV_CONTEXT_SET,
     EV_MESSAGE,
     EV_THREAD_ACK,
     EV_THREAD_CLOSING,
     EV_THREAD_CREATED,
 )
-from agent_network.model.envelope import Actor, Envelope
-from agent_network.model.ids import new_id, now_iso
-from agent_network.runtime.protocol import (
+from agent_network.protocol.knobs import epoch
+from agent_network.runtime.remote import RemoteRunner
+from agent_network.runtime.runner import Job, Runner
+from agent_network.runtime.thread_view import (
     HANDOFF_TOOL,
     PASS_REPLY,
     ToolBox,
@@ -59,8 +61,6 @@ from agent_network.runtime.protocol import (
     reply_audience,
     thread_may_speak,
 )
-from agent_network.runtime.remote import RemoteRunner
-from agent_network.runtime.runner import Job, Runner
 from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
 from agent_network.store.claims import ClaimState

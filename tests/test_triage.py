@@ -23,9 +23,9 @@ from pydantic_ai.models.function import AgentInfo
 from sqlalchemy import select
 
 from agent_network.errors import InvalidRequestError
-from agent_network.hub import EV_MESSAGE
 from agent_network.model.envelope import Envelope
 from agent_network.model.rule import RateLimit, Rule
+from agent_network.protocol.events import EV_MESSAGE
 from agent_network.runtime.triage import (
     MARKER,
     decide,

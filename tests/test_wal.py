@@ -19,15 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_network.errors import RunawayBudgetError, ThreadClosedError
-from agent_network.hub import (
+from agent_network.hub import Hub
+from agent_network.model.envelope import Actor, envelope_hash
+from agent_network.protocol.events import (
     EV_BUDGET_SET,
     EV_MESSAGE,
     EV_THREAD_CLOSED,
     EV_THREAD_CREATED,
-    Hub,
-    fold,
 )
-from agent_network.model.envelope import Actor, envelope_hash
+from agent_network.protocol.fold import fold
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 from conftest import LiveServer, Org, all_envelopes, assert_error
 

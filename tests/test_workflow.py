@@ -14,7 +14,17 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent_network.adapters import (
+from agent_network.errors import (
+    AgentNetworkError,
+    InvalidRequestError,
+    NotYourTurnError,
+    ProtocolViolationError,
+    ThreadClosedError,
+)
+from agent_network.hub import Hub
+from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.ids import new_id
+from agent_network.protocol import (
     AgentTarget,
     Always,
     Condition,
@@ -41,26 +51,16 @@ from agent_network.adapters import (
     tool_call,
     tools_for,
 )
-from agent_network.adapters.graph import Route, parse_tool_calls
-from agent_network.adapters.model import epoch
-from agent_network.errors import (
-    AgentNetworkError,
-    InvalidRequestError,
-    NotYourTurnError,
-    ProtocolViolationError,
-    ThreadClosedError,
-)
-from agent_network.hub import (
+from agent_network.protocol.adapters.graph import Route, parse_tool_calls
+from agent_network.protocol.events import (
     EV_CONTEXT_SET,
     EV_MESSAGE,
     EV_THREAD_CLOSED,
     EV_THREAD_CREATED,
-    Hub,
-    ThreadState,
-    fold,
 )
-from agent_network.model.envelope import Actor, Envelope
-from agent_network.model.ids import new_id
+from agent_network.protocol.fold import fold
+from agent_network.protocol.knobs import epoch
+from agent_network.protocol.state import ThreadState
 from agent_network.store.engine import create_engine, database_url
 
 ORG = "org_workflow"

@@ -1,6 +1,6 @@
 """What the protocol examples share: the command line, the in-process platform, agents, printing.
 
-Every example runs the whole platform inside its own process: :class:`LocalLink` starts the store
+Every example runs the whole platform inside its own process: :class:`EmbeddedLink` starts the store
 (a temporary SQLite file, or ``--db PATH``), the hub, the services and the in-process runner
 (``run_routines=True``), with no server and no socket. Agents are registered through a
 :class:`HubClient` (each acts with its own agent token) and get a ``participate`` routine, so the
@@ -35,13 +35,13 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from agent_network.api.embedded import EmbeddedLink
 from agent_network.client import (
     AgentClient,
     ApiError,
     Envelope,
     HubClient,
     HumanClient,
-    LocalLink,
     Passport,
     Thread,
 )
@@ -130,7 +130,7 @@ def has_closed(envs: Iterable[Envelope]) -> bool:
 
 
 class Network:
-    """One example run: the platform (a LocalLink with the runner), a HubClient, everyone's
+    """One example run: the platform (an EmbeddedLink with the runner), a HubClient, everyone's
     names, and printers that follow threads.
 
     Use as ``async with Network(options) as net``. Every printer is a task of the network's
@@ -148,7 +148,7 @@ class Network:
 
     async def __aenter__(self) -> Self:
         link = await self._stack.enter_async_context(
-            LocalLink.open(self.options.db, run_routines=True, model=self.options.model)
+            EmbeddedLink.open(self.options.db, run_routines=True, model=self.options.model)
         )
         self._hc = await self._stack.enter_async_context(HubClient(link))
         self._tg = await self._stack.enter_async_context(anyio.create_task_group())

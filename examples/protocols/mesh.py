@@ -18,8 +18,8 @@ from __future__ import annotations
 import anyio
 from _common import Network, Options, messages, report, run
 
-from agent_network.adapters import TransitionGraph
 from agent_network.client import AgentClient, Thread
+from agent_network.protocol import TransitionGraph
 
 TURNS = 6
 

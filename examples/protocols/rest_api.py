@@ -1,7 +1,7 @@
 """The protocol REST API, request by request: every JSON body and answer, as sent and received.
 
 ``docs/protocols.md`` quotes its output. It drives the API with plain JSON (httpx against the
-in-process app of a LocalLink, exactly what ``curl`` would send to a server) with the org key,
+in-process app of an EmbeddedLink, exactly what ``curl`` would send to a server) with the org key,
 posting as each agent in turn (``agent_id``); no routine runs, so nothing answers on its own.
 
 Sections: consulting (open, audience, out of turn, bad audience, the reply closes it);
@@ -22,21 +22,21 @@ import anyio
 import httpx
 from _common import Options, quiet_logs, run
 
-from agent_network.adapters import (
+from agent_network.api.embedded import EmbeddedLink
+from agent_network.errors import NotYourTurnError
+from agent_network.protocol import (
     AgentTarget,
     BaseAdapter,
     FromSpeaker,
     Proposal,
     TerminateTarget,
+    ThreadState,
     ToolCalled,
     ToolSpec,
     Transition,
     TransitionGraph,
     register_adapter,
 )
-from agent_network.client import LocalLink
-from agent_network.errors import NotYourTurnError
-from agent_network.hub import ThreadState
 
 
 class BroadcastAdapter(BaseAdapter):
@@ -104,7 +104,7 @@ def section(title: str) -> None:
 
 async def main(options: Options) -> bool:
     register_adapter(BroadcastAdapter())
-    async with LocalLink.open(options.db) as link:
+    async with EmbeddedLink.open(options.db) as link:
         transport = httpx.ASGITransport(app=link.app)
         headers = {"Authorization": f"Bearer {link.token}"}
         async with httpx.AsyncClient(

@@ -44,7 +44,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from agent_network.adapters import (
+from agent_network.protocol import (
     AgentTarget,
     FromSpeaker,
     TerminateTarget,

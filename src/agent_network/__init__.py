@@ -5,13 +5,41 @@ Public API (more in the subpackages):
 - :func:`create_app` — the FastAPI application (REST under ``/api/v1``).
 - :class:`Hub` — the WAL write path; :class:`Envelope`, :class:`Actor` — its records.
 - :class:`Settings` — configuration from ``AGENT_NETWORK_*`` environment variables.
+
+These names load on first use, so importing a subpackage (the SDK, ``agent_network.client``,
+stands alone) never loads the server.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from agent_network.config import Settings
-from agent_network.hub import Hub
-from agent_network.model import Actor, Envelope
+if TYPE_CHECKING:
+    from agent_network.config import Settings
+    from agent_network.hub import Hub
+    from agent_network.model import Actor, Envelope
+
+_LAZY = {
+    "Settings": "agent_network.config",
+    "Hub": "agent_network.hub",
+    "Actor": "agent_network.model",
+    "Envelope": "agent_network.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load ``Settings``, ``Hub``, ``Actor`` and ``Envelope`` from their modules on first use;
+    AttributeError for any other name."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agent_network' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]

@@ -191,7 +191,7 @@ def thread_list(db: DbOption = None) -> None:
     """Every thread in the database with its state (no API, reads the file)."""
     from sqlalchemy import select
 
-    from agent_network.hub import fold
+    from agent_network.protocol.fold import fold
     from agent_network.store.tables import orgs, teams, threads
     from agent_network.store.wal import read_envelopes
 

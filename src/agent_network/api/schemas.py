@@ -142,7 +142,7 @@ class Participant(Body):
 
 
 class ExpectationBody(Body):
-    """A deadline rule on a protocol thread (``agent_network.adapters.Expectation``)."""
+    """A deadline rule on a protocol thread (``agent_network.protocol.Expectation``)."""
 
     kind: Literal["reply_within", "acks_within", "max_silence", "turn_within"]
     seconds: float = Field(gt=0, description="seconds")

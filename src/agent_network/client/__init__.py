@@ -1,4 +1,7 @@
-"""The Python SDK of Agent Network: async REST client, realtime rooms, sync facade.
+"""The Python SDK of Agent Network: async REST client, realtime rooms, sync facade, hub clients.
+
+It stands alone: it needs httpx, websockets and pydantic, and never imports the server (the
+in-process link, ``EmbeddedLink``, lives on the server side in ``agent_network.api.embedded``).
 
 ```python
 from agent_network.client import AsyncClient
@@ -44,9 +47,7 @@ from agent_network.client.hubclient import (
     HubClient,
     HumanClient,
     Link,
-    LocalLink,
     Passport,
-    Resume,
     WsLink,
 )
 from agent_network.client.models import (
@@ -77,6 +78,7 @@ from agent_network.client.models import (
     Principal,
     RateLimit,
     ReleasedClaims,
+    Resume,
     RevealedSecret,
     Routine,
     Rule,
@@ -141,7 +143,6 @@ __all__ = [
     "IssuedCredential",
     "JoinResult",
     "Link",
-    "LocalLink",
     "Member",
     "ModelUnavailable",
     "Network",

@@ -9,18 +9,22 @@ incoming envelopes with a callback, wait for an event and read the WAL. A
 
 Two links, one API (switching is one constructor argument)::
 
-    async with LocalLink.open("net.db") as link:          # the platform in this process
+    async with EmbeddedLink.open("net.db") as link:       # the platform in this process
         ...
     async with WsLink.connect(url, org_key) as link:      # a remote server over WebSocket
         ...
     async with HubClient(link) as hc:
         alice = await hc.register(Passport(name="alice"), handler=answer)
 
-- :class:`LocalLink` runs the whole server in this process (store, hub, services, REST app) with
-  no socket: REST calls go through the ASGI app in memory and live envelopes come from the hub's
-  long-poll. It is the default for tests, notebooks and single-process deployments.
+- ``EmbeddedLink`` (``agent_network.api.embedded``, part of the server, not of this SDK) runs
+  the whole server in this process with no socket: REST calls go through the ASGI app in memory
+  and live envelopes come from the hub. It is the default for tests, notebooks and
+  single-process deployments.
 - :class:`WsLink` talks to a remote server: REST over HTTP, live envelopes over the WebSocket
   protocol (``docs/protocol.md``) with reconnect and resume.
+
+A HubClient takes any object with the :class:`Link` interface; this module never imports the
+server.
 
 Every agent and person acts with **its own** token (issued by the org key when registered and
 revoked when the HubClient closes), so an AgentClient can only ever act as itself and sees only
@@ -49,26 +53,23 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import tempfile
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 import anyio
 import httpx
-import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from agent_network.client.errors import ApiError, NotFound, TransportError
-from agent_network.client.models import Agent, Envelope, Thread, Tool, User
+from agent_network.client.models import Agent, Envelope, Resume, Thread, Tool, User
 from agent_network.client.rest import AsyncClient
-from agent_network.store.engine import write_transaction
 
-log = structlog.get_logger(__name__)
+log = logging.getLogger(__name__)
 
 HUBCLIENT_CURSOR = "hubclient"
 DEFAULT_TEAM = "hub"
@@ -93,19 +94,14 @@ class Passport(BaseModel):
         return self.lookup_key or "-".join(self.name.lower().split())
 
 
-class Resume(BaseModel):
-    """What an agent claims it can do: ``capabilities``, ``domains`` and a free ``summary``."""
-
-    capabilities: list[str] = Field(default_factory=list)
-    domains: list[str] = Field(default_factory=list)
-    summary: str = ""
-
-
 def _stored_resume(agent: Agent) -> Resume:
     """The resume stored for ``agent``: its ``resume`` field, else the ``metadata.resume`` of
     agents registered before resumes had a field of their own, else an empty one."""
     if agent.resume is not None:
-        return Resume.model_validate(agent.resume.model_dump())
+        stored = agent.resume
+        return Resume(
+            capabilities=stored.capabilities, domains=stored.domains, summary=stored.summary
+        )
     old = agent.metadata.get("resume")
     if isinstance(old, dict):
         with contextlib.suppress(ValueError):
@@ -124,7 +120,10 @@ class Link(Protocol):
     ``rest(token)`` is a REST client acting with ``token``; ``follow`` yields the envelopes of
     ``thread_id`` visible to ``token`` with ``seq > after`` (or after the durable ``cursor``),
     in order, forever; ``ack`` moves that cursor; ``token`` is the org key the link was opened
-    with.
+    with. Failures are SDK errors (:class:`~agent_network.client.ApiError` subclasses,
+    :class:`~agent_network.client.TransportError`) or ``OSError``/``httpx.HTTPError``.
+    Implementations: :class:`WsLink` here, ``agent_network.api.embedded.EmbeddedLink`` on the
+    server side (the platform in process).
     """
 
     token: str
@@ -136,108 +135,6 @@ class Link(Protocol):
     ) -> AsyncIterator[Envelope]: ...
 
     async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None: ...
-
-
-class LocalLink:
-    """The platform in this process, reached without sockets (see the module docstring).
-
-    Open it with :meth:`open`; ``token`` is the org key the link acts with (created on first
-    open when none is given: read ``link.token`` to keep it for the next run).
-    """
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app = app
-        self.token = token
-        self._transport = httpx.ASGITransport(app=app)
-        self._clients: list[AsyncClient] = []
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(
-        cls,
-        database: str | Path | None = None,
-        *,
-        token: str | None = None,
-        org_name: str = "local",
-        run_routines: bool = False,
-        model: str | None = None,
-    ) -> AsyncIterator[LocalLink]:
-        """Start store, hub and services on ``database`` (a SQLite path or database URL; default
-        a temporary file removed on exit) and yield the link.
-
-        ``token``: an org key of that database to act with; without it a new org ``org_name`` is
-        created. ``run_routines`` also starts the in-process runner (participate routines);
-        ``model`` is the server's default model for them.
-        """
-        from agent_network.api.app import create_app
-        from agent_network.config import Settings
-        from agent_network.services import create_admin_key
-
-        with contextlib.ExitStack() as stack:
-            if database is None:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="an-local-"))
-                database = Path(tmp) / "agent-network.db"
-            settings = Settings(database=str(database), run_routines=run_routines, model=model)
-            app = create_app(settings)
-            async with app.router.lifespan_context(app):
-                if token is None:
-                    admin = await create_admin_key(app.state.services.ctx.engine)
-                    link = cls(app, admin)
-                    async with link.rest(admin) as root:
-                        created = await root.orgs.create(org_name)
-                    token = created.key
-                link = cls(app, token)
-                try:
-                    yield link
-                finally:
-                    await link.aclose()
-
-    def rest(self, token: str) -> AsyncClient:
-        """A REST client over the in-memory ASGI transport, acting with ``token``."""
-        client = AsyncClient("http://local", token, transport=self._transport)
-        self._clients.append(client)
-        return client
-
-    async def follow(
-        self, token: str, thread_id: str, *, after: int | None = None, cursor: str | None = None
-    ) -> AsyncIterator[Envelope]:
-        """Long-poll the hub in process (30 s per wait); see :class:`Link`."""
-        from agent_network.store.delivery import read_cursor
-
-        services = self.app.state.services
-        principal = await services.orgs.authenticate(token)
-        if after is None:
-            after = 0
-            if cursor is not None:
-                async with services.ctx.engine.connect() as conn:
-                    after = await read_cursor(conn, _subscriber(principal), cursor, thread_id)
-        while True:
-            page = await services.threads.envelopes(
-                principal, thread_id, after=after, limit=500, wait=30.0, messages_only=False
-            )
-            for item in page["items"]:
-                if not item.get("stub"):  # a stub (hidden by its audience) carries nothing
-                    yield Envelope.model_validate(item)
-            after = max(after, int(page["next_after"]))
-
-    async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None:
-        """Advance the durable cursor (never backwards)."""
-        from agent_network.store.delivery import advance_cursor
-
-        services = self.app.state.services
-        principal = await services.orgs.authenticate(token)
-        async with write_transaction(services.ctx.engine) as conn:
-            await advance_cursor(conn, _subscriber(principal), cursor, thread_id, seq)
-
-    async def aclose(self) -> None:
-        """Close the REST clients this link handed out."""
-        for client in self._clients:
-            await client.aclose()
-        self._clients.clear()
-
-
-def _subscriber(principal: Any) -> str:
-    return str(principal.subject_id or principal.org_id)
 
 
 class WsLink:
@@ -508,7 +405,7 @@ class AgentClient(_Participant):
 
         ``adapter`` (default ``open``) picks the protocol (``conversation``, ``consulting``,
         ``discussion``, ``workflow``...); ``ttl``/``ack_timeout`` are seconds,
-        ``expectations`` Expectations (``agent_network.adapters.reply_within(...)``) or their
+        ``expectations`` Expectations (``agent_network.protocol.reply_within(...)``) or their
         dicts, ``graph`` a TransitionGraph (or its dict) for a workflow, whose targets may use
         the agents' names; ``knobs`` pass further fields of the thread: ``invitees`` (default
         every target), ``names``, ``order`` (discussion), ``agent_budget``, and any other
@@ -556,7 +453,7 @@ class AgentClient(_Participant):
                     causation_id=env.id,
                 )
             except ApiError as err:  # refused (budget, rule, closed): recorded by the server
-                log.info("hubclient.reply_refused", agent=self.name, code=err.code)
+                log.info("hubclient.reply_refused agent=%s code=%s", self.name, err.code)
 
 
 @dataclass(eq=False)
@@ -614,8 +511,9 @@ class HumanClient(_Participant):
 
 
 class HubClient:
-    """One process's connection to the hub through ``link`` (a :class:`LocalLink` or a
-    :class:`WsLink`), acting for the org whose key the link holds.
+    """One process's connection to the hub through ``link`` (any :class:`Link`: a
+    :class:`WsLink`, or the server's ``EmbeddedLink``), acting for the org whose key the link
+    holds.
 
     Use as ``async with HubClient(link) as hc``. Agents and people it registers join the team
     ``team`` (created if missing) so they can open threads with each other. ``discover`` is how
@@ -765,7 +663,7 @@ class HubClient:
                 try:
                     await self.rest.credentials.renew(who.credential_id, ttl)
                 except (ApiError, TransportError) as err:
-                    log.warning("hubclient.renew_failed", who=who.name, error=str(err))
+                    log.warning("hubclient.renew_failed who=%s error=%s", who.name, err)
 
     async def _agent_by_key(self, key: str) -> Agent | None:
         return next((a for a in await self.rest.agents.list() if a.lookup_key == key), None)
@@ -819,7 +717,7 @@ class HubClient:
                 who._following.discard(thread_id)  # access lost: stop following
                 return
             except (ApiError, OSError, httpx.HTTPError) as err:
-                log.info("hubclient.follow_retry", thread=thread_id, error=repr(err))
+                log.info("hubclient.follow_retry thread=%s error=%r", thread_id, err)
             await anyio.sleep(1.0)
 
     async def _discover_loop(self) -> None:
@@ -836,7 +734,6 @@ __all__ = [
     "HubClient",
     "HumanClient",
     "Link",
-    "LocalLink",
     "Passport",
     "Resume",
     "WsLink",

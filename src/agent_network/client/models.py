@@ -62,12 +62,17 @@ class User(Model):
     created_at: datetime
 
 
-class AgentResume(Model):
-    """What an agent claims it can do: ``capabilities``, ``domains``, a free ``summary``."""
+class Resume(Model):
+    """What an agent claims it can do: ``capabilities``, ``domains``, a free ``summary``. The
+    SDK's one resume type: an agent's stored ``resume`` and what :meth:`HubClient.register
+    <agent_network.client.HubClient.register>` takes."""
 
     capabilities: list[str] = Field(default_factory=list)
     domains: list[str] = Field(default_factory=list)
     summary: str = ""
+
+
+AgentResume = Resume  # the name this type had before (kept for existing callers)
 
 
 class Agent(Model):
@@ -80,7 +85,7 @@ class Agent(Model):
     identity: str = ""
     model: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    resume: AgentResume | None = None
+    resume: Resume | None = None
     created_at: datetime
     updated_at: datetime | None = None
 
@@ -580,6 +585,7 @@ __all__ = [
     "Principal",
     "RateLimit",
     "ReleasedClaims",
+    "Resume",
     "RevealedSecret",
     "Routine",
     "Rule",

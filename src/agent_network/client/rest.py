@@ -17,7 +17,7 @@ import string
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Literal, ParamSpec, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -26,7 +26,6 @@ from pydantic import BaseModel, TypeAdapter
 from agent_network.client.errors import TransportError, error_from_body
 from agent_network.client.models import (
     Agent,
-    AgentResume,
     Assignment,
     AuditRecord,
     Claim,
@@ -46,6 +45,7 @@ from agent_network.client.models import (
     Org,
     OrgCreated,
     ReleasedClaims,
+    Resume,
     RevealedSecret,
     Routine,
     Rule,
@@ -286,13 +286,20 @@ class Req:
     timeout: float | None = None
 
 
-def _fill(template: str, fields: list[str], bound: Mapping[str, Any]) -> str:
+BASE = "{base}"
+"""The placeholder a path of a shared resource class starts with: each subclass's ``base``
+(``/teams``, ``/networks``), see :class:`TeamLike`."""
+
+
+def _fill(template: str, fields: list[str], bound: Mapping[str, Any], base: str) -> str:
     values: dict[str, str] = {}
     for name in fields:
         value = bound.get(name)
         if not isinstance(value, str) or value in ("", ".", ".."):
             raise ValueError(f"{name} must be a non-empty string id, got {value!r}")
         values[name] = quote(value, safe="")
+    if template.startswith(BASE):
+        values["base"] = base
     return template.format(**values)
 
 
@@ -306,9 +313,10 @@ def endpoint(
     The placeholders of ``path`` (``{thread_id}``) are filled from the method's arguments of the
     same name (URL-quoted; an empty or non-string id raises ``ValueError`` before any request);
     the answer is passed through ``parse`` (a model's ``model_validate`` or :func:`list_of`).
-    The endpoint is recorded in :data:`ENDPOINTS`.
+    The endpoint is recorded in :data:`ENDPOINTS`; a path starting with :data:`BASE` belongs to a
+    shared base class and is recorded once per subclass, with the subclass's ``base``.
     """
-    fields = [f for _, f, _, _ in string.Formatter().parse(path) if f]
+    fields = [f for _, f, _, _ in string.Formatter().parse(path) if f and f != "base"]
 
     def decorate(
         build: Callable[Concatenate[R, P], Req],
@@ -317,18 +325,20 @@ def endpoint(
         missing = [f for f in fields if f not in signature.parameters]
         if missing:
             raise TypeError(f"{build.__qualname__} lacks parameters {missing} of {path}")
-        ENDPOINTS.append(Endpoint(method, path, build.__qualname__))
+        if not path.startswith(BASE):
+            ENDPOINTS.append(Endpoint(method, path, build.__qualname__))
 
         @functools.wraps(build)
         async def call(self: R, /, *args: P.args, **kwargs: P.kwargs) -> T:
             bound = signature.bind(self, *args, **kwargs).arguments
-            url = _fill(path, fields, bound)
+            url = _fill(path, fields, bound, getattr(self, "base", ""))
             req = build(self, *args, **kwargs)
             answer = await self._client.request(
                 method, url, json=req.json, params=req.params, timeout=req.timeout
             )
             return parse(answer)
 
+        call.__dict__["endpoint"] = (method, path)
         return call
 
     return decorate
@@ -615,7 +625,7 @@ class Agents(Resource):
         identity: str = "",
         model: str | None = None,
         metadata: Mapping[str, Any] | None = None,
-        resume: Mapping[str, Any] | AgentResume | None = None,
+        resume: Mapping[str, Any] | Resume | None = None,
     ) -> Req:
         """Create an agent; ``lookup_key`` is unique in the org (Conflict otherwise);
         ``model`` (e.g. ``"test"``, ``"local:smollm2"``) ``None`` uses the server's default;
@@ -651,7 +661,7 @@ class Agents(Resource):
         identity: str | _Unset = UNSET,
         model: str | _Unset | None = UNSET,
         metadata: Mapping[str, Any] | _Unset = UNSET,
-        resume: Mapping[str, Any] | AgentResume | _Unset | None = UNSET,
+        resume: Mapping[str, Any] | Resume | _Unset | None = UNSET,
     ) -> Req:
         """Change fields of an agent (``model=None`` resets it to the server default,
         ``resume=None`` clears the resume)."""
@@ -676,7 +686,7 @@ class Agents(Resource):
 # Teams and networks
 
 
-def _resume(resume: Mapping[str, Any] | AgentResume | None) -> dict[str, Any] | None:
+def _resume(resume: Mapping[str, Any] | Resume | None) -> dict[str, Any] | None:
     if resume is None:
         return None
     if isinstance(resume, BaseModel):
@@ -755,37 +765,51 @@ def _thread_body(
     return body
 
 
-class Teams(Resource):
-    """``client.teams``: org-internal teams, their members and threads."""
+class TeamLike(Resource):
+    """What :class:`Teams` and :class:`Networks` share: the same calls on ``base`` (``/teams``
+    or ``/networks``), all answering :class:`~agent_network.client.models.Team` objects.
 
-    @endpoint("POST", "/teams", Team.model_validate)
+    A subclass sets ``base``; every endpoint declared here is recorded in :data:`ENDPOINTS`
+    once per subclass, under the subclass's path and name.
+    """
+
+    base: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.base:
+            raise TypeError(f"{cls.__name__} must set base (the collection path, e.g. /teams)")
+        for name, attr in vars(TeamLike).items():
+            spec = getattr(attr, "endpoint", None)
+            if spec is not None:
+                method, path = spec
+                ENDPOINTS.append(
+                    Endpoint(method, path.replace(BASE, cls.base, 1), f"{cls.__name__}.{name}")
+                )
+
+    @endpoint("POST", "{base}", Team.model_validate)
     def create(self, name: str, *, description: str = "") -> Req:
-        """Create a team in the caller's org."""
+        """Create one: a team in the caller's org, a network hosted by it."""
         return Req({"name": name, "description": description})
 
-    @endpoint("GET", "/teams", list_of(Team))
+    @endpoint("GET", "{base}", list_of(Team))
     def list(self) -> Req:
-        """The teams the caller can see."""
+        """The teams the caller can see; the networks its org hosts or belongs to."""
         return Req()
 
-    @endpoint("GET", "/teams/{team_id}", Team.model_validate)
+    @endpoint("GET", "{base}/{team_id}", Team.model_validate)
     def get(self, team_id: str) -> Req:
-        """One team."""
+        """One team or network."""
         return Req()
 
-    @endpoint("PATCH", "/teams/{team_id}", Team.model_validate)
+    @endpoint("PATCH", "{base}/{team_id}", Team.model_validate)
     def update(
         self, team_id: str, *, name: str | _Unset = UNSET, description: str | _Unset = UNSET
     ) -> Req:
-        """Rename or re-describe a team."""
+        """Rename or re-describe it (a network: host only)."""
         return Req(_patch(name=name, description=description))
 
-    @endpoint("DELETE", "/teams/{team_id}", nothing)
-    def delete(self, team_id: str) -> Req:
-        """Delete a team (its threads leave listings; their WAL is kept)."""
-        return Req()
-
-    @endpoint("POST", "/teams/{team_id}/members", Member.model_validate)
+    @endpoint("POST", "{base}/{team_id}/members", Member.model_validate)
     def add_member(
         self,
         team_id: str,
@@ -794,22 +818,23 @@ class Teams(Resource):
         user_id: str | None = None,
         role: Literal["owner", "admin", "member"] = "member",
     ) -> Req:
-        """Add one of the org's agents (``agent_id``) or users (``user_id``)."""
+        """Add one of the caller org's agents (``agent_id``) or users (``user_id``)."""
         return Req({"agent_id": agent_id, "user_id": user_id, "role": role})
 
-    @endpoint("GET", "/teams/{team_id}/members", list_of(Member))
+    @endpoint("GET", "{base}/{team_id}/members", list_of(Member))
     def members(self, team_id: str) -> Req:
-        """The team's members."""
+        """Its members (of a network: of every member org)."""
         return Req()
 
-    @endpoint("DELETE", "/teams/{team_id}/members/{member_kind}/{member_id}", nothing)
+    @endpoint("DELETE", "{base}/{team_id}/members/{member_kind}/{member_id}", nothing)
     def remove_member(
         self, team_id: str, member_kind: Literal["agent", "user"], member_id: str
     ) -> Req:
-        """Remove a member (``member_kind`` ``agent`` or ``user``)."""
+        """Remove a member (``member_kind`` ``agent`` or ``user``; from a network: one of the
+        caller org's)."""
         return Req()
 
-    @endpoint("PATCH", "/teams/{team_id}/members/{member_kind}/{member_id}", Member.model_validate)
+    @endpoint("PATCH", "{base}/{team_id}/members/{member_kind}/{member_id}", Member.model_validate)
     def set_role(
         self,
         team_id: str,
@@ -817,10 +842,11 @@ class Teams(Resource):
         member_id: str,
         role: Literal["owner", "admin", "member"],
     ) -> Req:
-        """Change a member's role (see docs/security.md, Team roles)."""
+        """Change a member's role (see docs/security.md, Team roles; in a network the host org
+        sets any role, a member org ``member`` only)."""
         return Req({"role": role})
 
-    @endpoint("POST", "/teams/{team_id}/threads", Thread.model_validate)
+    @endpoint("POST", "{base}/{team_id}/threads", Thread.model_validate)
     def create_thread(
         self,
         team_id: str,
@@ -840,15 +866,26 @@ class Teams(Resource):
         order: Sequence[str] | None = None,
         knobs: Mapping[str, Any] | None = None,
     ) -> Req:
-        """Open a thread in the team (see :meth:`Threads.create`)."""
+        """Open a thread in it (see :meth:`Threads.create`)."""
         options = ThreadOptions(
             adapter, initiator, invitees, ttl, ack_timeout, expectations, names, graph, order, knobs
         )
         return Req(_thread_body(title, agent_budget, visibility, participants, options))
 
-    @endpoint("GET", "/teams/{team_id}/threads", list_of(Thread))
+    @endpoint("GET", "{base}/{team_id}/threads", list_of(Thread))
     def threads(self, team_id: str) -> Req:
-        """The team's threads visible to the caller."""
+        """Its threads visible to the caller."""
+        return Req()
+
+
+class Teams(TeamLike):
+    """``client.teams``: org-internal teams, their members and threads."""
+
+    base = "/teams"
+
+    @endpoint("DELETE", "/teams/{team_id}", nothing)
+    def delete(self, team_id: str) -> Req:
+        """Delete a team (its threads leave listings; their WAL is kept)."""
         return Req()
 
 
@@ -892,104 +929,15 @@ class Visas(Resource):
         return Req()
 
 
-class Networks(Resource):
+class Networks(TeamLike):
     """``client.networks``: cross-org networks, with ``invites`` and ``visas`` sub-groups."""
+
+    base = "/networks"
 
     def __init__(self, client: AsyncClient) -> None:
         super().__init__(client)
         self.invites = Invites(client)
         self.visas = Visas(client)
-
-    @endpoint("POST", "/networks", Team.model_validate)
-    def create(self, name: str, *, description: str = "") -> Req:
-        """Create a network hosted by the caller's org."""
-        return Req({"name": name, "description": description})
-
-    @endpoint("GET", "/networks", list_of(Team))
-    def list(self) -> Req:
-        """The networks the caller's org hosts or belongs to."""
-        return Req()
-
-    @endpoint("GET", "/networks/{team_id}", Team.model_validate)
-    def get(self, team_id: str) -> Req:
-        """One network."""
-        return Req()
-
-    @endpoint("PATCH", "/networks/{team_id}", Team.model_validate)
-    def update(
-        self, team_id: str, *, name: str | _Unset = UNSET, description: str | _Unset = UNSET
-    ) -> Req:
-        """Rename or re-describe a network (host only)."""
-        return Req(_patch(name=name, description=description))
-
-    @endpoint("POST", "/networks/{team_id}/members", Member.model_validate)
-    def add_member(
-        self,
-        team_id: str,
-        *,
-        agent_id: str | None = None,
-        user_id: str | None = None,
-        role: Literal["owner", "admin", "member"] = "member",
-    ) -> Req:
-        """Attach one of the caller org's agents or users to the network."""
-        return Req({"agent_id": agent_id, "user_id": user_id, "role": role})
-
-    @endpoint("GET", "/networks/{team_id}/members", list_of(Member))
-    def members(self, team_id: str) -> Req:
-        """The network's members (of every member org)."""
-        return Req()
-
-    @endpoint("DELETE", "/networks/{team_id}/members/{member_kind}/{member_id}", nothing)
-    def remove_member(
-        self, team_id: str, member_kind: Literal["agent", "user"], member_id: str
-    ) -> Req:
-        """Remove one of the caller org's members from the network."""
-        return Req()
-
-    @endpoint(
-        "PATCH", "/networks/{team_id}/members/{member_kind}/{member_id}", Member.model_validate
-    )
-    def set_role(
-        self,
-        team_id: str,
-        member_kind: Literal["agent", "user"],
-        member_id: str,
-        role: Literal["owner", "admin", "member"],
-    ) -> Req:
-        """Change the role of one of the caller org's members (host org: any role; a member
-        org: ``member`` only)."""
-        return Req({"role": role})
-
-    @endpoint("POST", "/networks/{team_id}/threads", Thread.model_validate)
-    def create_thread(
-        self,
-        team_id: str,
-        title: str,
-        *,
-        agent_budget: int | None = None,
-        visibility: Literal["members", "restricted"] = "members",
-        participants: Iterable[ParticipantSpec] = (),
-        adapter: str = "open",
-        initiator: ParticipantSpec | None = None,
-        invitees: Iterable[ParticipantSpec] | None = None,
-        ttl: float | None = None,
-        ack_timeout: float | None = None,
-        expectations: Iterable[Any] = (),
-        names: Mapping[str, str] | None = None,
-        graph: Any = None,
-        order: Sequence[str] | None = None,
-        knobs: Mapping[str, Any] | None = None,
-    ) -> Req:
-        """Open a thread in the network (see :meth:`Threads.create`)."""
-        options = ThreadOptions(
-            adapter, initiator, invitees, ttl, ack_timeout, expectations, names, graph, order, knobs
-        )
-        return Req(_thread_body(title, agent_budget, visibility, participants, options))
-
-    @endpoint("GET", "/networks/{team_id}/threads", list_of(Thread))
-    def threads(self, team_id: str) -> Req:
-        """The network's threads visible to the caller."""
-        return Req()
 
     @endpoint("POST", "/networks/join", JoinResult.model_validate)
     def join(
@@ -1050,7 +998,7 @@ class Threads(Resource):
         ``participants`` (its speakers, whatever the visibility) and takes ``initiator``
         (default: the first participant), ``invitees`` (default: everyone but the initiator;
         ``[]``: no acks), ``ttl``/``ack_timeout`` (seconds), ``expectations`` (dicts or
-        ``agent_network.adapters`` Expectations), ``names`` (name -> participant id), ``graph``
+        ``agent_network.protocol`` Expectations), ``names`` (name -> participant id), ``graph``
         (a TransitionGraph or its dict), ``order`` (discussion) and ``knobs`` (custom adapter
         knobs). InvalidRequest (422) names a bad knob; nothing is written then.
         ValueError when not exactly one of ``team_id``/``network_id`` is given.
@@ -1123,7 +1071,7 @@ class Threads(Resource):
         ``causation_id``: the id of the envelope of this thread the message answers.
         ``audience``: ids of the participants (agents, users) who receive it (``None``:
         everyone; InvalidAudience for ids outside the thread). ``tool_calls``: ``[{name,
-        args?, result?}]`` (``agent_network.adapters.tool_call`` builds one), stored in the
+        args?, result?}]`` (``agent_network.protocol.tool_call`` builds one), stored in the
         message's ``data["tool_calls"]``; a workflow routes on a Handoff/Finish result."""
         body: dict[str, Any] = {"content": content}
         for name, value in (

@@ -1,24 +1,6 @@
-"""The hub: append path, fold, subscriptions, deadline sweeper."""
+"""The hub: append path, subscriptions, deadline sweeper (the pure thread protocol it applies
+is :mod:`agent_network.protocol`)."""
 
-from agent_network.hub.expectations import HUB_SENDER_ID, Due, Sweeper, due_now, next_due
-from agent_network.hub.fold import (
-    DEFAULT_AGENT_BUDGET,
-    EV_BUDGET_SET,
-    EV_CONTEXT_SET,
-    EV_EXPECTATION_VIOLATED,
-    EV_MESSAGE,
-    EV_NOTIFY,
-    EV_PARTICIPANTS_ADDED,
-    EV_THREAD_ACK,
-    EV_THREAD_CLOSED,
-    EV_THREAD_CLOSING,
-    EV_THREAD_CREATED,
-    EV_THREAD_REJECT,
-    EV_VISIBILITY_SET,
-    ThreadState,
-    fold,
-    step,
-)
 from agent_network.hub.hub import (
     AccessChangedError,
     Hub,
@@ -26,32 +8,15 @@ from agent_network.hub.hub import (
     Subscription,
     VerifyReport,
 )
+from agent_network.hub.sweeper import HUB_SENDER_ID, Sweeper, SweptHub
 
 __all__ = [
-    "DEFAULT_AGENT_BUDGET",
-    "EV_BUDGET_SET",
-    "EV_CONTEXT_SET",
-    "EV_EXPECTATION_VIOLATED",
-    "EV_MESSAGE",
-    "EV_NOTIFY",
-    "EV_PARTICIPANTS_ADDED",
-    "EV_THREAD_ACK",
-    "EV_THREAD_CLOSED",
-    "EV_THREAD_CLOSING",
-    "EV_THREAD_CREATED",
-    "EV_THREAD_REJECT",
-    "EV_VISIBILITY_SET",
     "HUB_SENDER_ID",
     "AccessChangedError",
-    "Due",
     "Hub",
     "HubClosedError",
     "Subscription",
     "Sweeper",
-    "ThreadState",
+    "SweptHub",
     "VerifyReport",
-    "due_now",
-    "fold",
-    "next_due",
-    "step",
 ]

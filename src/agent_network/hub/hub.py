@@ -32,18 +32,20 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agent_network.adapters import Proposal
-from agent_network.adapters.lifecycle import admit, person_message, reply_key
-from agent_network.adapters.model import STATUS_CLOSING
 from agent_network.errors import (
     AgentNetworkError,
     NotFoundError,
     ThreadClosedError,
 )
-from agent_network.hub.expectations import Sweeper
-from agent_network.hub.fold import EV_MESSAGE, EV_THREAD_CREATED, ThreadState, fold, step
+from agent_network.hub.sweeper import Sweeper
 from agent_network.model.envelope import Actor, Envelope, envelope_hash
 from agent_network.model.ids import new_sorted_id, now_iso
+from agent_network.protocol.adapters import Proposal
+from agent_network.protocol.events import EV_MESSAGE, EV_THREAD_CREATED
+from agent_network.protocol.fold import fold, step
+from agent_network.protocol.knobs import STATUS_CLOSING
+from agent_network.protocol.lifecycle import admit, person_message, reply_key
+from agent_network.protocol.state import ThreadState
 from agent_network.store.audit import audit_row
 from agent_network.store.wal import read_envelopes
 from agent_network.store.wal_writer import WalSession, WalWriter, open_wal_writer
@@ -328,6 +330,11 @@ class Hub:
         # setdefault: a state the committer stored meanwhile is at least as new as this one
         return self._states.setdefault(thread_id, state)
 
+    def cached_states(self) -> dict[str, ThreadState]:
+        """A snapshot of the thread states held in memory, by thread id (what the sweeper
+        scans besides its own watch list)."""
+        return dict(self._states)
+
     async def wait_for(self, thread_id: str, after: int, seconds: float) -> bool:
         """Wait up to ``seconds`` for an envelope with ``seq > after`` in ``thread_id``.
 
@@ -549,7 +556,7 @@ def _answers_person(
     accepted: list[tuple[_Pending, Envelope]],
 ) -> bool:
     """Whether ``p`` is an agent's answer to a person's message, which a spent runaway budget
-    does not refuse (:func:`~agent_network.adapters.lifecycle.budget_spent`): an agent's
+    does not refuse (:func:`~agent_network.protocol.lifecycle.budget_spent`): an agent's
     ``message`` whose ``causation_id`` is a ``message`` of a ``user`` in the same thread and
     whose idempotency key is the agent's reply key for it (so it is stored at most once per
     agent and person's message). Looked up only while the budget is spent."""

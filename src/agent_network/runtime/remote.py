@@ -19,7 +19,7 @@ Design
   from ``after=0`` and then long-polls it (``wait=poll_wait``). (Chosen over realtime rooms: the
   runner needs nothing but the REST surface, and a long-poll survives server restarts without
   any session state.)
-- **Triggers: the in-process runner's rule** (:func:`~agent_network.runtime.protocol.
+- **Triggers: the in-process runner's rule** (:func:`~agent_network.runtime.thread_view.
   turn_takers`; the server checks it exactly when the trigger is claimed,
   :func:`~agent_network.services.claims.trigger_refusal`). Only envelopes committed after the
   agent's ``since`` whose ``audience`` admits the agent count. In a thread without a protocol
@@ -47,7 +47,7 @@ Design
   (:mod:`agent_network.runtime.identity`): a runner killed while answering and started again
   renews — takes back — its predecessor's claims during its catch-up instead of waiting for
   them to run out. A spent runaway budget does not refuse an answer to a person's message
-  (:func:`~agent_network.adapters.lifecycle.budget_spent`).
+  (:func:`~agent_network.protocol.lifecycle.budget_spent`).
 - **The reply** is built as in the in-process runner: :func:`~agent_network.runtime.
   prompt.build_prompt` over the last ``history_limit`` messages up to the trigger that the agent
   may see (audience), the protocol notes (adapter, participants, a workflow's context) and the
@@ -62,16 +62,16 @@ Design
   replies to one trigger, whatever happens to claims.
 - **Protocol threads** (see ``runtime/runner.py`` for the whole behaviour). Before the model call
   the runner reads ``GET /threads/{id}`` and asks
-  :func:`~agent_network.runtime.protocol.thread_may_speak` (``status``, ``participants``,
+  :func:`~agent_network.runtime.thread_view.thread_may_speak` (``status``, ``participants``,
   ``expected_speaker``, ``pending_acks``, budget): when the agent may not speak, no model is
   called and the trigger is completed (logged as ``runner.not_your_turn``). A trigger is
   dropped when a newer message exists (the agent already spoke, or the turn moved on). One
   agent's turns in one protocol thread run one at a time in this runner. The check is repeated
   right before the post. The reply's ``audience`` is the trigger's audience plus its sender,
-  minus the agent (:func:`~agent_network.runtime.protocol.reply_audience`; none when the
+  minus the agent (:func:`~agent_network.runtime.thread_view.reply_audience`; none when the
   trigger had none). In a workflow the agent gets the graph's tools from
   ``GET /threads/{id}/tools?agent_id=`` (falling back to the thread's ``thread.created``
-  envelope, :func:`~agent_network.runtime.protocol.graph_tools`, when the server has no such
+  envelope, :func:`~agent_network.runtime.thread_view.graph_tools`, when the server has no such
   endpoint) and a generic ``handoff`` to the other participants, as pydantic-ai tools and as
   the ``[tool: argument]`` text convention; the calls are posted as ``tool_calls``.
 - **Tools and secrets.** Each model run gets :class:`~agent_network.runtime.tools.RunDeps` as
@@ -134,15 +134,6 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from agent_network.adapters.graph import ToolSpec
-from agent_network.adapters.lifecycle import person_message
-from agent_network.adapters.model import (
-    EV_MESSAGE,
-    EV_THREAD_CLOSED,
-    EV_THREAD_CLOSING,
-    EV_THREAD_CREATED,
-    EV_THREAD_REJECT,
-)
 from agent_network.client import (
     ApiError,
     Assignment,
@@ -155,10 +146,20 @@ from agent_network.client import (
 )
 from agent_network.config import Settings
 from agent_network.errors import AgentNetworkError
+from agent_network.protocol.adapters.graph import ToolSpec
+from agent_network.protocol.events import (
+    EV_MESSAGE,
+    EV_THREAD_CLOSED,
+    EV_THREAD_CLOSING,
+    EV_THREAD_CREATED,
+    EV_THREAD_REJECT,
+)
+from agent_network.protocol.lifecycle import person_message
 from agent_network.runtime.identity import take_runner_id
 from agent_network.runtime.models import resolve_model_name
 from agent_network.runtime.prompt import build_prompt
-from agent_network.runtime.protocol import (
+from agent_network.runtime.runner import Reply, classify_request, generate_reply, new_runner_id
+from agent_network.runtime.thread_view import (
     PASS_REPLY,
     ToolBox,
     graph_tools,
@@ -167,7 +168,6 @@ from agent_network.runtime.protocol import (
     reply_audience,
     thread_may_speak,
 )
-from agent_network.runtime.runner import Reply, classify_request, generate_reply, new_runner_id
 from agent_network.runtime.tools import RemoteSecrets, RunDeps, agent_tools
 from agent_network.runtime.triage import TriageConfig, is_triage_output, parse_config
 from agent_network.services.claims import reply_key

@@ -20,7 +20,7 @@ Protocol threads (adapters ``consulting``, ``conversation``, ``discussion``, ``w
 any thread with a participant list):
 
 - **Speak only when allowed.** Before the model call the runner asks
-  :func:`~agent_network.adapters.may_speak` on the thread's current state (status, membership,
+  :func:`~agent_network.protocol.may_speak` on the thread's current state (status, membership,
   acks, budget, turn order — the hub's own rules, without writing). When it says no, no model is
   called and the trigger is done (cursor advanced, claim completed). While the thread is live
   that is audited: as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``), or
@@ -34,7 +34,7 @@ any thread with a participant list):
   runner (two runners may still both call a model for two triggers of one turn; the hub keeps
   the second reply out).
 - **Triggers.** In an open thread a ``message`` from somebody else triggers every member agent.
-  In a protocol thread (see :func:`~agent_network.runtime.protocol.turn_takers`) ANY envelope
+  In a protocol thread (see :func:`~agent_network.runtime.thread_view.turn_takers`) ANY envelope
   triggers the agent that is the expected speaker in the state right after it (folded up to it):
   the ``thread.created``/``thread.ack`` that made the thread active when the first speaker is an
   agent (it then writes the thread's opening message, prompted with the title), a
@@ -45,12 +45,12 @@ any thread with a participant list):
 - **Audience.** The history in the prompt holds only the messages the agent may see (audience
   None = everyone; else the sender and the listed ids). A reply to an envelope with an audience
   goes to that audience plus the trigger's sender, minus the agent itself
-  (:func:`~agent_network.runtime.protocol.reply_audience`); a reply to an envelope without one
+  (:func:`~agent_network.runtime.thread_view.reply_audience`); a reply to an envelope without one
   goes to everyone.
 - **Workflow tools.** In an active workflow thread the speaker gets the graph's tools for it
-  (:func:`~agent_network.adapters.tools_for`) plus a generic ``handoff(target, reason)`` (the
+  (:func:`~agent_network.protocol.tools_for`) plus a generic ``handoff(target, reason)`` (the
   graph admits a Handoff in any workflow message), in two ways that end in one record
-  (:class:`~agent_network.runtime.protocol.ToolBox`): as pydantic-ai tools, for models that call
+  (:class:`~agent_network.runtime.thread_view.ToolBox`): as pydantic-ai tools, for models that call
   tools; and as a text convention, for models that do not (the bundled local model): the prompt
   lists each tool as a tag (``- Approve the draft: [approve]``,
   ``- Send the draft back: [request_revision: reason]``, ``- pass the turn to writer:
@@ -107,10 +107,6 @@ from pydantic_ai.settings import ModelSettings
 from sqlalchemy import RowMapping, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agent_network.adapters.base import Proposal
-from agent_network.adapters.lifecycle import admit, may_speak, person_message
-from agent_network.adapters.model import LIVE_STATUSES
-from agent_network.adapters.workflow import WorkflowState
 from agent_network.errors import (
     AgentNetworkError,
     InvalidRequestError,
@@ -119,9 +115,16 @@ from agent_network.errors import (
     RunawayBudgetError,
     ThreadClosedError,
 )
-from agent_network.hub import EV_MESSAGE, AccessChangedError, ThreadState, step
+from agent_network.hub import AccessChangedError
 from agent_network.model.envelope import Actor, Envelope
 from agent_network.model.rule import Rule
+from agent_network.protocol.adapters.base import Proposal
+from agent_network.protocol.adapters.workflow import WorkflowState
+from agent_network.protocol.events import EV_MESSAGE
+from agent_network.protocol.fold import step
+from agent_network.protocol.knobs import LIVE_STATUSES
+from agent_network.protocol.lifecycle import admit, may_speak, person_message
+from agent_network.protocol.state import ThreadState
 from agent_network.runtime.cleaning import (
     clean_reply,
     drop_defective_sentences,
@@ -131,7 +134,7 @@ from agent_network.runtime.cleaning import (
 from agent_network.runtime.identity import take_runner_id
 from agent_network.runtime.models import build_model, resolve_model_name
 from agent_network.runtime.prompt import Prompt, build_prompt
-from agent_network.runtime.protocol import (
+from agent_network.runtime.thread_view import (
     PASS_REPLY,
     ToolBox,
     passes_turn,

@@ -39,9 +39,9 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from agent_network.adapters.model import EV_MESSAGE
 from agent_network.errors import InvalidRequestError
 from agent_network.model.envelope import Envelope
+from agent_network.protocol.events import EV_MESSAGE
 from agent_network.runtime.prompt import Prompt
 
 __all__ = [

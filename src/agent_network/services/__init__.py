@@ -8,6 +8,7 @@ from agent_network.services.agents import AgentService
 from agent_network.services.audit import AuditService
 from agent_network.services.base import ServiceContext
 from agent_network.services.credentials import CredentialService
+from agent_network.services.delivery import DeliveryService
 from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.orgs import OrgService, create_admin_key, has_admin_key
 from agent_network.services.policy import PolicyService
@@ -36,6 +37,7 @@ class Services:
     rules: RuleService
     policy: PolicyService
     realtime: RealtimeService
+    delivery: DeliveryService
 
     async def check_path_scope(self, principal: Principal, path: str) -> None:
         """NotFoundError if the URL ``path`` names an id outside ``principal``'s scope
@@ -62,6 +64,7 @@ class Services:
             rules,
             policy=PolicyService(ctx),
             realtime=RealtimeService(ctx, threads=threads, orgs=orgs),
+            delivery=DeliveryService(ctx),
         )
 
 

@@ -33,9 +33,6 @@ from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agent_network.adapters.lifecycle import budget_spent, person_message
-from agent_network.adapters.lifecycle import reply_key as lifecycle_reply_key
-from agent_network.adapters.model import LIVE_STATUSES
 from agent_network.errors import (
     ConflictError,
     InvalidRequestError,
@@ -43,14 +40,19 @@ from agent_network.errors import (
     PermissionDeniedError,
     RunawayBudgetError,
 )
-from agent_network.hub import EV_MESSAGE, ThreadState, fold
 from agent_network.model.envelope import Envelope
+from agent_network.protocol.events import EV_MESSAGE
+from agent_network.protocol.fold import fold
+from agent_network.protocol.knobs import LIVE_STATUSES
+from agent_network.protocol.lifecycle import budget_spent, person_message
+from agent_network.protocol.lifecycle import reply_key as lifecycle_reply_key
+from agent_network.protocol.state import ThreadState
+from agent_network.protocol.turns import turn_takers, visible_to
 from agent_network.runtime.triage import is_request, parse_config
 from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import own_agent, require_org, visible_thread
-from agent_network.services.turns import turn_takers, visible_to
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.claims import (
     ClaimState,
@@ -108,7 +110,7 @@ def reply_key(agent_id: str, trigger_id: str) -> str:
     REST post by the agent carrying ``causation_id`` = the trigger and this key as its
     ``idempotency_key`` is stored under it unscoped (:func:`stored_key`). The hub recognises it
     too: an agent's answer to a person's message under this key is not refused by a spent
-    runaway budget (:func:`~agent_network.adapters.lifecycle.budget_spent`).
+    runaway budget (:func:`~agent_network.protocol.lifecycle.budget_spent`).
     """
     return lifecycle_reply_key(agent_id, trigger_id)
 
@@ -136,7 +138,7 @@ def trigger_refusal(state_after: ThreadState, env: Envelope, agent_id: str) -> s
 
     ``state_after`` is the thread's state folded up to and including ``env`` (for a thread
     without a participant list any state of the thread will do: only its empty ``participants``
-    is read). The rule is the runners' (:func:`~agent_network.services.turns.turn_takers`):
+    is read). The rule is the runners' (:func:`~agent_network.protocol.turns.turn_takers`):
     an envelope whose audience excludes the agent never triggers it; in a thread without a
     protocol only a ``message`` from somebody else does; in a protocol thread any envelope
     (a message, ``thread.created``/``thread.ack``, ``context.set``, a Handoff, also one the

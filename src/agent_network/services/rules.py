@@ -32,7 +32,6 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import InvalidRequestError, PermissionDeniedError
-from agent_network.hub import EV_MESSAGE
 from agent_network.model.ids import now_iso
 from agent_network.model.rule import (
     EntryUnresolved,
@@ -43,6 +42,7 @@ from agent_network.model.rule import (
     matches,
     resolve_entries,
 )
+from agent_network.protocol.events import EV_MESSAGE
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal
 from agent_network.services.ratelimit import SlidingWindowLimiter

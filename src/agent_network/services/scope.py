@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from agent_network.model.envelope import Actor, Envelope
+from agent_network.protocol.turns import visible_to
 from agent_network.services.principal import Principal
 from agent_network.store.tables import (
     agents,
@@ -117,7 +118,7 @@ def audience_admits(
     if audience is None:
         return True
     if isinstance(viewer, Actor):
-        return viewer.id == envelope.sender_id or viewer.id in audience
+        return visible_to(viewer.id, envelope)
     if viewer.org_id is None:
         return False
     if viewer.is_member_scoped:

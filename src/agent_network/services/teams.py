@@ -18,8 +18,8 @@ from agent_network.errors import (
     PermissionDeniedError,
     ThreadClosedError,
 )
-from agent_network.hub import EV_THREAD_CLOSED
 from agent_network.model.ids import new_id, now_iso
+from agent_network.protocol.events import EV_THREAD_CLOSED
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal, hash_secret
 from agent_network.services.ratelimit import SlidingWindowLimiter

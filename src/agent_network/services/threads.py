@@ -12,16 +12,6 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from agent_network.adapters import (
-    OpenRequest,
-    check_created,
-    get_adapter,
-    thread_created_data,
-    tools_for,
-)
-from agent_network.adapters.graph import parse_tool_calls
-from agent_network.adapters.model import parse_expectations
-from agent_network.adapters.workflow import WorkflowState
 from agent_network.errors import (
     AgentNetworkError,
     ConflictError,
@@ -32,7 +22,20 @@ from agent_network.errors import (
     ProtocolViolationError,
     ThreadClosedError,
 )
-from agent_network.hub import (
+from agent_network.hub import AccessChangedError, VerifyReport
+from agent_network.model.envelope import Actor, Envelope, client_key
+from agent_network.model.ids import new_id, now_iso
+from agent_network.model.rule import Rule
+from agent_network.protocol import (
+    OpenRequest,
+    check_created,
+    get_adapter,
+    thread_created_data,
+    tools_for,
+)
+from agent_network.protocol.adapters.graph import parse_tool_calls
+from agent_network.protocol.adapters.workflow import WorkflowState
+from agent_network.protocol.events import (
     EV_BUDGET_SET,
     EV_CONTEXT_SET,
     EV_MESSAGE,
@@ -43,13 +46,9 @@ from agent_network.hub import (
     EV_THREAD_CREATED,
     EV_THREAD_REJECT,
     EV_VISIBILITY_SET,
-    AccessChangedError,
-    ThreadState,
-    VerifyReport,
 )
-from agent_network.model.envelope import Actor, Envelope, client_key
-from agent_network.model.ids import new_id, now_iso
-from agent_network.model.rule import Rule
+from agent_network.protocol.knobs import parse_expectations
+from agent_network.protocol.state import ThreadState
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.cache import DecisionCache
 from agent_network.services.claims import stored_key
@@ -144,7 +143,7 @@ class ThreadService:
         post in it.
 
         ``adapter`` names the thread's protocol (default ``open``: any member, any time; see
-        ``agent_network.adapters.adapter_names()``). An ``open`` thread takes ``participants``
+        ``agent_network.protocol.adapter_names()``). An ``open`` thread takes ``participants``
         only when restricted, and of the protocol knobs only ``ttl`` and ``expectations``.
         Any other adapter needs ``participants`` (the speakers, incl. the initiator; stored as
         the thread's participants whatever its visibility) and takes the knobs of
@@ -538,7 +537,7 @@ class ThreadService:
         every id must be a member of the thread's team or network (InvalidAudienceError, 422
         ``invalid_audience``, otherwise). ``tool_calls`` (``[{name, args?, result?}]``, at most
         50) are stored as ``data["tool_calls"]`` in the form
-        ``agent_network.adapters.tool_call`` builds; a workflow thread routes on them (a
+        ``agent_network.protocol.tool_call`` builds; a workflow thread routes on them (a
         Handoff/Finish result). InvalidRequestError for a bad shape.
 
         An org key names the sender (``agent_id`` or ``user_id``); a user or agent token posts
@@ -1325,7 +1324,7 @@ def _check_audience_shape(audience: list[str] | None) -> None:
 
 def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """``calls`` in the stored form ``{"name", "args", "result"}`` (see
-    ``agent_network.adapters.tool_call``); InvalidRequestError for a bad shape, more than 50
+    ``agent_network.protocol.tool_call``); InvalidRequestError for a bad shape, more than 50
     calls, or more than 64 000 characters of JSON."""
     if not calls:
         return []

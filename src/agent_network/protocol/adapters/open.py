@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter
+from agent_network.protocol.adapters.base import BaseAdapter, Proposal, register_adapter
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
+    from agent_network.protocol.state import ThreadState
 
 
 class OpenAdapter(BaseAdapter):

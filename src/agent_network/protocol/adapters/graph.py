@@ -42,8 +42,8 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from agent_network.adapters.model import REASON_FINISHED, REASON_NO_TRANSITION
 from agent_network.errors import InvalidRequestError, ProtocolViolationError
+from agent_network.protocol.knobs import REASON_FINISHED, REASON_NO_TRANSITION
 
 
 class GraphError(ProtocolViolationError):

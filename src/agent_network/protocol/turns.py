@@ -1,8 +1,7 @@
 """Who an envelope makes take a turn: the trigger rule both runners and the claims service use.
 
-Pure (no I/O). It lives in the services package, not in ``runtime/protocol.py`` (which
-re-exports it), so that ``services/claims.py`` can check a remote runner's claim with the same
-rule without importing the runtime (the runtime imports the services package).
+Pure (no I/O): the runners (``runtime/thread_view.py`` re-exports it) and ``services/claims.py``
+(which checks a remote runner's claim) apply the same rule.
 """
 
 from __future__ import annotations
@@ -10,19 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
-from agent_network.adapters.lifecycle import may_speak
-from agent_network.adapters.model import EV_MESSAGE
-from agent_network.hub.fold import ThreadState
 from agent_network.model.envelope import Actor, Envelope
-from agent_network.services.scope import audience_admits
+from agent_network.protocol.events import EV_MESSAGE
+from agent_network.protocol.lifecycle import may_speak
+from agent_network.protocol.state import ThreadState
 
 __all__ = ["turn_takers", "visible_to"]
 
 
 def visible_to(agent_id: str, env: Envelope) -> bool:
     """True when the agent ``agent_id`` may see ``env`` (audience None = everyone; otherwise the
-    sender or a listed id) — :func:`agent_network.services.scope.audience_admits` for an agent."""
-    return audience_admits(Actor("agent", agent_id, ""), env)
+    sender or a listed id): the audience rule for one agent or user id, which
+    :func:`agent_network.services.scope.audience_admits` applies to an actor."""
+    audience = env.audience
+    return audience is None or agent_id == env.sender_id or agent_id in audience
 
 
 def turn_takers(state_after: ThreadState, env: Envelope, agents: Iterable[str]) -> set[str]:

@@ -10,23 +10,23 @@ violations already fired) are all part of it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from agent_network.adapters import get_adapter
-from agent_network.adapters.model import (
+from agent_network.model.envelope import Envelope
+from agent_network.protocol.adapters import get_adapter
+from agent_network.protocol.events import (
     EV_BUDGET_SET,
-    EV_CONTEXT_SET,
     EV_EXPECTATION_VIOLATED,
     EV_MESSAGE,
     EV_NOTIFY,
-    EV_PARTICIPANTS_ADDED,
     EV_THREAD_ACK,
     EV_THREAD_CLOSED,
     EV_THREAD_CLOSING,
     EV_THREAD_CREATED,
     EV_THREAD_REJECT,
-    EV_VISIBILITY_SET,
+)
+from agent_network.protocol.knobs import (
     EXPECTATION_REASON_PREFIX,
     LIVE_STATUSES,
     REASON_CLOSED,
@@ -35,91 +35,12 @@ from agent_network.adapters.model import (
     STATUS_CLOSED,
     STATUS_INVITED,
     STATUS_OPEN,
-    Knobs,
     Mark,
-    Participant,
-    begin_closing,
     parse_open,
 )
-from agent_network.model.envelope import GENESIS_HASH, Envelope
+from agent_network.protocol.state import DEFAULT_AGENT_BUDGET, ThreadState, begin_closing
 
-DEFAULT_AGENT_BUDGET = 4
-NO_KNOBS = Knobs()
-
-__all__ = [
-    "DEFAULT_AGENT_BUDGET",
-    "EV_BUDGET_SET",
-    "EV_CONTEXT_SET",
-    "EV_EXPECTATION_VIOLATED",
-    "EV_MESSAGE",
-    "EV_NOTIFY",
-    "EV_PARTICIPANTS_ADDED",
-    "EV_THREAD_ACK",
-    "EV_THREAD_CLOSED",
-    "EV_THREAD_CLOSING",
-    "EV_THREAD_CREATED",
-    "EV_THREAD_REJECT",
-    "EV_VISIBILITY_SET",
-    "ThreadState",
-    "fold",
-    "step",
-]
-
-
-@dataclass(frozen=True, slots=True)
-class ThreadState:
-    """What the hub needs to know about a thread to validate the next append.
-
-    ``consecutive_agent`` counts agent messages since the last message from a person;
-    ``agent_budget`` is how many such messages the thread accepts (the runaway guard).
-
-    Protocol fields (defaults = an ``open`` thread as before protocols): ``org_id`` of the
-    thread's creator (the hub's own envelopes are sent in its name); ``created`` marks
-    ``thread.created``; ``participants``/``initiator`` as ``(kind, id)``; ``pending_acks`` the
-    invitees still to ack; ``knobs`` (ttl, ack_timeout, expectations, names); ``active_since``
-    marks the envelope that made the thread live; ``last_message``, ``awaiting_reply`` (the
-    first message of the latest speaker, waiting for someone else to answer) and
-    ``turn_started`` mark what the sweeper's deadlines run from (kept up to date only in
-    threads with expectations, the only ones that use them); ``expected_speaker`` is whose
-    turn it is (None = anyone, or nobody when not live); ``close_reason`` and ``closing`` (mark
-    of the envelope that started closing); ``fired`` the idempotency keys of expectation
-    violations and notices already written; ``protocol`` the adapter's own (hashable) state.
-    Every field is immutable, so states compare and hash: live state == fold(stored WAL).
-    """
-
-    thread_id: str
-    last_seq: int = 0
-    head_hash: str = GENESIS_HASH
-    status: str = STATUS_OPEN
-    adapter: str = "open"
-    agent_budget: int = DEFAULT_AGENT_BUDGET
-    consecutive_agent: int = 0
-    messages: int = 0
-    org_id: str = ""
-    created: Mark | None = None
-    participants: tuple[Participant, ...] = ()
-    initiator: Participant | None = None
-    pending_acks: tuple[Participant, ...] = ()
-    knobs: Knobs = NO_KNOBS
-    active_since: Mark | None = None
-    last_message: Mark | None = None
-    awaiting_reply: Mark | None = None
-    turn_started: Mark | None = None
-    expected_speaker: str | None = None
-    close_reason: str | None = None
-    closing: Mark | None = None
-    fired: frozenset[str] = frozenset()
-    protocol: object = None
-
-    @property
-    def participant_ids(self) -> tuple[str, ...]:
-        """Ids of the participants, in order (empty for an open thread without a list)."""
-        return tuple(pid for _, pid in self.participants)
-
-    @property
-    def live(self) -> bool:
-        """True when messages may be sent (status ``open`` or ``active``)."""
-        return self.status in LIVE_STATUSES
+__all__ = ["fold", "step"]
 
 
 def step(state: ThreadState, env: Envelope) -> ThreadState:

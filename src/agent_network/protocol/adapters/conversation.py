@@ -6,7 +6,7 @@ Either side may send a message at any time; the thread ends by an explicit close
 
 from __future__ import annotations
 
-from agent_network.adapters.base import BaseAdapter, register_adapter
+from agent_network.protocol.adapters.base import BaseAdapter, register_adapter
 
 
 class ConversationAdapter(BaseAdapter):

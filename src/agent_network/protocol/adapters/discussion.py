@@ -11,13 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter, speaker_label
-from agent_network.adapters.model import EV_MESSAGE, OpenRequest
 from agent_network.errors import InvalidRequestError, NotYourTurnError
+from agent_network.protocol.adapters.base import (
+    BaseAdapter,
+    Proposal,
+    register_adapter,
+    speaker_label,
+)
+from agent_network.protocol.events import EV_MESSAGE
+from agent_network.protocol.knobs import OpenRequest
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
     from agent_network.model.envelope import Envelope
+    from agent_network.protocol.state import ThreadState
 
 ORDERING_ROUND_ROBIN = "round_robin"
 

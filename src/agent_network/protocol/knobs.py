@@ -1,8 +1,9 @@
-"""The vocabulary of thread protocols: envelope types, statuses, close reasons and the small
-immutable records the fold keeps (marks, expectations, knobs).
+"""The vocabulary of thread protocols: statuses, close reasons and the small immutable records the
+fold keeps (marks, expectations, knobs), and the parsing of ``thread.created`` data. The envelope
+types are in :mod:`agent_network.protocol.events`.
 
 Everything here is plain data. Nothing reads the clock or the store: deadlines are computed from
-envelope ``created_at`` values by the sweeper (``agent_network.hub.expectations``).
+envelope ``created_at`` values (:mod:`agent_network.protocol.deadlines`).
 
 Lifecycle (every transition is an envelope)::
 
@@ -23,29 +24,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from agent_network.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
     from agent_network.model.envelope import Envelope
-
-# ------------------------------------------------------------------ envelope types
-EV_THREAD_CREATED = "thread.created"
-EV_MESSAGE = "message"
-EV_BUDGET_SET = "thread.budget_set"
-EV_THREAD_CLOSED = "thread.closed"
-EV_PARTICIPANTS_ADDED = "thread.participants_added"  # restricted thread widened (no state change)
-EV_VISIBILITY_SET = "thread.visibility_set"  # restricted thread opened to all members
-EV_THREAD_ACK = "thread.ack"  # an invitee accepts (sender = the invitee)
-EV_THREAD_REJECT = "thread.reject"  # an invitee declines -> closing (invite_rejected)
-EV_THREAD_CLOSING = "thread.closing"  # explicit close / TTL: data {"reason": str}
-EV_EXPECTATION_VIOLATED = "expectation.violated"  # written by the sweeper, once per violation
-EV_NOTIFY = "notify"  # a notice in the thread (handler "notify" of an expectation)
-EV_CONTEXT_SET = "context.set"  # workflow context: data {"values": {key: JSON}}; no turn change
 
 # ------------------------------------------------------------------ statuses
 STATUS_OPEN = "open"
@@ -337,10 +323,3 @@ def parse_reason(data: Mapping[str, Any], default: str) -> str:
     if not isinstance(reason, str) or not 0 < len(reason) <= _MAX_REASON:
         raise InvalidRequestError(f"reason must be a string of 1-{_MAX_REASON} characters")
     return reason
-
-
-def begin_closing(state: ThreadState, reason: str, env: Envelope) -> ThreadState:
-    """``state`` moved to ``closing`` because of ``env`` (unchanged if already closing/closed)."""
-    if state.status in (STATUS_CLOSING, STATUS_CLOSED):
-        return state
-    return replace(state, status=STATUS_CLOSING, close_reason=reason, closing=Mark.of(env))

@@ -1,12 +1,12 @@
 """Adapter protocol, a base class with the usual defaults, and the registry.
 
 An adapter is pure: ``check_open`` validates the knobs of ``thread.created``; ``validate`` sees
-the folded :class:`~agent_network.hub.fold.ThreadState` and a proposed envelope and returns or
+the folded :class:`~agent_network.protocol.fold.ThreadState` and a proposed envelope and returns or
 raises a typed :class:`~agent_network.errors.AgentNetworkError` *before* anything is written;
 ``opened``/``apply`` derive the adapter's own state (``ThreadState.protocol``, any hashable
 frozen value) from envelopes only; ``expected_speaker`` says whose turn it is (None = anyone).
 Membership, lifecycle envelopes (ack, reject, close), audience and the runaway budget are checked
-by :func:`agent_network.adapters.lifecycle.admit` before the adapter is asked.
+by :func:`agent_network.protocol.lifecycle.admit` before the adapter is asked.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent_network.adapters.model import EV_MESSAGE, OpenRequest
 from agent_network.errors import InvalidRequestError, ProtocolViolationError
 from agent_network.model.envelope import Actor
+from agent_network.protocol.events import EV_MESSAGE
+from agent_network.protocol.knobs import OpenRequest
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
     from agent_network.model.envelope import Envelope
+    from agent_network.protocol.state import ThreadState
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ def register_adapter(adapter: Adapter) -> None:
     Register it in every process that opens or folds such threads (the fold of a stored thread
     needs its adapter). Example, a ``broadcast`` protocol where only the initiator speaks::
 
-        from agent_network.adapters import BaseAdapter, register_adapter
+        from agent_network.protocol import BaseAdapter, register_adapter
         from agent_network.errors import NotYourTurnError
 
         class BroadcastAdapter(BaseAdapter):

@@ -3,7 +3,7 @@
 Open a workflow thread with the knob ``graph`` (``TransitionGraph.to_dict()``); every participant
 id or name the graph mentions must be a participant (names through the ``names`` knob). The fold
 keeps the expected speaker; a message from anyone else is refused (NotYourTurnError). A message
-may carry ``tool_calls`` (see :func:`~agent_network.adapters.graph.tool_call`): a Handoff result
+may carry ``tool_calls`` (see :func:`~agent_network.protocol.tool_call`): a Handoff result
 picks the next speaker, a Finish result ends the workflow, and ``tool_called`` rules see the tool
 names. ``context.set`` (data ``{"values": {key: JSON value}}``, from a participant or the system)
 updates the context that ``context_equals`` rules read, and does not advance the turn. When the
@@ -19,8 +19,14 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter, speaker_label
-from agent_network.adapters.graph import (
+from agent_network.errors import InvalidRequestError, NotYourTurnError
+from agent_network.protocol.adapters.base import (
+    BaseAdapter,
+    Proposal,
+    register_adapter,
+    speaker_label,
+)
+from agent_network.protocol.adapters.graph import (
     GraphError,
     Terminated,
     ToolSpec,
@@ -28,18 +34,13 @@ from agent_network.adapters.graph import (
     Turn,
     parse_tool_calls,
 )
-from agent_network.adapters.model import (
-    EV_CONTEXT_SET,
-    EV_MESSAGE,
-    STATUS_ACTIVE,
-    OpenRequest,
-    begin_closing,
-)
-from agent_network.errors import InvalidRequestError, NotYourTurnError
+from agent_network.protocol.events import EV_CONTEXT_SET, EV_MESSAGE
+from agent_network.protocol.knobs import STATUS_ACTIVE, OpenRequest
+from agent_network.protocol.state import begin_closing
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
     from agent_network.model.envelope import Actor, Envelope
+    from agent_network.protocol.state import ThreadState
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
-"""What a runner needs to behave inside protocol threads: who takes a turn after an envelope,
-who a reply goes to, whether an agent may speak (also from the REST view of a thread), and the
-workflow tools offered to the model (as pydantic-ai tools and as a text convention).
+"""The runner's view of a thread, over :mod:`agent_network.protocol`: who takes a turn after an
+envelope, who a reply goes to, whether an agent may speak (also from the REST view of a thread),
+and the workflow tools offered to the model (as pydantic-ai tools and as a text convention).
 
 Everything here is pure (no I/O); the in-process runner (``runtime/runner.py``) and the remote
 runner (``runtime/remote.py``) share it. The behaviour is described in the runner's module
@@ -16,23 +16,26 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_ai import Tool
 
-from agent_network.adapters.base import Proposal
-from agent_network.adapters.graph import Finish, GraphError, Handoff, ToolSpec, Turn, tool_call
-from agent_network.adapters.lifecycle import admit
-from agent_network.adapters.model import (
-    EV_MESSAGE,
-    LIVE_STATUSES,
-    REASON_NO_TRANSITION,
-    STATUS_ACTIVE,
-)
-from agent_network.adapters.workflow import WorkflowState, tools_for
 from agent_network.errors import AgentNetworkError, InvalidRequestError
-from agent_network.hub.fold import step
 from agent_network.model.envelope import Actor, Envelope
-from agent_network.services.turns import turn_takers, visible_to
+from agent_network.protocol.adapters.base import Proposal
+from agent_network.protocol.adapters.graph import (
+    Finish,
+    GraphError,
+    Handoff,
+    ToolSpec,
+    Turn,
+    tool_call,
+)
+from agent_network.protocol.adapters.workflow import WorkflowState, tools_for
+from agent_network.protocol.events import EV_MESSAGE
+from agent_network.protocol.fold import step
+from agent_network.protocol.knobs import LIVE_STATUSES, REASON_NO_TRANSITION, STATUS_ACTIVE
+from agent_network.protocol.lifecycle import admit
+from agent_network.protocol.turns import turn_takers, visible_to
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
+    from agent_network.protocol.state import ThreadState
 
 __all__ = [
     "HANDOFF_TOOL",
@@ -93,7 +96,7 @@ def thread_may_speak(
     is None or the agent; no ``pending_acks``; and the runaway budget
     (``consecutive_agent_messages`` < ``agent_budget``) is not spent — unless the agent
     ``answers_person`` (its reply answers a person's message) and the budget is not 0, as the
-    hub decides (:func:`~agent_network.adapters.lifecycle.budget_spent`). A field the server
+    hub decides (:func:`~agent_network.protocol.lifecycle.budget_spent`). A field the server
     does not send is not checked (older servers)."""
     if thread.get("status") not in LIVE_STATUSES:
         return False
@@ -155,7 +158,7 @@ class ToolBox:
     ``specs`` are the graph's tools for the speaker; ``handoff_targets`` the participant names
     (or ids) a generic ``handoff`` may name (empty: no generic handoff); ``resolve`` maps a
     name or id to a participant id (None when it is neither). Calls are recorded in ``calls``
-    as :func:`~agent_network.adapters.graph.tool_call` entries: a spec with ``handoff`` gives
+    as :func:`~agent_network.protocol.tool_call` entries: a spec with ``handoff`` gives
     ``Handoff(target=spec.handoff, reason=<argument>)``, with ``finish`` gives
     ``Finish(summary=<argument>, reason=spec.finish)``, else the plain acknowledgement
     ``"ok"``; ``handoff(target, reason)`` gives ``Handoff(target, reason)``. At most one
@@ -345,7 +348,7 @@ def _resolver(participants: Sequence[str], names: Mapping[str, str]) -> Callable
 def toolbox_for(state: ThreadState, agent_id: str) -> ToolBox:
     """The tools of ``agent_id`` in ``state``'s thread: the graph's (:func:`tools_for`) plus the
     generic ``handoff`` in an active workflow thread; an empty box elsewhere (the graph admits a
-    Handoff in any workflow message, see ``adapters/graph.py``)."""
+    Handoff in any workflow message, see ``protocol/adapters/graph.py``)."""
     if not isinstance(state.protocol, WorkflowState) or state.status != STATUS_ACTIVE:
         return ToolBox((), (), lambda _: None)
     names = dict(state.knobs.names)
@@ -361,8 +364,8 @@ def graph_tools(created: Mapping[str, Any], agent_id: str) -> ToolBox:
     """:func:`toolbox_for` from the data of a workflow thread's ``thread.created`` envelope (for
     the remote runner, which has no folded state). An empty box for other adapters or a graph
     it cannot read."""
-    from agent_network.adapters.graph import TransitionGraph
-    from agent_network.adapters.model import parse_open
+    from agent_network.protocol.adapters.graph import TransitionGraph
+    from agent_network.protocol.knobs import parse_open
 
     if created.get("adapter") != "workflow":
         return ToolBox((), (), lambda _: None)

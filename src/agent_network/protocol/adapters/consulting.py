@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from agent_network.adapters.base import BaseAdapter, Proposal, register_adapter
-from agent_network.adapters.model import EV_MESSAGE, REASON_CONSULTING_COMPLETE, begin_closing
 from agent_network.errors import NotYourTurnError
+from agent_network.protocol.adapters.base import BaseAdapter, Proposal, register_adapter
+from agent_network.protocol.events import EV_MESSAGE
+from agent_network.protocol.knobs import REASON_CONSULTING_COMPLETE
+from agent_network.protocol.state import begin_closing
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
     from agent_network.model.envelope import Envelope
+    from agent_network.protocol.state import ThreadState
 
 
 @dataclass(frozen=True, slots=True)

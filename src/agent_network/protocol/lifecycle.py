@@ -22,9 +22,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent_network.adapters.base import Proposal, get_adapter
-from agent_network.adapters.graph import TransitionGraph
-from agent_network.adapters.model import (
+from agent_network.errors import (
+    AgentNetworkError,
+    InvalidAudienceError,
+    InvalidRequestError,
+    ProtocolViolationError,
+    RunawayBudgetError,
+    ThreadClosedError,
+)
+from agent_network.protocol.adapters.base import Proposal, get_adapter
+from agent_network.protocol.adapters.graph import TransitionGraph
+from agent_network.protocol.events import (
     EV_BUDGET_SET,
     EV_EXPECTATION_VIOLATED,
     EV_MESSAGE,
@@ -36,6 +44,8 @@ from agent_network.adapters.model import (
     EV_THREAD_CREATED,
     EV_THREAD_REJECT,
     EV_VISIBILITY_SET,
+)
+from agent_network.protocol.knobs import (
     HANDLERS,
     REASON_CLOSED,
     STATUS_CLOSED,
@@ -47,18 +57,10 @@ from agent_network.adapters.model import (
     parse_open,
     parse_reason,
 )
-from agent_network.errors import (
-    AgentNetworkError,
-    InvalidAudienceError,
-    InvalidRequestError,
-    ProtocolViolationError,
-    RunawayBudgetError,
-    ThreadClosedError,
-)
 
 if TYPE_CHECKING:
-    from agent_network.hub.fold import ThreadState
     from agent_network.model.envelope import Actor
+    from agent_network.protocol.state import ThreadState
 
 
 SYSTEM_TYPES = frozenset(
