@@ -99,7 +99,7 @@ from typing import Any
 import httpx
 
 from _server import bootstrap, free_port, ok
-from agent_network.demo import KICKOFF, Company, _setup_company, find_examples
+from agent_network.demo import KICKOFF, find_examples, setup_companies
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -507,29 +507,8 @@ def run_demo(server: LocalServer, seed: int, timeout: float) -> list[Judged]:
     """The demo's setup and kickoff in ``rollout-status``; the judged replies."""
     examples = find_examples(EXAMPLES)
     scenario = json.loads((examples / "demo" / "scenario.json").read_text(encoding="utf-8"))
-    acme = Company(server.url, server.admin_key, "Acme")
-    globex = Company(server.url, server.admin_key, "Globex")
+    acme, globex, a, g = setup_companies(server.url, server.admin_key, examples, scenario, None)
     try:
-        a = _setup_company(
-            acme,
-            examples,
-            scenario,
-            key="acme",
-            person="Alex Rivera (project lead)",
-            agent_name="Customer Ops Agent",
-            agent_key="ops",
-            model=None,
-        )
-        g = _setup_company(
-            globex,
-            examples,
-            scenario,
-            key="globex",
-            person="Sam Chen (delivery lead)",
-            agent_name="Delivery Agent",
-            agent_key="delivery",
-            model=None,
-        )
         net = acme.call("POST", "/networks", json={"name": "acme-rollout"})
         for member in ({"agent_id": a["agent"]["id"]}, {"user_id": a["user"]["id"]}):
             acme.call("POST", f"/networks/{net['id']}/members", json=member)

@@ -269,17 +269,17 @@ def _local_model_runs(out: Console, model: str | None) -> bool:
     return False
 
 
-def _scenario(
-    out: Console,
-    server: DemoServer,
-    admin_key: str,
-    examples: Path,
-    scenario: dict[str, Any],
-    model: str | None,
-    idle_timeout: float,
-) -> int:
-    acme = Company(server.url, admin_key, "Acme")
-    globex = Company(server.url, admin_key, "Globex")
+def setup_companies(
+    url: str, admin_key: str, examples: Path, scenario: dict[str, Any], model: str | None
+) -> tuple[Company, Company, dict[str, Any], dict[str, Any]]:
+    """Create the demo's two orgs on the server at ``url`` with the platform ``admin_key``:
+    Acme (Alex Rivera, Customer Ops Agent) and Globex (Sam Chen, Delivery Agent), each with its
+    private team, threads and knowledge from ``examples``/``scenario``; ``model`` is the agents'
+    model (None: the server's default). Returns ``(acme, globex, acme_side, globex_side)``, each
+    side a dict with the created ``user`` and ``agent`` (API objects). Raises what
+    :meth:`Company.call` raises when the server refuses a call."""
+    acme = Company(url, admin_key, "Acme")
+    globex = Company(url, admin_key, "Globex")
     a = _setup_company(
         acme,
         examples,
@@ -300,6 +300,19 @@ def _scenario(
         agent_key="delivery",
         model=model,
     )
+    return acme, globex, a, g
+
+
+def _scenario(
+    out: Console,
+    server: DemoServer,
+    admin_key: str,
+    examples: Path,
+    scenario: dict[str, Any],
+    model: str | None,
+    idle_timeout: float,
+) -> int:
+    acme, globex, a, g = setup_companies(server.url, admin_key, examples, scenario, model)
     out.print("Acme and Globex set up: people, agents, private teams, threads and knowledge.")
 
     net = acme.call(
