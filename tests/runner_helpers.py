@@ -4,7 +4,8 @@
   pydantic-ai ``FunctionModel`` that waits ``RUNNER_SLOW_SECONDS`` (default 1) and answers
   "Noted." — so a runner holds its claims long enough to be killed in the middle of a job —
   the model ``labeler``: "Billing." to a triage classification prompt, "Noted." to
-  anything else; and the model ``broken``, which raises RuntimeError.
+  anything else; the model ``broken``, which raises RuntimeError; and the model ``silent``,
+  which always answers an empty text.
 - Run as a script (``python runner_helpers.py post URL KEY THREADS USER PREFIX COUNT OUT SEED``):
   a poster process. It posts COUNT messages as USER into the comma-separated THREADS (round
   robin) with idempotency keys ``PREFIX-<n>``, retrying each post on connection errors and 5xx
@@ -50,6 +51,11 @@ def register_slow_model() -> None:
         raise RuntimeError("the model's backend is down")
 
     register_model("broken", FunctionModel(broken))
+
+    async def silent(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart("")])
+
+    register_model("silent", FunctionModel(silent))
 
 
 def post_all(

@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -445,5 +446,63 @@ def test_room_post_with_an_audience_reaches_only_that_audience(module_server: Li
                 assert [e.id for e in await take(cid_room, 1)] == [public.id]
                 with pytest.raises(InvalidAudience):
                     await room.post("to a stranger", user_id=ann, audience=["usr_nobody"])
+
+    run(scenario)
+
+
+def test_watch_pushes_every_readable_thread_acks_in_batches_and_ends_on_revocation(
+    module_server: LiveServer,
+) -> None:
+    """``watch`` (what hub clients use over WebSocket): every thread the credential may read,
+    threads made later included, each resuming after the durable cursor; ``acks`` moves many
+    threads at once; nothing of a thread it may not read; a revocation ends it."""
+
+    async def collect(watch: Any, n: int) -> list[Envelope]:
+        got: list[Envelope] = []
+        with anyio.fail_after(WAIT):
+            while len(got) < n:
+                got.extend(await watch.receive())
+        return got
+
+    async def scenario() -> None:
+        client, _ = await new_org(module_server)
+        async with client:
+            first, ann = await setup_thread(client)
+            await client.threads.post(first, "m1", user_id=ann)
+            team_id = (await client.threads.get(first)).team_id
+            bot = await client.agents.create("Bot", f"bot-{uuid.uuid4().hex[:6]}")
+            await client.teams.add_member(team_id, agent_id=bot.id)
+            hidden = await client.threads.create(
+                "not ann's",
+                team_id=team_id,
+                visibility="restricted",
+                participants=[("agent", bot.id)],
+            )
+            await client.threads.post(hidden.id, "secret", agent_id=bot.id)
+            token = (await client.credentials.issue("user_token", subject_id=ann)).secret
+            async with AsyncClient(module_server.url, token) as ann_client:
+                async with ann_client.realtime() as rt:
+                    watch = await rt.watch("ui")
+                    got = await collect(watch, 2)
+                    assert [(e.thread_id, e.seq) for e in got] == [(first, 1), (first, 2)]
+                    later = (await client.threads.create("later", team_id=team_id)).id
+                    await client.threads.post(later, "m2", user_id=ann)
+                    got = await collect(watch, 2)
+                    assert [(e.thread_id, e.seq) for e in got] == [(later, 1), (later, 2)]
+                    await watch.ack({first: 2, later: 1})
+                    with pytest.raises(InvalidRequest):  # beyond the last seq: nothing moved
+                        await watch.ack({later: 9})
+                async with ann_client.realtime() as rt:  # resumes after the cursor
+                    watch = await rt.watch("ui")
+                    got = await collect(watch, 1)
+                    assert [(e.thread_id, e.seq) for e in got] == [(later, 2)]
+                    assert hidden.id not in {e.thread_id for e in got}
+                    creds = [c for c in await client.credentials.list() if c.kind == "user_token"]
+                    await client.credentials.revoke(creds[-1].id)
+                    await client.threads.post(first, "after the revocation", user_id=ann)
+                    with anyio.fail_after(WAIT), pytest.raises(Unauthenticated):
+                        while True:
+                            for env in await watch.receive():
+                                assert env.content != "after the revocation"
 
     run(scenario)

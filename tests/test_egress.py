@@ -13,12 +13,9 @@ from typing import Any
 import anyio
 import pytest
 
-from agent_network.services.policy import (
-    EMPTY_POLICY,
-    EgressRefusedError,
-    apply_egress,
-    load_egress_policy,
-)
+from agent_network.services.egress_check import apply_egress
+from agent_network.services.egress_rules import EMPTY_POLICY, EgressRefusedError
+from agent_network.services.policy import load_egress_policy
 from agent_network.store.engine import create_engine, database_url
 from conftest import LiveServer, Org, all_envelopes, assert_error
 

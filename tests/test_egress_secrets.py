@@ -44,19 +44,18 @@ from websockets.sync.client import connect
 from agent_network.client import AsyncClient
 from agent_network.runtime.remote import RemoteRunner
 from agent_network.runtime.tools import RunDeps, register_agent_tools
+from agent_network.services.egress_check import check_egress, check_message
+from agent_network.services.egress_rules import (
+    DEFAULT_POLICY,
+    KEY_FORMATS,
+    ORG_SECRETS,
+    EgressRefusedError,
+)
 from agent_network.services.fingerprints import (
     MIN_SECRET_CHARS,
     SecretIndex,
     fingerprint,
     secret_forms,
-)
-from agent_network.services.policy import (
-    DEFAULT_POLICY,
-    KEY_FORMATS,
-    ORG_SECRETS,
-    EgressRefusedError,
-    check_egress,
-    check_message,
 )
 from conftest import LiveServer, Org, all_envelopes, assert_error, function_model, settle
 

@@ -196,3 +196,65 @@ def test_0009_refuses_rules_it_cannot_resolve_and_changes_nothing(tmp_path: Path
     # the database is still at 0008, with every rule as it was (Desk's convertible one too)
     assert _version(db) == "0008"
     assert _rules(db) == before
+
+
+# ------------------------------------------------------ 0011: one cursor table for every consumer
+
+
+def _cursor_rows(db: Path, table: str) -> set[tuple[object, ...]]:
+    with sqlite3.connect(db) as conn:
+        return set(conn.execute(f"SELECT * FROM {table}").fetchall())
+
+
+def test_0011_merges_runner_and_delivery_cursors_and_downgrades_back(tmp_path: Path) -> None:
+    db = tmp_path / "cursors.db"
+    _upgrade_sync(db, "0010")
+    t = "2026-01-01T00:00:00.000000+00:00"
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org_c', 'Carrier', ?)", (t,))
+        conn.execute(
+            "INSERT INTO agents (id, org_id, name, lookup_key, identity, metadata, "
+            "created_at, updated_at) VALUES ('agt_bot', 'org_c', 'Bot', 'bot', '', '{}', ?, ?)",
+            (t, t),
+        )
+        conn.executemany(
+            "INSERT INTO runner_cursors (agent_id, thread_id, seq) VALUES (?, ?, ?)",
+            [("agt_bot", "thr_1", 5), ("agt_bot", "thr_2", 7)],
+        )
+        conn.executemany(
+            "INSERT INTO delivery_cursors (subscriber_id, name, thread_id, seq, updated_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                ("usr_ann", "worker", "thr_1", 3, t),
+                ("agt_bot", "hubclient", "thr_1", 4, t),
+                ("org_c", "inbox", "thr_2", 2, t),
+                ("agt_bot", "runner", "thr_1", 9, t),  # a consumer that chose the runner's name
+            ],
+        )
+    _upgrade_sync(db, "0011")
+    assert _version(db) == "0011"
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "runner_cursors" not in tables and "delivery_cursors" not in tables
+    rows = {r[:4] for r in _cursor_rows(db, "cursors")}
+    assert rows == {
+        ("usr_ann", "worker", "thr_1", 3),
+        ("agt_bot", "hubclient", "thr_1", 4),
+        ("org_c", "inbox", "thr_2", 2),
+        ("agt_bot", "runner", "thr_1", 9),  # merged at the higher seq
+        ("agt_bot", "runner", "thr_2", 7),
+    }
+    assert all(r[4] for r in _cursor_rows(db, "cursors"))  # every row has a time
+
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0010")
+    engine.dispose()
+    assert _cursor_rows(db, "runner_cursors") == {("agt_bot", "thr_1", 9), ("agt_bot", "thr_2", 7)}
+    assert {r[:4] for r in _cursor_rows(db, "delivery_cursors")} == {
+        ("usr_ann", "worker", "thr_1", 3),
+        ("agt_bot", "hubclient", "thr_1", 4),
+        ("org_c", "inbox", "thr_2", 2),
+    }

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from agent_network.api import create_app
+from agent_network.api.realtime import Connection, Follow, RealtimeProtocol
 from agent_network.api.server import GracefulServer
 from agent_network.config import Settings
 from agent_network.hub import Hub
@@ -32,7 +33,6 @@ from agent_network.model.envelope import Actor, Envelope
 from agent_network.protocol.events import EV_MESSAGE, EV_THREAD_CREATED
 from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
-from agent_network.services.realtime import Connection, Follow
 from agent_network.services.scope import audience_admits
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 from conftest import LiveServer, Org, all_envelopes, assert_error, open_network
@@ -614,7 +614,7 @@ def test_a_stalled_consumer_is_disconnected_lagged_and_others_get_everything(
 ) -> None:
     srv = small_buffer_server
     s = Setup(srv, f"Slow{next(_names)}")
-    realtime = srv.app.state.services.realtime
+    realtime = srv.app.state.realtime
     realtime.lag_close_timeout = 60.0  # the stalled client reads only at the end of the test
     lagged_before = realtime.lagged_connections
     start = last_seq(s.org, s.thread)
@@ -923,7 +923,8 @@ def test_live_frames_are_deduplicated_and_a_gap_goes_back_to_the_wal(tmp_path: P
             ctx = ServiceContext(engine, hub, Settings(database=str(tmp_path / "hub.db")))
             services = Services.create(ctx)
             principal = Principal("org", "org_a", "cred_a", "org_a")
-            conn = Connection(services.realtime, ListTransport(), principal)
+            realtime = RealtimeProtocol(ctx, threads=services.threads, orgs=services.orgs)
+            conn = Connection(realtime, ListTransport(), principal)
             f = Follow(conn, "thr_x", after=0, seq=5, live=True)
             conn.follows["thr_x"] = f
 

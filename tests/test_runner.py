@@ -106,7 +106,7 @@ def test_one_reply_per_agent_and_trigger_even_after_restart(server: LiveServer, 
     # Forget every runner cursor: on start the runner redelivers the whole thread.
     server.stop()
     con = sqlite3.connect(server.db)
-    assert con.execute("UPDATE runner_cursors SET seq = 0").rowcount >= 2
+    assert con.execute("UPDATE cursors SET seq = 0 WHERE name = 'runner'").rowcount >= 2
     con.commit()
     con.close()
     server.start()

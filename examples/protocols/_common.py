@@ -53,11 +53,14 @@ LOCAL_MODEL = "local:smollm2"
 
 @dataclass(frozen=True)
 class Options:
-    """The command line of an example: the agents' ``model`` and the ``db`` file (None: a
-    temporary file removed on exit)."""
+    """The command line of an example: the agents' ``model``, the ``db`` file (None: a
+    temporary file removed on exit) and the ``runner`` that answers for the agents:
+    ``inproc`` (the server's in-process runner) or ``remote`` (a :class:`RemoteRunner` over the
+    SDK against the same platform served on 127.0.0.1, the in-process runner off)."""
 
     model: str
     db: Path | None
+    runner: str = "inproc"
 
     @property
     def deterministic(self) -> bool:
@@ -70,7 +73,8 @@ class Options:
 
 
 def parse_options(description: str, argv: list[str] | None = None) -> Options:
-    """Parse ``[--model MODEL] [--db PATH]`` (``description``: the example's one-line purpose)."""
+    """Parse ``[--model MODEL] [--db PATH] [--runner inproc|remote]`` (``description``: the
+    example's one-line purpose)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--model",
@@ -85,8 +89,15 @@ def parse_options(description: str, argv: list[str] | None = None) -> Options:
         help="SQLite file to keep the network in (default: a temporary file); each run creates "
         "a new org in it",
     )
+    parser.add_argument(
+        "--runner",
+        choices=("inproc", "remote"),
+        default="inproc",
+        help="who runs the agents' routines: the in-process runner (default) or a remote runner "
+        "over the SDK against the platform served on 127.0.0.1",
+    )
     ns = parser.parse_args(argv)
-    return Options(model=str(ns.model), db=ns.db)
+    return Options(model=str(ns.model), db=ns.db, runner=str(ns.runner))
 
 
 def run(main: Callable[[Options], Awaitable[bool]], description: str) -> None:
@@ -147,12 +158,46 @@ class Network:
         self._tg: TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
+        inproc = self.options.runner == "inproc"
         link = await self._stack.enter_async_context(
-            EmbeddedLink.open(self.options.db, run_routines=True, model=self.options.model)
+            EmbeddedLink.open(self.options.db, run_routines=inproc, model=self.options.model)
         )
         self._hc = await self._stack.enter_async_context(HubClient(link))
         self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        if not inproc:
+            await self._remote_runner(link)
         return self
+
+    async def _remote_runner(self, link: EmbeddedLink) -> None:
+        """Serve the platform on 127.0.0.1 (a free port) and run a :class:`RemoteRunner` with
+        the org key against it, both as tasks of the network's task group."""
+        import socket
+
+        import uvicorn
+
+        from agent_network.client import AsyncClient
+        from agent_network.runtime.remote import RemoteRunner
+
+        assert self._tg is not None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = uvicorn.Config(
+            link.app, host="127.0.0.1", port=port, lifespan="off", log_level="critical"
+        )
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        self._tg.start_soon(server.serve)
+        self._stack.callback(setattr, server, "should_exit", True)
+        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
+            await anyio.sleep(0.01)
+        client = await self._stack.enter_async_context(
+            AsyncClient(f"http://127.0.0.1:{port}", token=link.token)
+        )
+        runner = RemoteRunner(
+            client, relist_seconds=0.2, poll_wait=5.0, default_model=self.options.model
+        )
+        await self._tg.start(runner.run)
 
     async def __aexit__(
         self,

@@ -10,6 +10,7 @@ and checks that the thread came back identical.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -203,8 +204,11 @@ def run_demo(
     examples: Path | None = None,
     console: Console | None = None,
     idle_timeout: float = 240.0,
+    keep: bool = False,
 ) -> int:
-    """Run the whole demo; returns the process exit code (0 when every check held)."""
+    """Run the whole demo; returns the process exit code (0 when every check held). With
+    ``keep`` the server stays up afterwards (until Ctrl-C) and the web app's URL is printed
+    with sign-in links for Alex and Sam."""
     from agent_network.services import create_admin_key
     from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
@@ -214,7 +218,7 @@ def run_demo(
     if data_dir.exists():
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
-    db = data_dir / "demo.db"
+    db = data_dir / "agent-network.db"  # as `serve --data-dir`: `db list --data-dir` reads it
 
     async def bootstrap() -> str:
         engine = create_engine(database_url(db))
@@ -234,7 +238,13 @@ def run_demo(
     out.print(f"Starting the server on {server.url} (database {db}) ...")
     server.start()
     try:
-        return _scenario(out, server, admin_key, examples_dir, scenario, model, idle_timeout)
+        code = _scenario(out, server, admin_key, examples_dir, scenario, model, idle_timeout, keep)
+        if keep:
+            out.print("The server keeps running; press Ctrl-C to stop it.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        return code
     except DemoError as exc:
         out.print(f"[bold red]demo failed:[/] {exc}")
         return 1
@@ -311,6 +321,7 @@ def _scenario(
     scenario: dict[str, Any],
     model: str | None,
     idle_timeout: float,
+    keep: bool = False,
 ) -> int:
     acme, globex, a, g = setup_companies(server.url, admin_key, examples, scenario, model)
     out.print("Acme and Globex set up: people, agents, private teams, threads and knowledge.")
@@ -395,10 +406,29 @@ def _scenario(
         f"{'[green]identical to before' if same else '[red]DIFFERENT'}[/]."
     )
     ok &= same
+    if keep:
+        _app_links(out, server.url, [(acme, a), (globex, g)], thread["id"])
     for co in (acme, globex):
         co.http.close()
     out.rule("[bold green]demo complete" if ok else "[bold red]demo finished with failures")
     return 0 if ok else 1
+
+
+def _app_links(
+    out: Console, url: str, sides: list[tuple[Company, dict[str, Any]]], thread_id: str
+) -> None:
+    """Print the web app's URL and a sign-in link per person (a fresh user token in the URL
+    fragment, which the browser never sends to the server; docs/webapp.md)."""
+    out.rule("[bold]Watch and post in the web app")
+    out.print(f"Web app: {url}/app/  (thread rollout-status: {url}/app/threads/{thread_id})")
+    for co, side in sides:
+        made = co.call(
+            "POST",
+            "/credentials",
+            json={"kind": "user_token", "subject_id": side["user"]["id"], "name": "demo web"},
+        )
+        out.print(f"Sign in as {side['user']['name']} ({co.name}): ", end="")
+        out.print(f"{url}/app/login#key={made['secret']}", markup=False, highlight=False)
 
 
 def _stream(out: Console, co: Company, thread_id: str, idle_timeout: float) -> list[dict[str, Any]]:

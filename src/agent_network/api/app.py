@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent_network import __version__
 from agent_network.api.limits import BodyLimitMiddleware
+from agent_network.api.realtime import RealtimeProtocol
 from agent_network.api.routes import (
     agents,
     credentials,
@@ -48,8 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for ``settings`` (default: from the environment).
 
     On startup the schema is upgraded, the hub started and (if ``settings.run_routines``) the
-    runner started; on shutdown they stop in reverse order. ``app.state.services`` and
-    ``app.state.runner`` are available while it runs.
+    runner started; on shutdown they stop in reverse order. ``app.state.services``,
+    ``app.state.realtime`` (the WebSocket protocol engine) and ``app.state.runner`` are
+    available while it runs.
     """
     settings = settings or Settings()
 
@@ -61,14 +63,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with Hub.open(engine) as hub, anyio.create_task_group() as tg:
                 ctx = ServiceContext(engine, hub, settings)
                 app.state.services = Services.create(ctx)
-                await tg.start(app.state.services.realtime.run)
+                app.state.realtime = RealtimeProtocol(
+                    ctx, threads=app.state.services.threads, orgs=app.state.services.orgs
+                )
+                await tg.start(app.state.realtime.run)
                 app.state.runner = None
                 if settings.run_routines:
                     runner = Runner(ctx, rules=app.state.services.rules)
                     await tg.start(runner.run)
                     app.state.runner = runner
                 yield
-                await app.state.services.realtime.shutdown()
+                await app.state.realtime.shutdown()
                 tg.cancel_scope.cancel()
         finally:
             await engine.dispose()
@@ -78,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # served from packaged assets by the web app (offline)
     )
 
     app.add_middleware(
@@ -131,4 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         realtime.router,
     ):
         app.include_router(router, prefix=API_PREFIX)
+
+    from agent_network.web import mount_web  # the top layer; imported here: web imports api
+
+    mount_web(app, docs_url=f"{API_PREFIX}/docs")
     return app

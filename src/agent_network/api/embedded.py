@@ -11,30 +11,44 @@ the way httpx's ``ASGITransport`` serves an app without a socket::
     async with EmbeddedLink.open("net.db") as link, HubClient(link) as hc:
         ...
 
-REST calls go through the ASGI app in memory, live envelopes come from the hub's long-poll
-(``ThreadService.envelopes``), and the durable cursors of hub clients move through
-``services.delivery`` — the same rows the WebSocket protocol's ``ack`` moves.
+REST calls go through the ASGI app in memory; each credential is authenticated once and its
+principal reused by the link's calls until the access epoch moves, its known expiry passes or
+``RECHECK_EVERY`` seconds went by (the staleness bound of services/cache.py, for removals made by
+another process). Envelopes are pushed: :meth:`EmbeddedLink.inbox` is a
+:class:`~agent_network.services.delivery.Inbox` (the hub's subscription, filtered as the API
+filters for that credential), and the durable cursors of hub clients move through
+``services.delivery`` — the same rows the WebSocket protocol's ``ack`` moves. See
+docs/architecture.md, "Hub clients: push, not poll".
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from agent_network.api.app import create_app
+from agent_network.api.deps import get_principal
 from agent_network.client.errors import error_from_body
 from agent_network.client.models import Envelope
 from agent_network.client.rest import AsyncClient
 from agent_network.config import Settings
-from agent_network.errors import AgentNetworkError
-from agent_network.services import Services, create_admin_key
+from agent_network.errors import AgentNetworkError, AuthenticationError
+from agent_network.model.envelope import Envelope as StoredEnvelope
+from agent_network.services import Principal, Services, create_admin_key
+from agent_network.services.delivery import RECHECK_EVERY
+from agent_network.services.delivery import Inbox as ServerInbox
 
-LONG_POLL = 30.0  # seconds one in-process wait for new envelopes lasts
+LONG_POLL = 30.0  # seconds one in-process wait for new envelopes lasts (``follow``)
+KEEP_PRINCIPALS = 10_000  # credentials whose principal the link keeps
+KEEP_ENVELOPES = 10_000  # SDK envelopes kept to share between the inboxes of one link
 
 
 class EmbeddedLink:
@@ -49,7 +63,10 @@ class EmbeddedLink:
         self.app = app
         self.token = token
         self._transport = httpx.ASGITransport(app=app)
-        self._clients: list[AsyncClient] = []
+        self._clients: dict[str, AsyncClient] = {}
+        self._principals: OrderedDict[str, tuple[Principal, int, float]] = OrderedDict()
+        self._envelopes: OrderedDict[str, Envelope] = OrderedDict()
+        app.dependency_overrides[get_principal] = self._request_principal
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -94,11 +111,70 @@ class EmbeddedLink:
         return services
 
     def rest(self, token: str) -> AsyncClient:
-        """A REST client over the in-memory ASGI transport, acting with ``token`` (closed with
-        the link)."""
-        client = AsyncClient("http://local", token, transport=self._transport)
-        self._clients.append(client)
+        """A REST client over the in-memory ASGI transport, acting with ``token`` (one per
+        token, closed with the link)."""
+        client = self._clients.get(token)
+        if client is None:
+            client = AsyncClient("http://local", token, transport=self._transport)
+            self._clients[token] = client
         return client
+
+    async def principal(self, token: str) -> Principal:
+        """The principal of ``token``, authenticated once and reused until the access epoch
+        moves, its known expiry passes or ``RECHECK_EVERY`` seconds went by (then checked
+        again). AuthenticationError when it does not authenticate."""
+        services = self.services
+        epoch = services.ctx.access_epoch  # before the read: a removal during it makes it stale
+        now = time.monotonic()
+        hit = self._principals.get(token)
+        if (
+            hit is not None
+            and hit[1] == epoch
+            and now - hit[2] < RECHECK_EVERY
+            and not hit[0].expired(time.time())
+        ):
+            return hit[0]
+        principal = await services.orgs.authenticate(token)
+        self._principals[token] = (principal, epoch, now)
+        self._principals.move_to_end(token)
+        while len(self._principals) > KEEP_PRINCIPALS:
+            self._principals.popitem(last=False)
+        return principal
+
+    async def _request_principal(self, request: Request) -> Principal:
+        """``get_principal`` for the app this link serves: the bearer credential through
+        :meth:`principal` (once per connection, not once per call)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("send 'Authorization: Bearer <key>' with an org or admin key")
+        return await self.principal(token)
+
+    @contextlib.asynccontextmanager
+    async def inbox(self, token: str, cursor: str) -> AsyncIterator[EmbeddedInbox]:
+        """The :class:`EmbeddedInbox` of ``token`` on the durable ``cursor``: every envelope of
+        every thread it may read, pushed by the hub (see the module docstring).
+        Unauthenticated for a bad token."""
+        services = self.services
+        with _as_sdk_errors():
+            principal = await self.principal(token)
+            inbox = services.delivery.inbox(
+                principal, lambda: services.orgs.authenticate(token), cursor
+            )
+            await inbox.__aenter__()
+        try:
+            yield EmbeddedInbox(self, inbox)
+        finally:
+            await inbox.__aexit__(None, None, None)
+
+    def _sdk_envelope(self, env: StoredEnvelope, rendered: dict[str, Any]) -> Envelope:
+        """The SDK envelope of ``env`` (validated once per link, shared by its inboxes)."""
+        sdk = self._envelopes.get(env.id)
+        if sdk is None:
+            sdk = Envelope.model_validate(rendered)
+            self._envelopes[env.id] = sdk
+            if len(self._envelopes) > KEEP_ENVELOPES:
+                self._envelopes.popitem(last=False)
+        return sdk
 
     async def follow(
         self, token: str, thread_id: str, *, after: int | None = None, cursor: str | None = None
@@ -109,7 +185,7 @@ class EmbeddedLink:
         token, NotFound for a thread the token may not see."""
         services = self.services
         with _as_sdk_errors():
-            principal = await services.orgs.authenticate(token)
+            principal = await self.principal(token)
             if after is None:
                 after = 0
                 if cursor is not None:
@@ -135,14 +211,37 @@ class EmbeddedLink:
         InvalidRequest for a ``seq`` beyond the thread's last one."""
         services = self.services
         with _as_sdk_errors():
-            principal = await services.orgs.authenticate(token)
+            principal = await self.principal(token)
             await services.delivery.ack(principal, thread_id, seq, cursor)
 
     async def aclose(self) -> None:
         """Close the REST clients this link handed out."""
-        for client in self._clients:
+        for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+class EmbeddedInbox:
+    """A credential's :class:`~agent_network.client.hubclient.Inbox` over the embedded link:
+    the server's :class:`~agent_network.services.delivery.Inbox` speaking SDK envelopes and
+    errors."""
+
+    def __init__(self, link: EmbeddedLink, inbox: ServerInbox) -> None:
+        self._link = link
+        self._inbox = inbox
+
+    async def receive(self) -> list[Envelope]:
+        """The next envelopes (at least one; waits). Unauthenticated once the credential no
+        longer authenticates."""
+        with _as_sdk_errors():
+            items = await self._inbox.receive()
+        return [self._link._sdk_envelope(env, rendered) for env, rendered in items]
+
+    async def ack(self, positions: Mapping[str, int]) -> None:
+        """Move the durable cursor of each thread to its seq, in one transaction (NotFound,
+        InvalidRequest as the service raises them; nothing written then)."""
+        with _as_sdk_errors():
+            await self._inbox.ack(positions)
 
 
 @contextlib.contextmanager
@@ -156,4 +255,4 @@ def _as_sdk_errors() -> Iterator[None]:
         raise error_from_body(err.status, body) from err
 
 
-__all__ = ["EmbeddedLink"]
+__all__ = ["EmbeddedInbox", "EmbeddedLink"]

@@ -8,11 +8,11 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
-from agent_network.services.realtime import RealtimeService
+from agent_network.api.realtime import RealtimeProtocol
 
 
 class GracefulServer(uvicorn.Server):
-    """``uvicorn.Server`` whose shutdown first runs :meth:`RealtimeService.shutdown` of the app
+    """``uvicorn.Server`` whose shutdown first runs :meth:`RealtimeProtocol.shutdown` of the app
     (``config.app`` must be an app built by ``create_app``), so WebSocket clients get
     ``disconnect`` ``shutdown`` with their ``resume`` positions and close code 1001 *before*
     uvicorn closes the sockets itself (plain uvicorn closes open WebSockets with 1012 before the
@@ -45,11 +45,33 @@ class GracefulServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Close the realtime connections, then shut down as uvicorn does."""
         state = getattr(self.config.app, "state", None)
-        services = getattr(state, "services", None)
-        realtime = getattr(services, "realtime", None)
-        if isinstance(realtime, RealtimeService):
+        realtime = getattr(state, "realtime", None)
+        if isinstance(realtime, RealtimeProtocol):
             await realtime.shutdown()
         await super().shutdown(sockets)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (``port`` 0: any free port; read the chosen
+    one with ``sock.getsockname()[1]``), for :func:`serve`'s ``sock``, so a caller can bind
+    first and announce the server only once the address is really its own.
+
+    Raises ``ValueError`` for a port outside 0-65535 and ``OSError`` (e.g. ``EADDRINUSE``)
+    when the address cannot be bound; nothing is left open then.
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def serve(
@@ -59,10 +81,20 @@ def serve(
     port: int,
     log_level: str = "warning",
     ws_max_size: int = 1_048_576,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run ``app`` on ``host``:``port`` until SIGINT/SIGTERM (blocking), with a graceful
     realtime shutdown and the startup heap frozen (``GracefulServer(freeze_gc=True)``).
     ``ws_max_size`` is the largest WebSocket message accepted, in bytes (a larger one closes
-    the connection with 1009, before it is buffered whole)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ws_max_size=ws_max_size)
-    GracefulServer(config, freeze_gc=True).run()
+    the connection with 1009, before it is buffered whole). ``sock``: an already listening
+    socket (:func:`bind`) to serve on instead of binding ``host``:``port`` here.
+    ``log_level``: uvicorn's level (``debug``, ``info``: with the access log, ``warning``...)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        ws_max_size=ws_max_size,
+        log_config=None,
+    )
+    GracefulServer(config, freeze_gc=True).run(sockets=[sock] if sock is not None else None)

@@ -18,10 +18,10 @@ Two links, one API (switching is one constructor argument)::
 
 - ``EmbeddedLink`` (``agent_network.api.embedded``, part of the server, not of this SDK) runs
   the whole server in this process with no socket: REST calls go through the ASGI app in memory
-  and live envelopes come from the hub. It is the default for tests, notebooks and
-  single-process deployments.
+  and live envelopes come from the hub's subscription. It is the default for tests, notebooks
+  and single-process deployments.
 - :class:`WsLink` talks to a remote server: REST over HTTP, live envelopes over the WebSocket
-  protocol (``docs/protocol.md``) with reconnect and resume.
+  protocol (``docs/protocol.md``, the ``watch`` frame) with reconnect and resume.
 
 A HubClient takes any object with the :class:`Link` interface; this module never imports the
 server.
@@ -42,11 +42,15 @@ closes with ``close``. :meth:`Channel.send` takes an ``audience`` and workflow `
 reason, workflow turns and context). The hub refuses what the protocol does not allow (e.g.
 ``NotYourTurn``); a handler's refused reply is logged, not raised.
 
-Delivery to handlers is at-least-once and resumable: each agent follows each of its threads with
-a durable cursor named ``hubclient``; an envelope is acknowledged after its handler returned, so
-a crashed process resumes after the last handled envelope. Replies are idempotent on
-(agent, trigger) — the key ``reply:<agent id>:<trigger envelope id>`` — so a redelivered trigger
-never produces a second reply.
+Delivery is pushed, never polled: each agent and person receives every thread it may read from
+its own :class:`Inbox` on the link (threads others add it to later included), and a worker per
+thread hands the envelopes to its handler in order, ending after ``thread.closed``. Delivery is
+at-least-once and resumable: the inbox resumes each thread after a durable cursor named
+``hubclient``; an envelope is acknowledged after its handler returned, in batches (at most every
+``ACK_DELAY`` seconds, and on exit), so a crashed process resumes after the last acknowledged
+envelope. Replies are idempotent on (agent, trigger) — the key
+``reply:<agent id>:<trigger envelope id>`` — so a redelivered trigger never produces a second
+reply. Design: docs/architecture.md, "Hub clients: push, not poll".
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -65,13 +71,22 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
-from agent_network.client.errors import ApiError, NotFound, TransportError
+from agent_network.client.errors import (
+    ApiError,
+    ClientError,
+    NotFound,
+    TransportError,
+    Unauthenticated,
+)
 from agent_network.client.models import Agent, Envelope, Resume, Thread, Tool, User
 from agent_network.client.rest import AsyncClient
 
 log = logging.getLogger(__name__)
 
 HUBCLIENT_CURSOR = "hubclient"
+ACK_DELAY = 0.25  # seconds: handled envelopes are acknowledged in batches at most this often
+KEEP_THREADS = 1000  # threads whose received envelopes a participant keeps for wait_for
+KEEP_POSITIONS = 100_000  # threads whose last received seq a participant remembers
 DEFAULT_TEAM = "hub"
 TOKEN_TTL = 900.0  # seconds a HubClient's tokens live without renewal (renewed every 300 s)
 
@@ -114,13 +129,30 @@ def _stored_resume(agent: Agent) -> Resume:
 # --------------------------------------------------------------------------- links
 
 
+class Inbox(Protocol):
+    """What a link pushes to one credential: every envelope of every thread it may read.
+
+    ``receive()`` waits for the next envelopes (at least one; in ``seq`` order per thread,
+    without gap or duplicate; threads the credential is given access to later included, from
+    their durable cursor); ``ack(positions)`` moves the durable cursor of each thread named to
+    its seq, in one call. Failures as for :class:`Link`; ``Unauthenticated`` once the
+    credential was revoked or expired.
+    """
+
+    async def receive(self) -> list[Envelope]: ...
+
+    async def ack(self, positions: Mapping[str, int]) -> None: ...
+
+
 class Link(Protocol):
     """What a HubClient needs from a transport.
 
-    ``rest(token)`` is a REST client acting with ``token``; ``follow`` yields the envelopes of
-    ``thread_id`` visible to ``token`` with ``seq > after`` (or after the durable ``cursor``),
-    in order, forever; ``ack`` moves that cursor; ``token`` is the org key the link was opened
-    with. Failures are SDK errors (:class:`~agent_network.client.ApiError` subclasses,
+    ``rest(token)`` is a REST client acting with ``token``; ``inbox(token, cursor)`` an async
+    context manager yielding the :class:`Inbox` of ``token``, resuming each thread after the
+    durable ``cursor``; ``follow`` yields the envelopes of ``thread_id`` visible to ``token``
+    with ``seq > after`` (or after the durable ``cursor``), in order, forever; ``ack`` moves that
+    cursor; ``token`` is the org key the link was opened with. Failures are SDK errors
+    (:class:`~agent_network.client.ApiError` subclasses,
     :class:`~agent_network.client.TransportError`) or ``OSError``/``httpx.HTTPError``.
     Implementations: :class:`WsLink` here, ``agent_network.api.embedded.EmbeddedLink`` on the
     server side (the platform in process).
@@ -129,6 +161,8 @@ class Link(Protocol):
     token: str
 
     def rest(self, token: str) -> AsyncClient: ...
+
+    def inbox(self, token: str, cursor: str) -> contextlib.AbstractAsyncContextManager[Inbox]: ...
 
     def follow(
         self, token: str, thread_id: str, *, after: int | None = None, cursor: str | None = None
@@ -202,6 +236,13 @@ class WsLink:
         )
         async for env in room:
             yield env
+
+    @contextlib.asynccontextmanager
+    async def inbox(self, token: str, cursor: str) -> AsyncIterator[Inbox]:
+        """The :class:`Inbox` of ``token``: the ``watch`` of its realtime connection on the
+        durable ``cursor`` (every thread it may read, pushed; docs/protocol.md)."""
+        rt = await self._realtime(token)
+        yield await rt.watch(cursor)
 
     async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None:
         """Acknowledge over the WebSocket (the cursor the thread was joined with)."""
@@ -281,7 +322,13 @@ class _Participant:
     _waiters: list[tuple[str | None, Callable[[Envelope], bool], anyio.Event, list[Envelope]]] = (
         field(default_factory=list)
     )
-    _following: set[str] = field(default_factory=set)
+    # per thread: the envelopes received in this session (recent threads only, for wait_for),
+    # the last seq handed to its worker, the worker's queue, and handled seqs not yet acked
+    _seen: OrderedDict[str, list[Envelope]] = field(default_factory=OrderedDict)
+    _queued: dict[str, int] = field(default_factory=dict)
+    _queues: dict[str, MemoryObjectSendStream[Envelope]] = field(default_factory=dict)
+    _acks: dict[str, int] = field(default_factory=dict)
+    _ack_wanted: anyio.Event = field(default_factory=anyio.Event)
 
     @property
     def rest(self) -> AsyncClient:
@@ -335,19 +382,26 @@ class _Participant:
         *,
         timeout: float = 30.0,  # noqa: ASYNC109 (a deadline for the caller, in seconds)
     ) -> Envelope:
-        """The first envelope (already stored or arriving) of ``thread_id`` (any followed
-        thread when ``None``) for which ``predicate`` is true. TimeoutError after ``timeout``
-        seconds."""
-        if thread_id is not None:
-            for env in await self.read_wal(thread_id):
-                if predicate(env):
-                    return env
-            self.hub._follow(self, thread_id)
+        """The first envelope (already stored or arriving) of ``thread_id`` (any thread
+        when ``None``: arriving ones only) for which ``predicate`` is true. TimeoutError after
+        ``timeout`` seconds.
+
+        It waits on what this participant's inbox receives; the stored envelopes are those
+        received in this session, so the WAL is read (once) only when they do not start at the
+        thread's first envelope (a thread resumed from a durable cursor, or not seen yet)."""
         box: list[Envelope] = []
         event = anyio.Event()
         entry = (thread_id, predicate, event, box)
         self._waiters.append(entry)
         try:
+            if thread_id is not None:
+                seen = self._seen.get(thread_id)
+                stored = list(seen) if seen and seen[0].seq == 1 else None
+                if stored is None:
+                    stored = await self.read_wal(thread_id)
+                found = next((e for e in stored if predicate(e)), None)
+                if found is not None:
+                    return found
             with anyio.fail_after(timeout):
                 await event.wait()
         finally:
@@ -355,12 +409,31 @@ class _Participant:
                 self._waiters.remove(entry)
         return box[0]
 
-    async def _deliver(self, env: Envelope) -> None:
-        for thread_id, predicate, event, box in list(self._waiters):
-            if (thread_id is None or thread_id == env.thread_id) and not box and predicate(env):
+    def _received(self, env: Envelope) -> bool:
+        """Record ``env`` from the inbox and wake the waiters it satisfies; False when it was
+        handed over before (a redelivery after a reconnect)."""
+        thread_id = env.thread_id
+        if env.seq <= self._queued.get(thread_id, 0):
+            return False
+        if thread_id not in self._queued and len(self._queued) >= KEEP_POSITIONS:
+            del self._queued[next(iter(self._queued))]  # the thread seen first (long closed)
+        self._queued[thread_id] = env.seq
+        seen = self._seen.get(thread_id)
+        if seen is None:
+            seen = self._seen[thread_id] = []
+            while len(self._seen) > KEEP_THREADS:
+                self._seen.popitem(last=False)
+        seen.append(env)
+        for waited, predicate, event, box in list(self._waiters):
+            if (waited is None or waited == thread_id) and not box and predicate(env):
                 box.append(env)
                 event.set()
-        await self._handle(env)
+        return True
+
+    def _handled(self, env: Envelope) -> None:
+        """``env`` was handled: acknowledge it with the next batch."""
+        self._acks[env.thread_id] = max(env.seq, self._acks.get(env.thread_id, 0))
+        self._ack_wanted.set()
 
     async def _handle(self, env: Envelope) -> None:
         return None
@@ -409,16 +482,16 @@ class AgentClient(_Participant):
         dicts, ``graph`` a TransitionGraph (or its dict) for a workflow, whose targets may use
         the agents' names; ``knobs`` pass further fields of the thread: ``invitees`` (default
         every target), ``names``, ``order`` (discussion), ``agent_budget``, and any other
-        adapter knob. Every target registered in this HubClient starts following it at once.
+        adapter knob. Its participants receive it through their inboxes (pushed, no polling).
         InvalidRequest (nothing opened) for bad knobs; NotFound for an unknown target.
         """
         names = [target] if isinstance(target, str) else list(target)
-        agents = await self.hub._resolve_agents(names)
+        agent_ids = await self.hub._resolve_agents(names)
         team = team_id or await self.hub._team()
         fields = {
             k: knobs.pop(k) for k in ("invitees", "names", "order", "agent_budget") if k in knobs
         }
-        participants = [("agent", self.id), *(("agent", a.id) for a in agents)]
+        participants = [("agent", self.id), *(("agent", a) for a in agent_ids)]
         thread = await self.hub.rest.threads.create(
             title,
             team_id=team,
@@ -433,9 +506,6 @@ class AgentClient(_Participant):
             knobs=knobs or None,
             **fields,
         )
-        for who in (self, *(self.hub.agents.get(a.id) for a in agents)):
-            if who is not None:
-                self.hub._follow(who, thread.id)
         return Channel(thread.id, self)
 
     async def _handle(self, env: Envelope) -> None:
@@ -516,12 +586,16 @@ class HubClient:
     holds.
 
     Use as ``async with HubClient(link) as hc``. Agents and people it registers join the team
-    ``team`` (created if missing) so they can open threads with each other. ``discover`` is how
-    often (seconds) it looks for threads its participants were added to by others. The tokens
-    it issues expire after ``token_ttl`` seconds (None: never) and it renews them every third
-    of that while it runs, so the tokens of a process killed with SIGKILL stop working on their
-    own within ``token_ttl``. On exit every follower task is cancelled and awaited and every
-    token it issued is revoked.
+    ``team`` (created if missing) so they can open threads with each other. Each of them
+    receives its envelopes from its own :class:`Inbox` on the link (pushed: every thread it may
+    read, including threads others add it to later; nothing polls), handled per thread in
+    order by a worker that ends after ``thread.closed``; handled envelopes are acknowledged in
+    batches (at most every ``ACK_DELAY`` seconds, and on exit). ``discover`` is ignored (kept
+    so older callers still work: threads are no longer discovered by polling). The tokens it
+    issues expire after ``token_ttl`` seconds (None: never) and it renews them every third of
+    that while it runs, so the tokens of a process killed with SIGKILL stop working on their
+    own within ``token_ttl``. On exit every task is cancelled and awaited, the acknowledgements
+    due are written and every token it issued is revoked.
     """
 
     def __init__(
@@ -552,7 +626,6 @@ class HubClient:
     async def __aenter__(self) -> Self:
         self._tg_cm = anyio.create_task_group()
         self._tg = await self._tg_cm.__aenter__()
-        self._tg.start_soon(self._discover_loop)
         if self.token_ttl is not None:
             self._tg.start_soon(self._renew_loop, self.token_ttl)
         return self
@@ -630,7 +703,7 @@ class HubClient:
             handler=handler,
         )
         self.agents[agent.id] = client
-        await self._follow_all(client)
+        await self._start_inbox(client)
         return client
 
     async def human(self, name: str, *, email: str | None = None) -> HumanClient:
@@ -644,7 +717,7 @@ class HubClient:
         )
         client = HumanClient(self, "user", user.id, user.name, issued.secret, issued.credential.id)
         self.humans[user.id] = client
-        await self._follow_all(client)
+        await self._start_inbox(client)
         return client
 
     async def read_wal(self, thread_id: str) -> list[Envelope]:
@@ -668,14 +741,18 @@ class HubClient:
     async def _agent_by_key(self, key: str) -> Agent | None:
         return next((a for a in await self.rest.agents.list() if a.lookup_key == key), None)
 
-    async def _resolve_agents(self, names: list[str]) -> list[Agent]:
+    async def _resolve_agents(self, names: list[str]) -> list[str]:
+        """The agent ids ``names`` stand for: an id of an agent registered here as is (no
+        call), anything else looked up among the org's agents (id, lookup key or name)."""
+        if all(name in self.agents for name in names):
+            return list(names)
         agents = await self.rest.agents.list()
         out = []
         for name in names:
             found = [a for a in agents if name in (a.id, a.lookup_key, a.name)]
             if not found:
                 raise NotFound(404, "not_found", f"no agent called {name!r} in this org")
-            out.append(found[0])
+            out.append(found[0].id)
         return out
 
     async def _team(self) -> str:
@@ -695,37 +772,103 @@ class HubClient:
         else:
             await self.rest.teams.add_member(team, user_id=member_id)
 
-    async def _follow_all(self, who: _Participant) -> None:
-        for thread in await who.threads():
-            self._follow(who, thread.id)
+    async def _start_inbox(self, who: _Participant) -> None:
+        """Open ``who``'s inbox and start delivering from it; returns once it is open (its
+        errors, such as a refused token, are raised here)."""
+        assert self._tg is not None, "use the HubClient as an async context manager"
+        await self._tg.start(self._pump, who)
 
-    def _follow(self, who: _Participant, thread_id: str) -> None:
-        if thread_id in who._following or self._tg is None:
-            return
-        who._following.add(thread_id)
-        self._tg.start_soon(self._follower, who, thread_id)
-
-    async def _follower(self, who: _Participant, thread_id: str) -> None:
-        """Deliver ``thread_id`` to ``who`` from its durable cursor, acknowledging each
-        envelope after it was handled; retries (1 s) when the link fails."""
+    async def _pump(
+        self, who: _Participant, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Take what ``who``'s inbox receives and hand it to the thread workers; reopen the
+        inbox (1 s later) when the link fails; stop when the credential no longer works."""
+        started = False
         while True:
+            failure: BaseException | None = None
             try:
-                async for env in self.link.follow(who.token, thread_id, cursor=HUBCLIENT_CURSOR):
-                    await who._deliver(env)
-                    await self.link.ack(who.token, thread_id, env.seq, HUBCLIENT_CURSOR)
-            except NotFound:
-                who._following.discard(thread_id)  # access lost: stop following
+                async with (
+                    self.link.inbox(who.token, HUBCLIENT_CURSOR) as inbox,
+                    anyio.create_task_group() as tg,
+                ):
+                    tg.start_soon(self._acker, who, inbox)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    try:
+                        while True:
+                            for env in await inbox.receive():
+                                if who._received(env):
+                                    self._queue(who, env)
+                    except (ClientError, OSError, httpx.HTTPError) as err:
+                        failure = err  # (inside: the task group would wrap it in a group)
+                    tg.cancel_scope.cancel()
+            except (ClientError, OSError, httpx.HTTPError) as err:
+                if not started:
+                    raise
+                failure = err
+            if isinstance(failure, Unauthenticated):
+                log.info("hubclient.inbox_closed who=%s error=%s", who.name, failure)
                 return
-            except (ApiError, OSError, httpx.HTTPError) as err:
-                log.info("hubclient.follow_retry thread=%s error=%r", thread_id, err)
+            log.info("hubclient.inbox_retry who=%s error=%r", who.name, failure)
             await anyio.sleep(1.0)
 
-    async def _discover_loop(self) -> None:
-        while True:
-            await anyio.sleep(self.discover_every)
-            for who in [*self.agents.values(), *self.humans.values()]:
-                with contextlib.suppress(ApiError, OSError, httpx.HTTPError):
-                    await self._follow_all(who)
+    def _queue(self, who: _Participant, env: Envelope) -> None:
+        """Hand ``env`` to the worker of its thread (started on its first envelope)."""
+        send = who._queues.get(env.thread_id)
+        if send is None:
+            assert self._tg is not None
+            send, recv = anyio.create_memory_object_stream[Envelope](math.inf)
+            who._queues[env.thread_id] = send
+            self._tg.start_soon(self._worker, who, env.thread_id, recv)
+        send.send_nowait(env)
+
+    async def _worker(
+        self, who: _Participant, thread_id: str, recv: MemoryObjectReceiveStream[Envelope]
+    ) -> None:
+        """Handle ``thread_id``'s envelopes for ``who`` one after another; end after
+        ``thread.closed`` (nothing follows it)."""
+        try:
+            async with recv:
+                async for env in recv:
+                    try:
+                        await who._handle(env)
+                    except Exception:  # a failing handler must not stop the others
+                        log.exception("hubclient.handler_failed who=%s seq=%s", who.name, env.seq)
+                    who._handled(env)
+                    if env.type == "thread.closed":
+                        return
+        finally:
+            who._queues.pop(thread_id, None)
+
+    async def _acker(self, who: _Participant, inbox: Inbox) -> None:
+        """Acknowledge what ``who`` handled, in batches: at most every ``ACK_DELAY`` seconds,
+        and once more when stopping (at-least-once: a crash redelivers at most that much)."""
+        try:
+            while True:
+                await who._ack_wanted.wait()
+                await anyio.sleep(ACK_DELAY)
+                await self._flush_acks(who, inbox)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._flush_acks(who, inbox)
+
+    @staticmethod
+    async def _flush_acks(who: _Participant, inbox: Inbox) -> None:
+        who._ack_wanted = anyio.Event()
+        acks, who._acks = who._acks, {}
+        if not acks:
+            return
+        try:
+            await inbox.ack(acks)
+        except ApiError as err:  # a thread lost meanwhile: keep the others
+            log.info("hubclient.ack_failed who=%s error=%s", who.name, err)
+            for thread_id, seq in acks.items():
+                with contextlib.suppress(ApiError):
+                    await inbox.ack({thread_id: seq})
+        except (ClientError, OSError, httpx.HTTPError):  # the link failed: with the next batch
+            for thread_id, seq in acks.items():
+                who._acks[thread_id] = max(seq, who._acks.get(thread_id, 0))
 
 
 __all__ = [
@@ -733,6 +876,7 @@ __all__ = [
     "Channel",
     "HubClient",
     "HumanClient",
+    "Inbox",
     "Link",
     "Passport",
     "Resume",

@@ -140,13 +140,15 @@ class Rule(Model):
 
 
 class Document(Model):
-    """A knowledge document (org-wide when ``agent_id`` is ``None``); ``chunks`` indexed."""
+    """A knowledge document (org-wide when ``agent_id`` is ``None``); ``chunks`` indexed;
+    ``sha256``: hex SHA-256 of its content as UTF-8 (None from an older server)."""
 
     id: str
     name: str
     agent_id: str | None = None
     chunks: int = 0
     created_at: datetime
+    sha256: str | None = None
 
 
 class SearchHit(Model):
@@ -475,8 +477,31 @@ class Assignment(Model):
     triage: list[AssignedTriage] = Field(default_factory=list)
 
 
+class RunnerJob(Model):
+    """What a runner needs to answer a trigger, built by the server (``POST /claims`` with
+    ``job``): the ``agent`` (``id``, ``name``, ``org_id``, ``org_name``, ``identity``,
+    ``model``), the thread ``title``, the ``history`` the agent may see up to the trigger
+    (``[name, org name, content]``, oldest first), ``situation`` (protocol notes),
+    ``knowledge`` chunks, a workflow speaker's ``tools`` (specs), ``handoff_targets``,
+    ``participants`` and ``names`` (name -> id), the reply's ``audience`` (None: everyone) and
+    ``pass_on_empty`` (an empty model reply passes the turn)."""
+
+    agent: dict[str, Any]
+    title: str = ""
+    history: list[list[str]] = Field(default_factory=list)
+    situation: list[str] = Field(default_factory=list)
+    knowledge: list[dict[str, Any]] = Field(default_factory=list)
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    handoff_targets: list[str] = Field(default_factory=list)
+    participants: list[str] = Field(default_factory=list)
+    names: dict[str, str] = Field(default_factory=dict)
+    audience: list[str] | None = None
+    pass_on_empty: bool = False
+
+
 class Claim(Model):
-    """A granted lease on a trigger (``expires_at``: the server's clock)."""
+    """A granted lease on a trigger (``expires_at``: the server's clock). ``job``: what
+    answering needs, when asked for (None: the agent is not to answer now)."""
 
     granted: bool = True
     agent_id: str
@@ -486,6 +511,7 @@ class Claim(Model):
     runner_id: str
     expires_at: Any = None
     lease_seconds: float | None = None
+    job: RunnerJob | None = None
 
 
 class ClaimCompleted(Model):
@@ -590,6 +616,7 @@ __all__ = [
     "Routine",
     "Rule",
     "RulePrincipal",
+    "RunnerJob",
     "SearchHit",
     "Secret",
     "Sender",

@@ -16,6 +16,9 @@ prev_hash only): iterating a room skips stubs (its seqs may skip numbers), itera
 :meth:`Room.entries` yields them too (the whole chain, for
 :func:`agent_network.client.verify_chain`).
 
+:meth:`Realtime.watch` receives every thread the credential may read without joining each (the
+``watch`` frame; what hub clients use): see :class:`Watch`.
+
 Delivery: each room remembers the last ``seq`` it received; when the socket drops, the server
 sends ``disconnect`` (``lagged``, ``shutdown``...), the server falls silent for
 ``heartbeat_timeout`` seconds, or the room's own buffer overflows, the room joins again with
@@ -34,7 +37,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -371,6 +374,53 @@ class Room:
             raise ValueError(f"unknown event {event!r}: use 'envelope' or 'typing'")
 
 
+class Watch:
+    """Every envelope of every thread the credential may read, pushed by the server (the
+    ``watch`` frame, docs/protocol.md): made by :meth:`Realtime.watch`.
+
+    Each thread resumes after the durable ``cursor`` (threads the credential is given access
+    to later included, from their start); :meth:`receive` returns what arrived (in seq order
+    per thread; after a reconnect the server resends from the cursor, so a consumer
+    de-duplicates by seq), :meth:`ack` moves the cursor in many threads at once. Envelopes
+    hidden from the credential by their audience are not sent at all.
+    """
+
+    def __init__(self, rt: Realtime, cursor: str) -> None:
+        self._rt = rt
+        self.cursor = cursor
+        self._items: list[Envelope] = []
+        self._arrived = anyio.Event()
+        self._error: BaseException | None = None
+
+    def _feed(self, env: Envelope) -> None:
+        self._items.append(env)
+        self._arrived.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._arrived.set()
+
+    async def receive(self) -> list[Envelope]:
+        """The envelopes received since the last call (at least one; waits). Raises the
+        connection's end (``Unauthenticated`` once the credential was revoked,
+        ``ConnectionClosed`` when the connection closed for good)."""
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            await self._arrived.wait()
+            self._arrived = anyio.Event()
+        out, self._items = self._items, []
+        return out
+
+    async def ack(self, positions: Mapping[str, int]) -> None:
+        """Move the cursor of each thread to its seq (never backwards), in one ``acks`` frame
+        and one transaction on the server. NotFound or InvalidRequest (nothing written) as
+        the server answers; TimeoutError after ``request_timeout``."""
+        await self._rt._request(
+            {"type": "acks", "positions": dict(positions)}, expect="acked", retry=True
+        )
+
+
 class Realtime:
     """A realtime connection to ``/api/v1/ws`` (use as ``async with``).
 
@@ -411,6 +461,7 @@ class Realtime:
         self.reconnects = 0
         self.last_disconnect: dict[str, Any] | None = None
         self._rooms: dict[str, Room] = {}
+        self._watch: Watch | None = None
         self._conn: _Conn | None = None
         self._changed = anyio.Event()  # set (and replaced) whenever _conn or _closed changes
         self._closed = False
@@ -459,6 +510,8 @@ class Realtime:
         for room in list(self._rooms.values()):
             room._close()
         self._rooms.clear()
+        if self._watch is not None:
+            self._watch._fail(ConnectionClosed("the realtime connection is closed"))
         self._notify()
 
     def _notify(self) -> None:
@@ -542,6 +595,8 @@ class Realtime:
             # join every room again before anyone else may send on the new connection
             for room in list(self._rooms.values()):
                 await self._send_or_drop(conn, self._join_request(conn, room))
+            if self._watch is not None:  # (its reply is not awaited; an error is logged)
+                await self._send_or_drop(conn, {"type": "watch", "cursor": self._watch.cursor})
             self._install(conn)
 
     def _end(self, error: BaseException) -> None:
@@ -549,6 +604,8 @@ class Realtime:
         self._close_error = error
         for room in list(self._rooms.values()):
             room._fail(error)
+        if self._watch is not None:
+            self._watch._fail(error)
         self._notify()
 
     async def _reconnect(self) -> _Conn:
@@ -595,7 +652,10 @@ class Realtime:
         ref = frame.get("ref")
         if kind == "envelope":
             room = self._rooms.get(str(frame.get("thread_id")))
-            if room is not None:
+            if frame.get("watch") is True:
+                if self._watch is not None:
+                    self._watch._feed(Envelope.model_validate(frame["envelope"]))
+            elif room is not None:
                 body = frame["envelope"]
                 stub = isinstance(body, dict) and body.get("stub") is True
                 room._feed(
@@ -786,6 +846,23 @@ class Realtime:
         assert self._tg is not None
         self._tg.start_soon(pump, name=f"room {room.thread_id} callback")
 
+    async def watch(self, cursor: str) -> Watch:
+        """Receive every thread this credential may read, resuming each after the durable
+        ``cursor`` (see :class:`Watch`); one watch per connection (the same one is returned
+        for the same ``cursor``; ValueError for another). Sent again after a reconnect.
+        Raises the ApiError of a refusal, TimeoutError after ``request_timeout``."""
+        if self._watch is not None:
+            if self._watch.cursor != cursor:
+                raise ValueError("this connection already watches with another cursor")
+            return self._watch
+        watch = self._watch = Watch(self, cursor)
+        try:
+            await self._request({"type": "watch", "cursor": cursor}, expect="watching", retry=True)
+        except BaseException:
+            self._watch = None
+            raise
+        return watch
+
     @property
     def rooms(self) -> dict[str, Room]:
         """The rooms currently joined, by thread id (a copy)."""
@@ -802,4 +879,4 @@ class Realtime:
         await self._connected()
 
 
-__all__ = ["PROTOCOL_VERSION", "Realtime", "Room", "ws_url"]
+__all__ = ["PROTOCOL_VERSION", "Realtime", "Room", "Watch", "ws_url"]

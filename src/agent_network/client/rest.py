@@ -443,6 +443,17 @@ class Orgs(Resource):
         """The org the credential belongs to."""
         return Req()
 
+    @endpoint("GET", "/orgs", list_of(Org))
+    def list(self) -> Req:
+        """Every org, oldest first (admin key only)."""
+        return Req()
+
+    @endpoint("POST", "/orgs/{org_id}/keys", IssuedCredential.model_validate)
+    def issue_key(self, org_id: str, *, name: str = "issued by the platform admin") -> Req:
+        """Issue a new org key for ``org_id`` (admin key only: the way back in for an org that
+        lost its key); the ``secret`` is in this answer only."""
+        return Req({"name": name})
+
 
 class Users(Resource):
     """``client.users``: the people of the caller's org."""
@@ -1384,19 +1395,22 @@ class Runners(Resource):
         runner_id: str,
         *,
         lease_seconds: float = 10.0,
+        job: bool = False,
     ) -> Req:
         """Claim the trigger ``trigger_seq`` for ``agent_id`` for ``lease_seconds`` (renews a
         lease already ours). ClaimHeld (``retry_after``) while another runner holds it,
-        ClaimDone when it is done."""
-        return Req(
-            {
-                "agent_id": agent_id,
-                "thread_id": thread_id,
-                "trigger_seq": trigger_seq,
-                "runner_id": runner_id,
-                "lease_seconds": lease_seconds,
-            }
-        )
+        ClaimDone when it is done. ``job``: the granted claim carries what answering needs
+        (``Claim.job``, a :class:`RunnerJob`; None when the agent is not to answer now)."""
+        body: dict[str, Any] = {
+            "agent_id": agent_id,
+            "thread_id": thread_id,
+            "trigger_seq": trigger_seq,
+            "runner_id": runner_id,
+            "lease_seconds": lease_seconds,
+        }
+        if job:
+            body["job"] = True
+        return Req(body)
 
     @endpoint("POST", "/claims/complete", ClaimCompleted.model_validate)
     def complete(

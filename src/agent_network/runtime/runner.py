@@ -1,183 +1,72 @@
-"""The in-process runner: executes ``participate`` and ``triage`` routines for the agents of every
-org.
-
-For each trigger envelope, every active participate routine whose agent it triggers gets a job:
-claim the trigger (a lease in ``runner_claims``, shared with remote runners:
-``services/claims.py``), run the checks before a model call
-(:func:`~agent_network.services.claims.preflight`), assemble the prompt, call the agent's model
-through pydantic-ai (:func:`generate_reply`, also used by the remote runner), clean the reply,
-post it through the hub with the trigger as causation and the idempotency key
-``reply:<agent>:<trigger>`` — so an agent answers one trigger at most once, also after a restart,
-a redelivery or a double claim — then complete the claim. A trigger whose claim another runner
-holds is retried when that lease expires (take-over if it crashed; leases are short — the
-setting ``claim_lease``, 10 s — and renewed every third of it while a job runs). A durable
-cursor per (agent, thread) records progress; on start the runner catches up from its cursors and
-from claims left open by a runner that died. The runner's id is stable across restarts
-(:mod:`agent_network.runtime.identity`), so the claims its own dead predecessor left are renewed
-— taken back — at once rather than after their lease.
-
-Protocol threads (adapters ``consulting``, ``conversation``, ``discussion``, ``workflow``, or
-any thread with a participant list):
-
-- **Speak only when allowed.** Before the model call the runner asks
-  :func:`~agent_network.protocol.may_speak` on the thread's current state (status, membership,
-  acks, budget, turn order — the hub's own rules, without writing). When it says no, no model is
-  called and the trigger is done (cursor advanced, claim completed). While the thread is live
-  that is audited: as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``), or
-  — a spent runaway budget, already caught by the preflight — as ``envelope.message`` with
-  ``agent_budget_exhausted``, as the hub would; a closing, closed or not yet active thread is
-  not audited. The same question is asked again right before the append (the state may have
-  moved while the model ran), with the same outcome; the hub's own refusal at the append
-  (NotYourTurnError, ProtocolViolationError) ends the job without a reply like
-  ThreadClosedError. An agent that already spoke after its trigger does not speak again for it
-  (its turn was used), and one agent's turns in one protocol thread run one at a time in this
-  runner (two runners may still both call a model for two triggers of one turn; the hub keeps
-  the second reply out).
-- **Triggers.** In an open thread a ``message`` from somebody else triggers every member agent.
-  In a protocol thread (see :func:`~agent_network.runtime.thread_view.turn_takers`) ANY envelope
-  triggers the agent that is the expected speaker in the state right after it (folded up to it):
-  the ``thread.created``/``thread.ack`` that made the thread active when the first speaker is an
-  agent (it then writes the thread's opening message, prompted with the title), a
-  ``context.set``, a workflow Handoff naming it, the previous speaker's message. Where anyone may
-  speak (``conversation``) a message triggers the other participant agents. An envelope whose
-  ``audience`` excludes the agent never triggers it. Keys and claims are per trigger envelope as
-  above, so there is still one reply per (agent, trigger).
-- **Audience.** The history in the prompt holds only the messages the agent may see (audience
-  None = everyone; else the sender and the listed ids). A reply to an envelope with an audience
-  goes to that audience plus the trigger's sender, minus the agent itself
-  (:func:`~agent_network.runtime.thread_view.reply_audience`); a reply to an envelope without one
-  goes to everyone.
-- **Workflow tools.** In an active workflow thread the speaker gets the graph's tools for it
-  (:func:`~agent_network.protocol.tools_for`) plus a generic ``handoff(target, reason)`` (the
-  graph admits a Handoff in any workflow message), in two ways that end in one record
-  (:class:`~agent_network.runtime.thread_view.ToolBox`): as pydantic-ai tools, for models that call
-  tools; and as a text convention, for models that do not (the bundled local model): the prompt
-  lists each tool as a tag (``- Approve the draft: [approve]``,
-  ``- Send the draft back: [request_revision: reason]``, ``- pass the turn to writer:
-  [handoff: name]``) and a trailing ``[tool]`` or ``[tool: argument]`` in the model's text (of
-  any model) is taken as a call of that tool and stripped from the content. A tool whose spec
-  has ``handoff`` records ``Handoff(target=spec.handoff, reason=<argument>)``, one with
-  ``finish`` records ``Finish(summary=<argument>, reason=spec.finish)``, any other a plain
-  ``"ok"``; at most one Handoff/Finish per turn. The reply is appended with
-  ``data={"content": ..., "tool_calls": [tool_call(name, result, args=...), ...]}``, which the
-  workflow adapter routes on. A reply that is only a tag gets a short content naming the tool
-  (``"Approve."``).
-
-Triage routines (hub-and-spoke; the pure parts are in :mod:`agent_network.runtime.triage`):
-
-- **Requests.** A ``message`` in one of the routine's ``intake`` threads, from somebody other
-  than the agent, that is not a forward or reply of any triage agent (``data["triage"]``) and
-  that the agent may see. Where an agent has both routines, its triage routine takes the
-  intake requests (its participate routine answers everything else). Jobs, claims, cursors and
-  catch-up are those of participate (:func:`triage_participations` lists the intake threads).
-- **Handling** (:meth:`Runner._triage`): the participate checks (preflight, may it speak), then
-  classify (the model's first label, else keywords, else the fallback), check the route thread,
-  apply the egress policy to the forwarded text and count it against the rate, forward it
-  (``triage:<agent>:<request>``), and reply in intake (``reply:<agent>:<request>``; when the
-  forward was refused, that the request stays in intake). A forward
-  already stored (a runner stopped in between) is completed with the reply only, without a
-  model call. A remote runner (``runtime/remote.py``) classifies with the agent's model in its
-  own process and has the server run the rest (:meth:`Runner.route_request`, behind
-  ``POST /runners/triage``).
+"""The in-process runner: runs the ``participate`` and ``triage`` routines of every org's agents
+inside the server. It discovers triggers from the hub's subscription (catching up from its
+cursors and from claims left open) and hands them to the runner engine
+(:mod:`agent_network.runtime.engine`) through the in-process port (:class:`Runner` is that port:
+claims in ``runner_claims``, jobs built by :func:`~agent_network.services.jobs.build_job`,
+replies posted by :func:`~agent_network.services.jobs.post_reply`, triage routed by
+:func:`~agent_network.services.routing.route_request`). Design: docs/architecture.md,
+"Runners: one engine, two ports".
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import secrets
 import socket
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic_ai import Agent as ModelAgent
-from pydantic_ai import Tool
-from pydantic_ai.exceptions import UnexpectedModelBehavior
-from pydantic_ai.settings import ModelSettings
-from sqlalchemy import RowMapping, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from anyio.abc import TaskStatus
+from sqlalchemy import select
 
-from agent_network.errors import (
-    AgentNetworkError,
-    InvalidRequestError,
-    NotYourTurnError,
-    ProtocolViolationError,
-    RunawayBudgetError,
-    ThreadClosedError,
-)
-from agent_network.hub import AccessChangedError
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.errors import InvalidRequestError
+from agent_network.model.envelope import Envelope
 from agent_network.model.rule import Rule
-from agent_network.protocol.adapters.base import Proposal
-from agent_network.protocol.adapters.workflow import WorkflowState
 from agent_network.protocol.events import EV_MESSAGE
 from agent_network.protocol.fold import step
-from agent_network.protocol.knobs import LIVE_STATUSES
-from agent_network.protocol.lifecycle import admit, may_speak, person_message
 from agent_network.protocol.state import ThreadState
-from agent_network.runtime.cleaning import (
-    clean_reply,
-    drop_defective_sentences,
-    drop_echoes,
-    reply_defects,
-)
+from agent_network.runtime.engine import Claimed, Classify, Dropped, Engine, Ident
 from agent_network.runtime.identity import take_runner_id
-from agent_network.runtime.models import build_model, resolve_model_name
-from agent_network.runtime.prompt import Prompt, build_prompt
-from agent_network.runtime.thread_view import (
-    PASS_REPLY,
-    ToolBox,
-    passes_turn,
-    reply_audience,
-    toolbox_for,
-    turn_takers,
-    visible_to,
+from agent_network.runtime.reply import (
+    CLASSIFY_MAX_TOKENS,
+    MODEL_TIMEOUT,
+    REPLY_ATTEMPTS,
+    REPLY_MAX_SENTENCES,
+    REPLY_MAX_TOKENS,
+    RETRY_TEMPERATURE,
+    Reply,
+    classify_request,
+    generate_reply,
+    local_seed,
 )
-from agent_network.runtime.tools import RunDeps, agent_tools
-from agent_network.runtime.triage import (
-    MARKER,
-    TriageConfig,
-    classification_prompt,
-    decide,
-    forward_content,
-    forward_key,
-    is_request,
-    marker,
-    parse_config,
-    reply_content,
-    undelivered_content,
-    unroutable_content,
-)
+from agent_network.runtime.thread_view import turn_takers, visible_to
+from agent_network.runtime.tools import RunDeps
+from agent_network.runtime.triage import is_request, parse_config
 from agent_network.services.base import ServiceContext
 from agent_network.services.claims import (
-    Refusal,
-    agent_in_thread,
     participations,
-    preflight,
     reply_key,
     thread_open_to_agent,
     triage_participations,
 )
-from agent_network.services.knowledge import KnowledgeService
-from agent_network.services.policy import (
-    EgressRefusedError,
-    EgressResult,
-    check_outgoing,
-    matches_data,
+from agent_network.services.jobs import (
+    Job,
+    JobSpec,
+    agent_and_thread,
+    audit_job,
+    build_job,
+    post_reply,
 )
+from agent_network.services.knowledge import KnowledgeService
+from agent_network.services.rendering import sender_names
+from agent_network.services.routing import TriageOutcome, route_request
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.secrets import RunSecrets
-from agent_network.services.threads import sender_names
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.claims import (
     ClaimState,
@@ -186,34 +75,30 @@ from agent_network.store.claims import (
     release_claims,
     try_claim,
 )
-from agent_network.store.cursors import advance_cursor, all_cursors, ensure_cursor
-from agent_network.store.engine import write_transaction
-from agent_network.store.tables import (
-    agents,
-    members,
-    orgs,
-    routines,
-    thread_participants,
-    threads,
-    users,
+from agent_network.store.cursors import (
+    RUNNER_CURSOR,
+    advance_cursor,
+    all_cursors,
+    ensure_cursor,
 )
+from agent_network.store.engine import write_transaction
+from agent_network.store.tables import agents, members, routines, thread_participants, threads
 from agent_network.store.wal import find_by_idempotency, read_envelopes
 
 log = structlog.get_logger(__name__)
 
-MODEL_TIMEOUT = 300.0  # seconds for one model call
-ACCESS_RETRIES = 5  # appends of one reply when access keeps being removed meanwhile
-REPLY_ATTEMPTS = 3  # model calls per trigger while the cleaned reply is empty or defective
-REPLY_MAX_TOKENS = 200
-RETRY_TEMPERATURE = 0.7  # the local model's temperature from the third attempt on
-REPLY_MAX_SENTENCES = 3
 RETRY_MARGIN = 0.2  # seconds after another runner's lease expires before trying to take over
 DISPATCH_RETRIES = 8  # looks for a protocol thread's rows committed just after its envelope
 STATE_CACHE = 1024  # protocol threads whose folded state (at the last dispatch) is kept
-CLASSIFY_MAX_TOKENS = 16  # tokens of a triage model's answer (a label)
 PRESETS = ("participate", "triage")  # the routine presets this runner executes
 
 __all__ = [
+    "CLASSIFY_MAX_TOKENS",
+    "MODEL_TIMEOUT",
+    "REPLY_ATTEMPTS",
+    "REPLY_MAX_SENTENCES",
+    "REPLY_MAX_TOKENS",
+    "RETRY_TEMPERATURE",
     "Job",
     "Reply",
     "Runner",
@@ -225,30 +110,6 @@ __all__ = [
     "new_runner_id",
     "reply_key",
 ]
-
-CLASSIFY = object()  # _triage's default: ask the agent's model (else: the given answer)
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One agent answering one trigger envelope, by its routine's ``preset`` (``participate``
-    or ``triage``)."""
-
-    agent_id: str
-    routine_id: str
-    trigger: Envelope
-    preset: str = "participate"
-
-
-@dataclass(frozen=True, slots=True)
-class TriageOutcome:
-    """What one triage job did: the route ``label`` chosen (None: nothing matched), the stored
-    forward (None: not forwarded) and the stored reply in intake (None: no reply, e.g. refused
-    or not the agent's turn)."""
-
-    label: str | None
-    forward: Envelope | None
-    reply: Envelope | None
 
 
 def new_runner_id(kind: str) -> str:
@@ -264,168 +125,6 @@ def database_scope(engine: Any) -> str:
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         return f"sqlite:{Path(url.database).resolve()}"
     return str(url.render_as_string(hide_password=True))
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A model's cleaned reply: ``content`` ("" when nothing worth posting came out) and the
-    workflow ``tool_calls`` it made (``tool_call`` entries; [] outside workflows)."""
-
-    content: str
-    tool_calls: list[dict[str, Any]]
-
-
-def local_seed(seed_key: str, attempt: int, model_seed: int = 0) -> int:
-    """The local model's sampling seed (an unsigned 32-bit int) for ``attempt`` (0, 1, ...) at
-    answering the trigger named by ``seed_key``, mixed with the deployment's ``model_seed``
-    (:attr:`~agent_network.config.Settings.model_seed`; 0 gives the seeds of earlier versions)."""
-    mixed = f"{seed_key}:{attempt}" if model_seed == 0 else f"{model_seed}:{seed_key}:{attempt}"
-    return zlib.crc32(mixed.encode())
-
-
-async def generate_reply(
-    *,
-    model_name: str,
-    prompt: Prompt,
-    speaker_name: str,
-    other_names: list[str],
-    seed_key: str,
-    tools: ToolBox | None = None,
-    model_seed: int = 0,
-    deps: RunDeps | None = None,
-    extra_tools: Sequence[Tool[Any]] = (),
-) -> Reply:
-    """Call the model ``model_name`` with ``prompt`` and return the cleaned reply.
-
-    Each call's text is cleaned (:func:`~agent_network.runtime.cleaning.clean_reply`), stripped
-    of what the model copied from the prompt (:func:`~agent_network.runtime.cleaning.
-    drop_echoes` with the prompt's ``echo_sources`` and ``echo_phrases``) and cleaned again,
-    keeping at most :data:`REPLY_MAX_SENTENCES` sentences. The model is called again, up to
-    :data:`REPLY_ATTEMPTS` calls, each with the previous prompt's ``retry`` (when it has one),
-    while that comes out empty or with a defect
-    (:func:`~agent_network.runtime.cleaning.reply_defects`: a template placeholder, speaking
-    as another participant of ``other_names`` or org of the prompt's ``other_orgs``, a repeated
-    sentence). When no call gave a reply without defects, the first reply that still has a
-    sentence after its defective ones are dropped
-    (:func:`~agent_network.runtime.cleaning.drop_defective_sentences`) is returned, so no
-    defect is ever posted. Each call gets at most :data:`REPLY_MAX_TOKENS` tokens and
-    :data:`MODEL_TIMEOUT` seconds. The local model gets a seed derived from ``seed_key``, the
-    attempt and ``model_seed`` (:func:`local_seed`; reproducible per trigger, other samples for
-    another ``model_seed``). ``tools`` (a workflow speaker's :class:`ToolBox`) are given to the
-    model as pydantic-ai tools, and a trailing ``[tool]``/``[tool: argument]`` tag in its text
-    is taken as a call of that tool (stripped from the content); the calls of the attempt that
-    produced the reply are returned. An attempt where pydantic-ai gives up on the model
-    (UnexpectedModelBehavior, e.g. no text after its output retries) counts as empty.
-    A reply that is only a tool call gets a short content naming the tool. ``deps`` (the
-    agent's :class:`~agent_network.runtime.tools.RunDeps`, with its secrets) is the model
-    run's pydantic-ai ``deps``, which ``extra_tools`` (the agent's own tools,
-    :func:`~agent_network.runtime.tools.agent_tools`) read through their ``RunContext``.
-    Returns ``Reply("", [])`` when every attempt came out empty. Raises ModelUnavailableError (the
-    model cannot be built), TimeoutError (a call took too long) and whatever the model's
-    provider raises.
-    """
-    model = build_model(model_name)
-    orgs = tuple(o for o in (prompt.org_name, *prompt.other_orgs) if o)
-    fallback: Reply | None = None
-    asked = prompt
-    for attempt in range(REPLY_ATTEMPTS):
-        settings: ModelSettings = {"max_tokens": REPLY_MAX_TOKENS}
-        if model_name.startswith("local:"):
-            # reproducible per (agent, trigger, attempt, model_seed); a new sample on each retry
-            settings["seed"] = local_seed(seed_key, attempt, model_seed)
-            if attempt >= 2:  # two samples were empty or defective: sample more freely
-                settings["temperature"] = RETRY_TEMPERATURE
-        if tools:
-            tools.reset()
-        if attempt:  # the last attempt came out empty or defective: a plainer prompt
-            asked = asked.retry or asked
-        offered: list[Tool[Any]] = [*(tools.pydantic_tools() if tools else ()), *extra_tools]
-        agent: ModelAgent[Any, str] = ModelAgent(
-            model, system_prompt=asked.system, tools=offered, deps_type=object
-        )
-        try:
-            with anyio.fail_after(MODEL_TIMEOUT):
-                result = await agent.run(asked.user, model_settings=settings, deps=deps)
-        except UnexpectedModelBehavior as exc:  # e.g. no text after its retries: an empty try
-            log.info("runner.model_misbehaved", error=str(exc))
-            continue
-        raw = str(result.output)
-        if tools:
-            raw = tools.take_tags(raw)
-        reply = clean_reply(raw, speaker_name=speaker_name, other_names=other_names, org_names=orgs)
-        reply = drop_echoes(reply, sources=prompt.echo_sources, phrases=prompt.echo_phrases)
-        reply = clean_reply(
-            reply,
-            speaker_name=speaker_name,
-            other_names=other_names,
-            max_sentences=REPLY_MAX_SENTENCES,
-            org_names=orgs,
-        )
-        calls: list[dict[str, Any]] = []
-        if tools:
-            reply = tools.take_tags(reply)  # a tag the raw text hid behind trailing noise
-            calls = list(tools.calls)
-            if not reply and calls:
-                reply = calls[-1]["name"].replace("_", " ").capitalize() + "."
-        if not reply:
-            continue
-        defects = reply_defects(
-            reply,
-            speaker_name=speaker_name,
-            other_names=other_names,
-            other_orgs=prompt.other_orgs,
-        )
-        if not defects:
-            return Reply(reply, calls)
-        log.info("runner.reply_defective", attempt=attempt, defects=defects[:5])
-        if fallback is None:
-            salvaged = drop_defective_sentences(
-                reply,
-                speaker_name=speaker_name,
-                other_names=other_names,
-                other_orgs=prompt.other_orgs,
-            )
-            if salvaged:
-                fallback = Reply(salvaged, calls)
-    return fallback or Reply("", [])
-
-
-async def classify_request(
-    *,
-    model_name: str,
-    agent_name: str,
-    identity: str,
-    config: TriageConfig,
-    request: str,
-    sender_name: str,
-    seed_key: str,
-) -> str | None:
-    """A triage agent's model's answer to the classification prompt
-    (:func:`~agent_network.runtime.triage.classification_prompt`) for ``request`` from
-    ``sender_name``, cleaned; at most :data:`CLASSIFY_MAX_TOKENS` tokens, temperature 0, and for
-    the local model a seed from ``seed_key``. Returns None when the model fails (it cannot be
-    built, a timeout of :data:`MODEL_TIMEOUT` seconds, a provider error): then the keywords
-    decide (:func:`~agent_network.runtime.triage.decide`). Used by both runners."""
-    prompt = classification_prompt(
-        config,
-        agent_name=agent_name,
-        identity=identity,
-        request=request,
-        sender_name=sender_name,
-    )
-    settings: ModelSettings = {"max_tokens": CLASSIFY_MAX_TOKENS, "temperature": 0.0}
-    if model_name.startswith("local:"):
-        settings["seed"] = zlib.crc32(seed_key.encode())
-    try:
-        model = build_model(model_name)
-        with anyio.fail_after(MODEL_TIMEOUT):
-            result = await ModelAgent(model, system_prompt=prompt.system).run(
-                prompt.user, model_settings=settings
-            )
-    except Exception as exc:  # the keyword classifier still routes the request
-        log.warning("runner.triage_model_failed", agent_name=agent_name, error=repr(exc))
-        return None
-    return clean_reply(str(result.output), speaker_name=agent_name, other_names=[], max_sentences=2)
 
 
 class Runner:
@@ -455,21 +154,11 @@ class Runner:
         self._wanted_id = runner_id
         self.runner_id = runner_id or new_runner_id("inproc")  # the stable one is taken in run()
         self.lease_seconds = ctx.settings.claim_lease if lease_seconds is None else lease_seconds
-        self._workers = workers
-        self._send: MemoryObjectSendStream[Job]
-        self._recv: MemoryObjectReceiveStream[Job]
-        self._send, self._recv = anyio.create_memory_object_stream[Job](math.inf)
-        self.jobs_done = 0
-        self._pending = 0
-        self._pending_by_agent: dict[str, int] = {}
-        self._queued: set[tuple[str, str]] = set()  # (agent_id, trigger id) queued or running
-        self._idle = anyio.Event()
-        self._idle.set()
-        self._tg: TaskGroup | None = None
+        self.default_model = ctx.settings.model
+        self.model_seed = ctx.settings.model_seed
+        self.engine: Engine[Job] = Engine(self, workers=workers, retry_margin=RETRY_MARGIN)
         # protocol threads: state folded up to the last dispatched envelope (LRU)
         self._states: OrderedDict[str, ThreadState] = OrderedDict()
-        # (agent_id, thread_id) -> lock: one agent's turns in one protocol thread, one at a time
-        self._turn_locks: dict[tuple[str, str], anyio.Lock] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Take the runner id, subscribe, catch up from cursors and open claims (the claims a
@@ -491,9 +180,7 @@ class Runner:
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            for _ in range(self._workers):
-                tg.start_soon(self._worker)
+            await self.engine.run(tg)
             while True:
                 sub = self.ctx.hub.subscribe()
                 await self._catch_up()
@@ -507,7 +194,16 @@ class Runner:
 
     async def wait_idle(self) -> None:
         """Wait until no job is queued, running or waiting for another runner's lease."""
-        await self._idle.wait()
+        await self.engine.idle.wait()
+
+    @property
+    def jobs_done(self) -> int:
+        """Jobs finished by this runner."""
+        return self.engine.jobs_done
+
+    @property
+    def _pending(self) -> int:
+        return self.engine.pending
 
     # ------------------------------------------------------------ dispatching
 
@@ -586,18 +282,18 @@ class Runner:
                 not rows
                 and wanted
                 and attempt < DISPATCH_RETRIES
-                and self._tg is not None
+                and self.engine.tg is not None
                 and await self._rows_pending(conn, env.thread_id, wanted)
             ):
                 # the thread's rows are written right after its first envelopes: look again
-                self._tg.start_soon(self._dispatch_later, env, only_agent, attempt + 1)
+                self.engine.tg.start_soon(self._dispatch_later, env, only_agent, attempt + 1)
                 return
             # an agent's triage routine goes first: where it takes a request, it answers it
             rows.sort(key=lambda r: r[4] != "triage")
             for routine_id, agent_id, raw_rule, org_id, preset, config in rows:
                 if preset == "triage" and not self._triage_request(env, agent_id, config):
                     continue
-                if agent_id in jobs or (agent_id, env.id) in self._queued:
+                if agent_id in jobs or self.engine.known(agent_id, env.id):
                     continue
                 if not visible_to(agent_id, env):
                     continue  # an envelope the agent may not see never triggers it
@@ -624,7 +320,7 @@ class Runner:
                             data={"trigger_id": env.id, "routine_id": routine_id},
                         )
                     )
-                    await advance_cursor(conn, agent_id, env.thread_id, env.seq)
+                    await advance_cursor(conn, agent_id, RUNNER_CURSOR, env.thread_id, env.seq)
                     # done for every runner (unless one holds it right now)
                     await complete_claim(
                         conn,
@@ -636,14 +332,10 @@ class Runner:
                     )
                     continue
                 jobs[agent_id] = job
-                await ensure_cursor(conn, job.agent_id, env.thread_id, env.seq - 1)
+                await ensure_cursor(conn, job.agent_id, RUNNER_CURSOR, env.thread_id, env.seq - 1)
             await insert_audit(conn, refusals)
         for job in jobs.values():
-            self._queued.add((job.agent_id, env.id))
-            self._pending_by_agent[job.agent_id] = self._pending_by_agent.get(job.agent_id, 0) + 1
-            self._pending += 1
-            self._idle = anyio.Event() if self._idle.is_set() else self._idle
-            await self._send.send(job)
+            await self.engine.submit(job)
 
     @staticmethod
     def _triage_request(env: Envelope, agent_id: str, raw_config: Any) -> bool:
@@ -708,7 +400,7 @@ class Runner:
         ):
             return f"inbound_from does not admit {sender_label}"
         cap = rule.inbox_cap if rule is not None else None
-        if cap is not None and self._pending_by_agent.get(agent_id, 0) >= cap:
+        if self.engine.over_cap(agent_id, cap):
             return f"inbox_cap {cap} reached; trigger dropped"
         return None
 
@@ -724,7 +416,7 @@ class Runner:
         (:func:`triage_participations`).
         """
         async with self.ctx.engine.connect() as conn:
-            cursors = {(a, t): seq for a, t, seq in await all_cursors(conn)}
+            cursors = {(a, t): seq for a, t, seq in await all_cursors(conn, RUNNER_CURSOR)}
             pairs = await participations(conn)
             followed_pairs = {(a, t) for a, t, _ in pairs}
             pairs += [p for p in await triage_participations(conn) if p[:2] not in followed_pairs]
@@ -744,41 +436,30 @@ class Runner:
             if found and found[0].seq == trigger_seq:
                 await self._dispatch(found[0], only_agent=agent_id)
 
-    # ------------------------------------------------------------------ jobs
+    # ------------------------------------------------------- the in-process port
 
-    async def _worker(self) -> None:
-        async for job in self._recv:
-            retry_in: float | None = None
-            try:
-                retry_in = await self._handle(job)
-            except anyio.get_cancelled_exc_class():
-                # stopping: the trigger stays unhandled (its cursor does not move), so the next
-                # start's catch-up dispatches it again. (Advancing the cursor here — the
-                # transaction is shielded — lost triggers whose job was cancelled before its
-                # claim was written.)
-                raise
-            except Exception as exc:  # a job never takes the runner down
-                log.exception("runner.job_failed", agent_id=job.agent_id, error=repr(exc))
-                await self._audit(job, "routine.failed", f"{type(exc).__name__}: {exc}")
-            if retry_in is not None and self._tg is not None:
-                # another runner holds the trigger: look again when its lease runs out
-                self._tg.start_soon(self._retry_later, job, retry_in)
-            else:
-                await self._finished(job)
+    def ident(self, job: Job) -> Ident:
+        return Ident(
+            job.agent_id, job.trigger.thread_id, job.trigger.id, triage=job.preset == "triage"
+        )
 
-    async def _retry_later(self, job: Job, delay: float) -> None:
-        await anyio.sleep(delay)
-        await self._send.send(job)
-
-    async def _finished(self, job: Job) -> None:
-        async with write_transaction(self.ctx.engine) as conn:
-            await advance_cursor(conn, job.agent_id, job.trigger.thread_id, job.trigger.seq)
-        self._queued.discard((job.agent_id, job.trigger.id))
-        self.jobs_done += 1
-        self._pending -= 1
-        self._pending_by_agent[job.agent_id] -= 1
-        if self._pending == 0:
-            self._idle.set()
+    async def claim(self, job: Job, *, renew: bool = False) -> Claimed:
+        """Claim the trigger in ``runner_claims``; on a first grant build the participate job
+        (:func:`build_job`, with the access epoch read before its checks as the token)."""
+        trigger = job.trigger
+        if not renew:
+            key = reply_key(job.agent_id, trigger.id)
+            async with self.ctx.engine.connect() as conn:
+                if await find_by_idempotency(conn, [(trigger.thread_id, key)]):
+                    return Claimed(False)  # already answered (redelivery, or another runner)
+        state = await self._claim(job)
+        if state.outcome == "held":
+            return Claimed(False, retry_in=max(0.0, state.expires_at - time.time()))
+        if state.outcome != "granted" or renew or job.preset == "triage":
+            return Claimed(state.outcome == "granted")
+        checked_at = self.ctx.access_epoch  # before the access checks (append_as_agent)
+        spec = await build_job(self.ctx, self.rules, job, knowledge=self.knowledge)
+        return Claimed(True, spec, token=checked_at)
 
     async def _claim(self, job: Job) -> ClaimState:
         async with write_transaction(self.ctx.engine) as conn:
@@ -792,7 +473,9 @@ class Runner:
                 now=time.time(),
             )
 
-    async def _complete(self, job: Job) -> None:
+    async def complete(self, job: Job, dropped: Dropped | None, detail: str | None) -> None:
+        """Complete the claim; audit a failure (``routine.failed``) or an empty reply
+        (``routine.skipped``)."""
         async with write_transaction(self.ctx.engine) as conn:
             await complete_claim(
                 conn,
@@ -802,610 +485,85 @@ class Runner:
                 runner_id=self.runner_id,
                 now=time.time(),
             )
-
-    async def _handle(self, job: Job) -> float | None:
-        """Answer one job under a claim. Returns None when the job is finished, or the seconds
-        after which to try again (another runner holds the trigger)."""
-        trigger = job.trigger
-        key = reply_key(job.agent_id, trigger.id)
-        async with self.ctx.engine.connect() as conn:
-            if await find_by_idempotency(conn, [(trigger.thread_id, key)]):
-                return None  # already answered (redelivery, or by another runner)
-        claim = await self._claim(job)
-        if claim.outcome == "done":
-            return None
-        if claim.outcome == "held":
-            return max(RETRY_MARGIN, claim.expires_at - time.time() + RETRY_MARGIN)
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_claim, job)
-            try:
-                async with self._turn(job):
-                    await self._answer(job, key)
-            except Exception as exc:
-                error = exc
-            tg.cancel_scope.cancel()
-        await self._complete(job)  # answered, refused or failed: nobody takes it again
-        if error is not None:
-            raise error
-        return None
-
-    @contextlib.asynccontextmanager
-    async def _turn(self, job: Job) -> Any:
-        """Hold the (agent, thread) lock of a protocol thread while the job runs (an open
-        thread's jobs run freely, as before)."""
-        if not (await self.ctx.hub.state(job.trigger.thread_id)).participants:
-            yield
-            return
-        key = (job.agent_id, job.trigger.thread_id)
-        lock = self._turn_locks.setdefault(key, anyio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._turn_locks.pop(key, None)
-
-    async def _keep_claim(self, job: Job) -> None:
-        """Renew ``job``'s claim every third of the lease while it runs (cancelled after)."""
-        while True:
-            await anyio.sleep(self.lease_seconds / 3)
-            try:
-                state = await self._claim(job)
-            except Exception as exc:  # a failed renewal only risks a duplicate model call
-                log.warning("runner.renew_failed", agent_id=job.agent_id, error=repr(exc))
-                continue
-            if state.outcome != "granted":
-                log.warning("runner.claim_lost", agent_id=job.agent_id, holder=state.runner_id)
-
-    async def _answer(self, job: Job, key: str) -> None:
-        if job.preset == "triage":
-            await self._triage(job, key)
-            return
-        trigger = job.trigger
-        checked_at = self.ctx.access_epoch  # before the access check (see _reply)
-        async with self.ctx.engine.connect() as conn:
-            agent, thread = await _agent_and_thread(conn, job.agent_id, trigger.thread_id)
-            if agent is None or thread is None:
-                return
-            if not await agent_in_thread(conn, agent["id"], thread):
-                return  # removed (visa revoked, left, deleted) after the trigger was queued
-            refusal = await preflight(self.ctx, self.rules, conn, agent, thread, trigger)
-            if refusal is not None:
-                if refusal.audit:
-                    await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
-                return
-            state = await self.ctx.hub.state(trigger.thread_id)
-            actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
-            envs = await self.ctx.hub.read(trigger.thread_id)
-            if state.participants and any(
-                e.type == EV_MESSAGE and e.sender_id == agent["id"] and e.seq > trigger.seq
-                for e in envs
-            ):
-                return  # it spoke after this trigger: that was its turn
-            if await self._not_your_turn(job, state, actor):
-                return
-            history_envs = [
-                e
-                for e in envs
-                if e.type == EV_MESSAGE and e.seq <= trigger.seq and visible_to(agent["id"], e)
-            ][-self.ctx.settings.history_limit :]
-            names = await sender_names(conn, history_envs)
-            notes = await self._protocol_notes(conn, state, agent["id"])
-        history = [
-            (names[e.sender_id][0], names[e.sender_id][1], str(e.data.get("content", "")))
-            for e in history_envs
-        ]
-        query = history[-1][2] if history else str(thread["title"])
-        if trigger.type == EV_MESSAGE:
-            query = str(trigger.data.get("content", ""))
-        knowledge = await self.knowledge.retrieve(
-            agent["org_id"], agent["id"], query, self.ctx.settings.knowledge_chunks
-        )
-        tools = toolbox_for(state, agent["id"])
-        prompt = build_prompt(
-            agent_name=agent["name"],
-            org_name=agent["org_name"],
-            identity=agent["identity"],
-            thread_title=thread["title"],
-            history=history,
-            knowledge=knowledge,
-            notes=tools.prompt_lines(),
-            situation=notes,
-        )
-        model_name = resolve_model_name(agent["model"], self.ctx.settings.model)
-        deps = RunDeps(  # the agent's secrets reach its tools here only (runtime/tools.py)
-            agent_id=agent["id"],
-            org_id=agent["org_id"],
-            thread_id=trigger.thread_id,
-            trigger_id=trigger.id,
-            secrets=RunSecrets(
+        if dropped == "failed":
+            await audit_job(self.ctx, job, "routine.failed", detail or "the job failed")
+        elif dropped == "empty_reply":
+            await audit_job(
                 self.ctx,
-                org_id=agent["org_id"],
-                agent_id=agent["id"],
-                thread_id=trigger.thread_id,
-                trigger_id=trigger.id,
-            ),
-        )
-        try:
-            answer = await generate_reply(
-                model_name=model_name,
-                prompt=prompt,
-                speaker_name=agent["name"],
-                other_names=sorted({n for n, _, _ in history if n != agent["name"]}),
-                seed_key=key,
-                tools=tools or None,
-                model_seed=self.ctx.settings.model_seed,
-                deps=deps,
-                extra_tools=agent_tools(agent["id"]),
-            )
-        except AgentNetworkError as err:
-            await self._audit(
-                job, "routine.failed", f"{err.code}: {err.message}", org_id=agent["org_id"]
-            )
-            return
-        reply = answer.content
-        if not reply and passes_turn(state, actor):
-            reply = PASS_REPLY  # the protocol waits for this agent: pass rather than stall
-            await self._audit(
-                job,
-                "routine.passed",
-                f"the model's reply was empty after cleaning ({REPLY_ATTEMPTS} attempts); "
-                "passed the turn",
-                org_id=agent["org_id"],
-                outcome="accepted",
-            )
-        if not reply:
-            await self._audit(
                 job,
                 "routine.skipped",
                 f"the model's reply was empty after cleaning ({REPLY_ATTEMPTS} attempts)",
-                org_id=agent["org_id"],
             )
-            return
-        checked = await self._checked(job, agent, trigger.thread_id, reply, answer.tool_calls)
-        if checked is None:
-            return  # refused by the org's egress policy (audited)
-        reply = checked.content
-        try:
-            self.rules.take_rate(agent)
-        except RuleViolationError as err:
-            await self._audit(
-                job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
-            )
-            return
-        now = await self.ctx.hub.state(trigger.thread_id)
-        if await self._not_your_turn(job, now, actor):  # the state moved while the model ran
-            return
-        data: dict[str, Any] = {"content": reply}
-        if checked.tool_calls:
-            data["tool_calls"] = checked.tool_calls
-        await self._reply(trigger, actor, now, data, key, checked_at)
 
-    async def _reply(
+    async def protocol(self, job: Job) -> bool:
+        if job.preset == "triage":
+            return False
+        return bool((await self.ctx.hub.state(job.trigger.thread_id)).participants)
+
+    async def post(
         self,
-        trigger: Envelope,
-        actor: Actor,
-        now: ThreadState,
-        data: dict[str, Any],
-        key: str,
-        checked_at: int,
-    ) -> Envelope | None:
-        """Append the agent's reply to ``trigger`` (``data``, idempotency ``key``) addressed
-        like the trigger (:func:`reply_audience`) and return it; None when the hub refused it
-        (the hub audited the refusal) or the agent lost access to the thread. ``checked_at`` is
-        the access epoch read before the agent's access was checked: if access was removed
-        since, the hub refuses the append and the agent's access is checked again."""
-        refused = (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError)
-        for _ in range(ACCESS_RETRIES):
-            try:
-                with contextlib.suppress(*refused):  # the hub audited the refusal
-                    return await self.ctx.hub.append(
-                        trigger.thread_id,
-                        type=EV_MESSAGE,
-                        data=data,
-                        sender=actor,
-                        audience=reply_audience(
-                            trigger.audience,
-                            (trigger.sender_kind, trigger.sender_id),
-                            actor.id,
-                            now.participant_ids,
-                        ),
-                        causation_id=trigger.id,
-                        idempotency_key=key,
-                        checked_at=checked_at,
-                    )
-                return None
-            except AccessChangedError:
-                checked_at = self.ctx.access_epoch
-                if not await self._still_in(actor.id, trigger.thread_id):
-                    return None  # removed while it answered: nothing is posted
-        return None
-
-    async def _still_in(self, agent_id: str, thread_id: str) -> bool:
-        """Whether the agent still takes part in the thread (after access was removed)."""
+        job: Job,
+        spec: JobSpec,
+        claimed: Claimed,
+        content: str,
+        tool_calls: list[dict[str, Any]],
+    ) -> bool:
         async with self.ctx.engine.connect() as conn:
-            agent, thread = await _agent_and_thread(conn, agent_id, thread_id)
-            return (
-                agent is not None
-                and thread is not None
-                and await agent_in_thread(conn, agent_id, thread)
-            )
+            agent, _thread = await agent_and_thread(conn, job.agent_id, job.trigger.thread_id)
+        if agent is None:
+            return False
+        posted = await post_reply(
+            self.ctx,
+            self.rules,
+            job,
+            agent,
+            content,
+            tool_calls=tool_calls,
+            audience=spec.audience,
+            checked_at=claimed.token,
+        )
+        return posted is not None
 
-    # ---------------------------------------------------------------- triage
+    async def passed(self, job: Job) -> None:
+        await audit_job(
+            self.ctx,
+            job,
+            "routine.passed",
+            f"the model's reply was empty after cleaning ({REPLY_ATTEMPTS} attempts); "
+            "passed the turn",
+            outcome="accepted",
+        )
+
+    async def route(self, job: Job, classify: Classify) -> None:
+        await route_request(self.ctx, self.rules, job, classify=classify)
+
+    def deps(self, job: Job, spec: JobSpec) -> RunDeps:
+        """The agent's secrets reach its tools here only (runtime/tools.py)."""
+        org_id = str(spec.agent["org_id"])
+        return RunDeps(
+            agent_id=job.agent_id,
+            org_id=org_id,
+            thread_id=job.trigger.thread_id,
+            trigger_id=job.trigger.id,
+            secrets=RunSecrets(
+                self.ctx,
+                org_id=org_id,
+                agent_id=job.agent_id,
+                thread_id=job.trigger.thread_id,
+                trigger_id=job.trigger.id,
+            ),
+        )
+
+    async def failed(self, job: Job, error: Exception) -> None:
+        await audit_job(self.ctx, job, "routine.failed", f"{type(error).__name__}: {error}")
+
+    async def finished(self, job: Job) -> None:
+        async with write_transaction(self.ctx.engine) as conn:
+            await advance_cursor(
+                conn, job.agent_id, RUNNER_CURSOR, job.trigger.thread_id, job.trigger.seq
+            )
 
     async def route_request(self, job: Job, answer: str | None) -> TriageOutcome | None:
-        """Route the intake request ``job.trigger`` for the triage routine ``job.routine_id``
-        with the classification ``answer`` a remote runner's model gave (None: the model
-        failed, the keywords decide) — :meth:`_triage` without the model call, every check
-        included. The caller holds the trigger's claim. Returns None when the job stopped
-        before routing (see :meth:`_triage`)."""
-        return await self._triage(job, reply_key(job.agent_id, job.trigger.id), answer=answer)
-
-    async def _triage(
-        self, job: Job, key: str, *, answer: object = CLASSIFY
-    ) -> TriageOutcome | None:
-        """Route one intake request of a triage routine (see :mod:`agent_network.runtime.triage`).
-
-        Checks as for participate (the routine is still active and watches the thread, the
-        agent takes part, :func:`preflight`, may it speak), then: if a forward of this request
-        is already stored in one of the route threads (a runner stopped between the forward
-        and the reply), only the reply is written, with that forward's label and no model call.
-        Otherwise it classifies (:func:`classify_request`, or ``answer`` when given; then
-        keywords, then the fallback), checks
-        the route thread (:meth:`_route_refusal`), applies the egress policy to the forward and
-        counts it against the rate, forwards (key ``triage:<agent>:<request>``, causation the
-        request), then replies in intake (key ``reply:<agent>:<request>``, causation the
-        request): ``Routed to <label>: <route title>``, or that nothing matched. Every refusal
-        is audited as in participate. When the forward itself was refused (the route thread is
-        closed or out of budget, the rule or the egress policy forbids it), the reply says the
-        request stays in intake (:func:`~agent_network.runtime.triage.undelivered_content`,
-        marker ``"delivered": False``) — unless the rate refused it; after any other refusal
-        nothing is posted. Returns what it did, or None when it stopped before routing (the
-        routine, agent or thread is gone or changed, a preflight refusal, not its turn).
-        """
-        trigger = job.trigger
-        checked_at = self.ctx.access_epoch  # before the access checks (see _reply)
-        async with self.ctx.engine.connect() as conn:
-            agent, thread = await _agent_and_thread(conn, job.agent_id, trigger.thread_id)
-            routine = (
-                (await conn.execute(select(routines).where(routines.c.id == job.routine_id)))
-                .mappings()
-                .first()
-            )
-            if agent is None or thread is None or routine is None:
-                return None
-            if routine["status"] != "active":
-                return None  # paused after the request was queued
-            try:
-                config = parse_config(routine["config"])
-            except InvalidRequestError as err:
-                await self._audit(job, "routine.failed", err.message, org_id=agent["org_id"])
-                return None
-            if trigger.thread_id not in config.intake:
-                return None  # reconfigured after the request was queued
-            if not await agent_in_thread(conn, agent["id"], thread):
-                return None
-            refusal = await preflight(self.ctx, self.rules, conn, agent, thread, trigger)
-            if refusal is not None:
-                if refusal.audit:
-                    await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
-                return None
-            actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
-            if await self._not_your_turn(job, await self.ctx.hub.state(trigger.thread_id), actor):
-                return None
-            fkey = forward_key(agent["id"], trigger.id)
-            stored = await find_by_idempotency(
-                conn, [(r.thread_id, fkey) for r in config.routes.values()]
-            )
-            sender_name = (await sender_names(conn, [trigger]))[trigger.sender_id][0]
-        request = str(trigger.data.get("content", ""))
-        forwarded = next(iter(stored.values()), None)
-        label: str | None
-        how: Any
-        if forwarded is not None:  # stopped between the forward and the reply: reply only
-            mark = forwarded.data.get(MARKER) or {}
-            label, how = mark.get("label"), mark.get("by")
-        else:
-            if not config.use_model:
-                answer = None
-            elif answer is CLASSIFY:
-                answer = await classify_request(
-                    model_name=resolve_model_name(agent["model"], self.ctx.settings.model),
-                    agent_name=agent["name"],
-                    identity=agent["identity"],
-                    config=config,
-                    request=request,
-                    sender_name=sender_name,
-                    seed_key=key,
-                )
-            label, how = decide(config, answer if isinstance(answer, str) else None, request)
-            if label is not None:
-                forwarded, may_reply = await self._forward(
-                    job, agent, actor, config, label, how, thread, sender_name, request
-                )
-                if forwarded is None and not may_reply:
-                    return TriageOutcome(label, None, None)
-        delivered = forwarded is not None or label is None
-        if forwarded is not None and label is not None:
-            async with self.ctx.engine.connect() as conn:
-                title = (
-                    await conn.execute(
-                        select(threads.c.title).where(threads.c.id == forwarded.thread_id)
-                    )
-                ).scalar()
-            content = reply_content(label, str(title or forwarded.thread_id))
-        else:
-            content = (
-                unroutable_content(config.labels)
-                if label is None
-                else undelivered_content(label)  # the forward was refused (audited)
-            )
-            try:  # the only post for this request: it counts against the rate
-                self.rules.take_rate(agent)
-            except RuleViolationError as err:
-                await self._audit(
-                    job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
-                )
-                return TriageOutcome(label, forwarded, None)
-        posted = await self._egress(job, agent, trigger.thread_id, content)
-        if posted is None:
-            return TriageOutcome(label, forwarded, None)
-        now = await self.ctx.hub.state(trigger.thread_id)
-        if await self._not_your_turn(job, now, actor):
-            return TriageOutcome(label, forwarded, None)
-        data = {
-            "content": posted,
-            MARKER: marker(
-                "reply",
-                label=label,
-                how=how,
-                intake_thread_id=trigger.thread_id,
-                request_id=trigger.id,
-                delivered=delivered,
-            ),
-        }
-        reply = await self._reply(trigger, actor, now, data, key, checked_at)
-        return TriageOutcome(label, forwarded, reply)
-
-    async def _forward(
-        self,
-        job: Job,
-        agent: Any,
-        actor: Actor,
-        config: TriageConfig,
-        label: str,
-        how: Any,
-        intake: Any,
-        sender_name: str,
-        request: str,
-    ) -> tuple[Envelope | None, bool]:
-        """Forward the request into the thread of route ``label`` (after its checks, the egress
-        policy and the rate). Returns ``(the stored forward, True)``, or ``(None, may_reply)``
-        when refused (audited): ``may_reply`` is False only when the agent's rate refused it
-        (a reply in intake would exceed the rate too)."""
-        trigger = job.trigger
-        route_id = config.route_for(label).thread_id
-        checked_at = self.ctx.access_epoch  # before the route's access check (see _reply)
-        refusal = await self._route_refusal(agent, label, route_id)
-        if refusal is not None:
-            await self._audit(job, refusal.action, refusal.reason, org_id=agent["org_id"])
-            return None, True
-        content = await self._egress(
-            job, agent, route_id, forward_content(sender_name, intake["title"], request)
-        )
-        if content is None:
-            return None, True
-        try:
-            self.rules.take_rate(agent)
-        except RuleViolationError as err:
-            await self._audit(
-                job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
-            )
-            return None, False
-        data = {
-            "content": content,
-            MARKER: marker(
-                "forward",
-                label=label,
-                how=how,
-                intake_thread_id=trigger.thread_id,
-                request_id=trigger.id,
-            ),
-        }
-        try:
-            forwarded = await self.ctx.hub.append(
-                route_id,
-                type=EV_MESSAGE,
-                data=data,
-                sender=actor,
-                causation_id=trigger.id,
-                idempotency_key=forward_key(agent["id"], trigger.id),
-                checked_at=checked_at,
-            )
-        except (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError):
-            return None, True  # the hub audited the refusal
-        except AccessChangedError:
-            return None, True  # access was removed after the route was checked: not forwarded
-        return forwarded, True
-
-    async def _route_refusal(self, agent: Any, label: str, thread_id: str) -> Refusal | None:
-        """Why the agent may not forward into route ``label``'s thread ``thread_id`` now (it
-        is gone, the agent no longer takes part, it is closed, its runaway budget is spent, the
-        agent's rule forbids posting there, or its protocol does not let the agent speak), or
-        None."""
-        where = f"route {label!r} (thread {thread_id!r})"
-        async with self.ctx.engine.connect() as conn:
-            route = (
-                (
-                    await conn.execute(
-                        select(threads).where(
-                            threads.c.id == thread_id, threads.c.deleted_at.is_(None)
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            if route is None or not await agent_in_thread(conn, agent["id"], route):
-                return Refusal("routine.failed", f"{where}: the agent does not take part in it")
-            state = await self.ctx.hub.state(thread_id)
-            if state.status not in LIVE_STATUSES:
-                return Refusal("routine.failed", f"{where}: the thread is {state.status}")
-            if state.consecutive_agent >= state.agent_budget:
-                return Refusal(
-                    "envelope.message",
-                    f"{RunawayBudgetError.code}: {where}: budget of {state.agent_budget} "
-                    "consecutive agent messages spent; nothing forwarded",
-                )
-            try:
-                await self.rules.check_send(
-                    conn,
-                    agent,
-                    thread_id=thread_id,
-                    team_id=route["team_id"],
-                    adapter=state.adapter,
-                    consume_rate=False,
-                )
-            except RuleViolationError as err:
-                return Refusal("envelope.message", f"{err.code}: {where}: {err.message}")
-            if not may_speak(state, Actor("agent", agent["id"], agent["org_id"], agent["name"])):
-                return Refusal("routine.skipped", f"{where}: the agent may not speak there now")
-        return None
-
-    async def _egress(self, job: Job, agent: Any, thread_id: str, content: str) -> str | None:
-        """``content`` after the org's egress policy (:meth:`_checked`), or None when it
-        refuses it."""
-        checked = await self._checked(job, agent, thread_id, content, None)
-        return None if checked is None else checked.content
-
-    async def _checked(
-        self,
-        job: Job,
-        agent: Any,
-        thread_id: str,
-        content: str,
-        tool_calls: list[dict[str, Any]] | None,
-    ) -> EgressResult | None:
-        """A message (``content`` and ``tool_calls``) after the org's egress policy for
-        ``thread_id`` — its rules and its defaults: the org's own stored secrets, common key
-        formats (services/policy.py :func:`check_outgoing`) — with redactions audited, or None
-        when the policy refuses it (audited as ``egress.refused``). Audit records name rules,
-        secrets and spans, never the text."""
-        try:
-            result = await check_outgoing(
-                self.ctx, agent["org_id"], thread_id, content, tool_calls or None
-            )
-        except EgressRefusedError as err:
-            await self._audit(
-                job,
-                "egress.refused",
-                ", ".join(err.rules),
-                org_id=agent["org_id"],
-                data={"rules": err.rules, **matches_data(err.matches)},
-            )
-            return None
-        if result.redacted:
-            await self._audit(
-                job,
-                "egress.redacted",
-                ", ".join(result.redacted),
-                org_id=agent["org_id"],
-                outcome="accepted",
-                data={"rules": result.redacted, **result.audit_data()},
-            )
-        return result
-
-    async def _protocol_notes(self, conn: Any, state: ThreadState, agent_id: str) -> list[str]:
-        """Prompt lines about the thread's protocol for the agent whose turn it is: the adapter
-        and the participants (by name), and a workflow's context. [] for an open thread."""
-        if not state.participants or state.adapter == "open":
-            return []
-        ids = [pid for pid in state.participant_ids if pid != agent_id]
-        found = {
-            r[0]: r[1]
-            for t in (agents, users)
-            for r in await conn.execute(select(t.c.id, t.c.name).where(t.c.id.in_(ids)))
-        }
-        others = ", ".join(found.get(pid, pid) for pid in ids)
-        lines = [f"This is a {state.adapter} thread with {others}; it is your turn to speak."]
-        ws = state.protocol
-        if isinstance(ws, WorkflowState) and ws.context:
-            shown = ", ".join(f"{k}={v}" for k, v in ws.context)
-            lines.append(f"Workflow context: {shown}")
-        return lines
-
-    async def _not_your_turn(self, job: Job, state: ThreadState, actor: Actor) -> bool:
-        """Whether the agent may NOT speak now (the hub's own rules, via :func:`admit` without
-        writing). A refusal is audited while the thread is live: a spent budget as
-        ``envelope.message`` with ``agent_budget_exhausted`` (as the hub would), anything else
-        as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``); a closing,
-        closed or not yet active thread is not audited."""
-        trigger = job.trigger
-        answers = person_message(trigger.type, trigger.sender_kind)  # see budget_spent
-        if may_speak(state, actor, answers_person=answers):
-            return False
-        try:
-            admit(
-                state,
-                Proposal(type=EV_MESSAGE, data={"content": ""}, sender=actor),
-                answers_person=answers,
-            )
-        except AgentNetworkError as err:
-            if state.status in LIVE_STATUSES:
-                action = (
-                    "envelope.message" if isinstance(err, RunawayBudgetError) else "routine.skipped"
-                )
-                reason = f"{err.code}: {err.message}; no reply posted"
-                await self._audit(job, action, reason, org_id=actor.org_id)
-        return True
-
-    async def _audit(
-        self,
-        job: Job,
-        action: str,
-        reason: str,
-        *,
-        org_id: str | None = None,
-        outcome: str = "refused",
-        data: dict[str, Any] | None = None,
-    ) -> None:
-        if org_id is None:
-            async with self.ctx.engine.connect() as conn:
-                org_id = (
-                    await conn.execute(select(agents.c.org_id).where(agents.c.id == job.agent_id))
-                ).scalar_one()
-        row: dict[str, Any] = audit_row(
-            org_id=org_id,
-            principal_kind="agent",
-            principal_id=job.agent_id,
-            action=action,
-            resource_kind="thread",
-            resource_id=job.trigger.thread_id,
-            outcome=outcome,
-            reason=reason,
-            data={"trigger_id": job.trigger.id, "routine_id": job.routine_id, **(data or {})},
-        )
-        async with write_transaction(self.ctx.engine) as conn:
-            await insert_audit(conn, [row])
-
-
-async def _agent_and_thread(
-    conn: AsyncConnection, agent_id: str, thread_id: str
-) -> tuple[RowMapping | None, RowMapping | None]:
-    """The live agent row (with ``org_name``) and the thread row; None for what is gone."""
-    agent = (
-        (
-            await conn.execute(
-                select(agents, orgs.c.name.label("org_name"))
-                .join(orgs, orgs.c.id == agents.c.org_id)
-                .where(agents.c.id == agent_id, agents.c.deleted_at.is_(None))
-            )
-        )
-        .mappings()
-        .first()
-    )
-    thread = (
-        (await conn.execute(select(threads).where(threads.c.id == thread_id))).mappings().first()
-    )
-    return agent, thread
+        """Route the intake request ``job.trigger`` with a given classification ``answer``
+        (see :func:`~agent_network.services.routing.route_request`)."""
+        return await route_request(self.ctx, self.rules, job, answer=answer)

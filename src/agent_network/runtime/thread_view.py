@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_ai import Tool
 
-from agent_network.errors import AgentNetworkError, InvalidRequestError
-from agent_network.model.envelope import Actor, Envelope
-from agent_network.protocol.adapters.base import Proposal
+from agent_network.errors import InvalidRequestError
+from agent_network.model.envelope import Actor
 from agent_network.protocol.adapters.graph import (
     Finish,
     GraphError,
@@ -28,11 +27,9 @@ from agent_network.protocol.adapters.graph import (
     tool_call,
 )
 from agent_network.protocol.adapters.workflow import WorkflowState, tools_for
-from agent_network.protocol.events import EV_MESSAGE
-from agent_network.protocol.fold import step
-from agent_network.protocol.knobs import LIVE_STATUSES, REASON_NO_TRANSITION, STATUS_ACTIVE
-from agent_network.protocol.lifecycle import admit
+from agent_network.protocol.knobs import LIVE_STATUSES, STATUS_ACTIVE
 from agent_network.protocol.turns import turn_takers, visible_to
+from agent_network.services.jobs import PASS_REPLY, handoff_targets, passes_turn, reply_audience
 
 if TYPE_CHECKING:
     from agent_network.protocol.state import ThreadState
@@ -46,45 +43,15 @@ __all__ = [
     "reply_audience",
     "thread_may_speak",
     "toolbox_for",
+    "toolbox_from",
     "turn_takers",
     "visible_to",
 ]
-
-PASS_REPLY = "I have nothing to add; I pass my turn."
-"""What an agent posts when its model came out empty on a turn the protocol waits for (see
-:func:`passes_turn`): silence there would stall the thread until its TTL."""
 
 HANDOFF_TOOL = "handoff"
 """Name of the generic tool every workflow speaker gets: ``handoff(target, reason)``."""
 
 MAX_TOOL_ARG = 500  # characters kept of a tool argument
-
-
-def reply_audience(
-    trigger_audience: Sequence[str] | None,
-    trigger_sender: tuple[str, str],
-    agent_id: str,
-    participant_ids: Sequence[str],
-) -> list[str] | None:
-    """The audience of ``agent_id``'s reply to a trigger envelope whose audience is
-    ``trigger_audience`` and whose sender is ``trigger_sender`` (``(kind, id)``).
-
-    None (everyone) when the trigger had none; otherwise the trigger's audience plus its sender,
-    minus the replying agent, sorted (in a protocol thread — ``participant_ids`` not empty —
-    only participants: the hub refuses anyone else, e.g. a ``system`` sender). When nobody is
-    left the reply is addressed to the agent alone: it stays private rather than widening to
-    everyone.
-    """
-    if trigger_audience is None:
-        return None
-    people = set(trigger_audience)
-    kind, sender_id = trigger_sender
-    if kind != "system":
-        people.add(sender_id)
-    if participant_ids:
-        people &= set(participant_ids)
-    people.discard(agent_id)
-    return sorted(people) or [agent_id]
 
 
 def thread_may_speak(
@@ -325,14 +292,6 @@ class ToolBox:
         return Tool(plain, name=name, description=spec.description or name, takes_ctx=False)
 
 
-def _handoff_targets(
-    participants: Sequence[str], names: Mapping[str, str], speaker: str
-) -> tuple[str, ...]:
-    """Names (else ids) of the participants other than ``speaker``."""
-    by_id = {pid: name for name, pid in sorted(names.items())}
-    return tuple(by_id.get(pid, pid) for pid in participants if pid != speaker)
-
-
 def _resolver(participants: Sequence[str], names: Mapping[str, str]) -> Callable[[str], str | None]:
     turn = Turn("", "", (), {}, "", tuple(participants), tuple(participants), 0, dict(names))
 
@@ -355,7 +314,7 @@ def toolbox_for(state: ThreadState, agent_id: str) -> ToolBox:
     ids = state.participant_ids
     return ToolBox(
         tools_for(state, Actor("agent", agent_id, "")),
-        _handoff_targets(ids, names, agent_id),
+        handoff_targets(ids, names, agent_id),
         _resolver(ids, names),
     )
 
@@ -380,38 +339,28 @@ def graph_tools(created: Mapping[str, Any], agent_id: str) -> ToolBox:
     specs = tuple(
         s for s in graph.tools if s.speakers is None or agent_id in {resolve(x) for x in s.speakers}
     )
-    return ToolBox(specs, _handoff_targets(ids, names, agent_id), resolve)
+    return ToolBox(specs, handoff_targets(ids, names, agent_id), resolve)
 
 
-def passes_turn(state: ThreadState, actor: Actor) -> bool:
-    """Whether an agent whose model produced nothing usable posts :data:`PASS_REPLY` instead of
-    staying silent: only when the protocol waits for exactly this agent (``expected_speaker``)
-    and the pass keeps the thread going — folded on a copy of ``state``, the pass must be
-    admitted and must not end the thread with ``no_transition`` (a workflow whose graph has no
-    rule for this speaker is waiting for something else, e.g. a context change, so silence is
-    right there). A discussion passes the turn on; a round robin moves on; a consulting reply
-    of "nothing to add" completes the consultation. Where anyone may speak, silence is fine."""
-    if state.expected_speaker != actor.id:
-        return False
-    data = {"content": PASS_REPLY}
-    try:
-        admit(state, Proposal(type=EV_MESSAGE, data=data, sender=actor))
-    except AgentNetworkError:
-        return False
-    probe = Envelope(
-        thread_id=state.thread_id,
-        seq=state.last_seq + 1,
-        id="env_pass_probe",
-        type=EV_MESSAGE,
-        data=data,
-        sender_kind=actor.kind,
-        sender_id=actor.id,
-        sender_org_id=actor.org_id,
-        audience=None,
-        causation_id=None,
-        idempotency_key=None,
-        created_at=state.created.at if state.created is not None else "",
-        prev_hash=state.head_hash,
-        hash="",
+def toolbox_from(
+    specs: Sequence[Mapping[str, Any]],
+    targets: Sequence[str],
+    participants: Sequence[str],
+    names: Mapping[str, str],
+) -> ToolBox:
+    """The :class:`ToolBox` of a job built by the server (``JobSpec``: the graph's tool specs
+    as data, the handoff targets, the participant ids and ``name -> id``)."""
+    return ToolBox(
+        tuple(
+            ToolSpec(
+                str(s["name"]),
+                str(s.get("description") or ""),
+                tuple(s["speakers"]) if s.get("speakers") is not None else None,
+                s.get("handoff"),
+                s.get("finish"),
+            )
+            for s in specs
+        ),
+        tuple(targets),
+        _resolver(list(participants), dict(names)),
     )
-    return step(state, probe).close_reason != REASON_NO_TRANSITION

@@ -13,7 +13,6 @@ from agent_network.services.knowledge import KnowledgeService
 from agent_network.services.orgs import OrgService, create_admin_key, has_admin_key
 from agent_network.services.policy import PolicyService
 from agent_network.services.principal import Principal
-from agent_network.services.realtime import RealtimeService
 from agent_network.services.rules import RuleService
 from agent_network.services.scope import path_in_scope
 from agent_network.services.secrets import SecretService
@@ -36,7 +35,6 @@ class Services:
     secrets: SecretService
     rules: RuleService
     policy: PolicyService
-    realtime: RealtimeService
     delivery: DeliveryService
 
     async def check_path_scope(self, principal: Principal, path: str) -> None:
@@ -63,7 +61,6 @@ class Services:
             SecretService(ctx),
             rules,
             policy=PolicyService(ctx),
-            realtime=RealtimeService(ctx, threads=threads, orgs=orgs),
             delivery=DeliveryService(ctx),
         )
 

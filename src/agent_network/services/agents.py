@@ -11,14 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import ConflictError, InvalidRequestError, NotFoundError
 from agent_network.model.ids import new_id, now_iso
-from agent_network.runtime.models import check_model, resolve_model_name
-from agent_network.runtime.triage import parse_config
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.claims import agent_in_thread
+from agent_network.services.models import check_model, resolve_model_name
 from agent_network.services.orgs import soft_delete_member
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import own_agent, require_org, visible_thread
+from agent_network.services.triage import parse_config
 from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, routines
 
@@ -270,7 +270,7 @@ class AgentService:
         self, conn: AsyncConnection, principal: Principal, agent: Any, raw: Any
     ) -> dict[str, Any]:
         """Validate a ``triage`` routine's config for ``agent`` (a row of ``agents``) and return
-        it in normal form (``intake`` a list; see :func:`agent_network.runtime.triage.parse_config`
+        it in normal form (``intake`` a list; see :func:`agent_network.services.triage.parse_config`
         for the shape).
 
         Every intake and route thread must be visible to ``principal``, the agent must take part

@@ -48,11 +48,11 @@ from agent_network.protocol.lifecycle import budget_spent, person_message
 from agent_network.protocol.lifecycle import reply_key as lifecycle_reply_key
 from agent_network.protocol.state import ThreadState
 from agent_network.protocol.turns import turn_takers, visible_to
-from agent_network.runtime.triage import is_request, parse_config
 from agent_network.services.base import ServiceContext
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import own_agent, require_org, visible_thread
+from agent_network.services.triage import is_request, parse_config
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.claims import (
     ClaimState,

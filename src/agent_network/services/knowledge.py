@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from sqlalchemy import func, select
@@ -18,6 +19,11 @@ from agent_network.store.tables import knowledge_chunks, knowledge_documents
 
 MAX_DOCUMENT = 2_000_000  # characters
 MAX_DOCUMENTS_PER_CALL = 200
+
+
+def content_sha256(content: str) -> str:
+    """The hex SHA-256 of a document's ``content`` encoded as UTF-8."""
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 class KnowledgeService:
@@ -72,6 +78,7 @@ class KnowledgeService:
                         "agent_id": agent_id,
                         "chunks": len(chunks),
                         "created_at": row["created_at"],
+                        "sha256": content_sha256(content),
                     }
                 )
         return out
@@ -79,7 +86,9 @@ class KnowledgeService:
     async def list_documents(
         self, principal: Principal, *, agent_id: str | None = None
     ) -> list[dict[str, Any]]:
-        """The org's documents (org-wide when ``agent_id`` is None, else that agent's)."""
+        """The org's documents (org-wide when ``agent_id`` is None, else that agent's), each
+        with ``sha256``, the hex SHA-256 of its content as UTF-8 (a client skips uploading a
+        file whose content is there already)."""
         org_id = require_org(principal)
         async with self.ctx.engine.connect() as conn:
             if agent_id is not None:
@@ -95,13 +104,17 @@ class KnowledgeService:
                 knowledge_documents.c.agent_id,
                 knowledge_documents.c.created_at,
                 n.label("chunks"),
+                knowledge_documents.c.content,
             ).where(knowledge_documents.c.org_id == org_id)
             q = q.where(
                 knowledge_documents.c.agent_id.is_(None)
                 if agent_id is None
                 else knowledge_documents.c.agent_id == agent_id
             ).order_by(knowledge_documents.c.created_at)
-            return [dict(r) for r in (await conn.execute(q)).mappings()]
+            rows = [dict(r) for r in (await conn.execute(q)).mappings()]
+        for row in rows:
+            row["sha256"] = content_sha256(row.pop("content"))
+        return rows
 
     async def delete(self, principal: Principal, document_id: str) -> None:
         """Delete one of the org's documents."""

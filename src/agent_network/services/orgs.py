@@ -151,6 +151,62 @@ class OrgService:
             await record(conn, principal, "org.create", "org", org_id, org_id=org_id)
         return {"org": {"id": org_id, "name": name, "created_at": ts}, "key": secret}
 
+    async def list_orgs(self, principal: Principal) -> list[dict[str, Any]]:
+        """Every org (admin only), oldest first: ``[{id, name, created_at}]``.
+
+        PermissionDeniedError for any other credential."""
+        if principal.kind != "admin":
+            raise PermissionDeniedError("only the platform admin key can list orgs")
+        async with self.ctx.engine.connect() as conn:
+            q = select(orgs.c.id, orgs.c.name, orgs.c.created_at).order_by(orgs.c.created_at)
+            return [dict(r) for r in (await conn.execute(q)).mappings()]
+
+    async def issue_org_key(
+        self, principal: Principal, org_id: str, name: str = "issued by the platform admin"
+    ) -> dict[str, Any]:
+        """Issue a new org key for ``org_id`` (admin only): the way back in for an org that lost
+        its key. Other keys of the org stay as they are (the org revokes a lost one itself with
+        the new key, ``DELETE /credentials/{id}``).
+
+        Returns ``{"credential": {id, org_id, kind, subject_id, name, scopes, created_at,
+        revoked_at, expires_at}, "secret"}``; the secret is shown this once. Recorded in the
+        org's audit log as ``credential.issue`` by the admin. PermissionDeniedError for any
+        other credential (before the id is looked at), NotFoundError for an unknown org,
+        InvalidRequestError for an empty name.
+        """
+        if principal.kind != "admin":
+            raise PermissionDeniedError("only the platform admin key can issue a new org key")
+        name = _clean_name(name, "key name")
+        secret = new_secret(ORG_PREFIX)
+        row: dict[str, Any] = {
+            "id": new_id("cred"),
+            "org_id": org_id,
+            "kind": "org_key",
+            "subject_id": org_id,
+            "name": name,
+            "key_hash": hash_secret(secret),
+            "scopes": sorted(ALL_SCOPES),
+            "created_at": now_iso(),
+            "revoked_at": None,
+            "expires_at": None,
+        }
+        async with write_transaction(self.ctx.engine) as conn:
+            found = await conn.execute(select(orgs.c.id).where(orgs.c.id == org_id))
+            if found.first() is None:
+                raise NotFoundError("org", org_id)
+            await conn.execute(credentials.insert().values(**row))
+            await record(
+                conn,
+                principal,
+                "credential.issue",
+                "credential",
+                str(row["id"]),
+                org_id=org_id,
+                data={"kind": "org_key", "subject_id": org_id, "scopes": row["scopes"]},
+            )
+        public = {k: v for k, v in row.items() if k != "key_hash"}
+        return {"credential": public, "secret": secret}
+
     async def get_org(self, principal: Principal) -> dict[str, Any]:
         """The caller's own org."""
         org_id = require_org(principal)

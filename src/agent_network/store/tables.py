@@ -267,20 +267,12 @@ Index("ix_audit_log_org_created", audit_log.c.org_id, audit_log.c.created_at)
 Index("ux_audit_log_org_seq", audit_log.c.org_id, audit_log.c.org_seq, unique=True)
 Index("ix_envelopes_sender", envelopes.c.sender_id)
 
-runner_cursors = Table(
-    "runner_cursors",
-    metadata,
-    Column("agent_id", String(40), nullable=False),
-    Column("thread_id", String(40), nullable=False),
-    Column("seq", Integer, nullable=False),
-    PrimaryKeyConstraint("agent_id", "thread_id"),
-)
-
-# Durable delivery cursors of realtime subscribers (WebSocket and SDK): the last seq a named
-# consumer acknowledged in a thread. ``subscriber_id`` is the principal's subject (the user or
-# agent of a token, the org of an org key); ``name`` tells a subject's consumers apart.
-delivery_cursors = Table(
-    "delivery_cursors",
+# Durable cursors: the last envelope seq a named consumer of a subscriber has handled in a
+# thread. ``subscriber_id`` is the principal's subject (the user or agent of a token, the org of an
+# org key); ``name`` tells a subscriber's consumers apart: realtime consumers (WebSocket and SDK)
+# choose theirs, the runner's is ``runner`` for the agent it answers as (store/cursors.py).
+cursors = Table(
+    "cursors",
     metadata,
     Column("subscriber_id", String(40), nullable=False),
     Column("name", String(100), nullable=False),

@@ -9,9 +9,17 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
+from pydantic import Field
 
 from agent_network.api.deps import Call, get_call
-from agent_network.api.schemas import Cursor, Limit, OrgCreate, UserCreate, UserUpdate
+from agent_network.api.schemas import (
+    Body,
+    Cursor,
+    Limit,
+    OrgCreate,
+    UserCreate,
+    UserUpdate,
+)
 
 router = APIRouter(tags=["orgs"])
 
@@ -20,6 +28,27 @@ router = APIRouter(tags=["orgs"])
 async def create_org(body: OrgCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Create an org (admin key). The org's secret ``key`` is in the answer once, never again."""
     return await call.services.orgs.create_org(call.principal, body.name)
+
+
+@router.get("/orgs")
+async def list_orgs(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    """Every org, oldest first (admin key only; 403 for any other credential)."""
+    return await call.services.orgs.list_orgs(call.principal)
+
+
+class OrgKeyCreate(Body):
+    name: str = Field(default="issued by the platform admin", min_length=1, max_length=200)
+
+
+@router.post("/orgs/{org_id}/keys", status_code=201)
+async def issue_org_key(
+    org_id: str, body: OrgKeyCreate | None = None, call: Call = Depends(get_call)
+) -> dict[str, Any]:
+    """Issue a new org key for an org that lost its key (admin key only; 403 for any other
+    credential, 404 for an unknown org). Answers ``{"credential", "secret"}``; the secret is
+    shown this once. Audited in the org's log as ``credential.issue``."""
+    name = body.name if body is not None else OrgKeyCreate().name
+    return await call.services.orgs.issue_org_key(call.principal, org_id, name)
 
 
 @router.get("/orgs/me")

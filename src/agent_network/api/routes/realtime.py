@@ -1,8 +1,8 @@
 """The WebSocket endpoint ``/api/v1/ws`` (protocol v1, ``docs/protocol.md``): framing only.
 
 This module accepts the socket, reads the ``Authorization`` header and adapts Starlette's
-WebSocket to the service's :class:`~agent_network.services.realtime.Transport`; everything the
-protocol means lives in ``services/realtime.py``.
+WebSocket to the realtime protocol's :class:`~agent_network.api.realtime.Transport`; everything
+the WebSocket protocol means lives in the ``api/realtime`` package.
 
 Serve the app with :class:`agent_network.api.server.GracefulServer` so that clients get
 ``disconnect`` ``shutdown`` and close code 1001 when the server stops.
@@ -15,11 +15,11 @@ import contextlib
 from fastapi import APIRouter
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from agent_network.services.realtime import RealtimeService, TransportClosed
+from agent_network.api.realtime import RealtimeProtocol, TransportClosed
 
 
 class StarletteTransport:
-    """A Starlette WebSocket as a realtime :class:`~agent_network.services.realtime.Transport`."""
+    """A Starlette WebSocket as a realtime :class:`~agent_network.api.realtime.Transport`."""
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
@@ -63,7 +63,7 @@ def bearer_token(header: str | None) -> str | None:
 async def realtime_socket(websocket: WebSocket) -> None:
     """Realtime protocol v1: authenticate (Bearer header, or an ``auth`` first frame), then
     ``join``/``leave``/``post``/``ack``/``typing``/``ping`` frames; see ``docs/protocol.md``."""
-    realtime: RealtimeService = websocket.app.state.services.realtime
+    realtime: RealtimeProtocol = websocket.app.state.realtime
     await websocket.accept()
     await realtime.serve(
         StarletteTransport(websocket), bearer_token(websocket.headers.get("authorization"))

@@ -13,8 +13,9 @@ from pydantic import Field
 
 from agent_network.api.deps import Call, get_call
 from agent_network.api.schemas import Body
-from agent_network.runtime.runner import Job, Runner
 from agent_network.services.claims import MAX_LEASE, MAX_RUNNER_ID, ClaimService
+from agent_network.services.jobs import Job, job_for_claim
+from agent_network.services.routing import route_request
 
 router = APIRouter(tags=["runners"])
 
@@ -35,6 +36,14 @@ class ClaimTarget(Body):
 
 class ClaimCreate(ClaimTarget):
     lease_seconds: float = Field(default=10.0, gt=0, le=MAX_LEASE, description="seconds")
+    job: bool = Field(
+        default=False,
+        description=(
+            "return what answering the trigger needs with the granted claim (``job``: the "
+            "agent, the visible history, protocol notes, tools, knowledge, the reply's "
+            "audience; null when the agent is not to answer now)"
+        ),
+    )
 
 
 def _claims(call: Call) -> ClaimService:
@@ -51,8 +60,20 @@ async def assignments(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
 @router.post("/claims", status_code=201)
 async def claim(body: ClaimCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Claim a trigger for an agent with a lease: 201 if free, expired or already ours (renew);
-    409 ``claim_held`` while another runner's lease is live; 409 ``claim_done`` when done."""
-    return await _claims(call).claim(call.principal, **body.model_dump())
+    409 ``claim_held`` while another runner's lease is live; 409 ``claim_done`` when done.
+    With ``job``, the granted claim carries the job the server built for it."""
+    fields = body.model_dump(exclude={"job"})
+    granted = await _claims(call).claim(call.principal, **fields)
+    if body.job:
+        granted["job"] = await job_for_claim(
+            call.services.ctx,
+            call.services.rules,
+            call.principal,
+            agent_id=body.agent_id,
+            thread_id=body.thread_id,
+            trigger_seq=body.trigger_seq,
+        )
+    return granted
 
 
 class ClaimComplete(ClaimTarget):
@@ -136,9 +157,11 @@ async def triage(body: TriageAnswer, call: Call = Depends(get_call)) -> dict[str
         trigger_seq=body.trigger_seq,
         runner_id=body.runner_id,
     )
-    runner = Runner(call.services.ctx, rules=call.services.rules, runner_id=body.runner_id)
-    outcome = await runner.route_request(
-        Job(body.agent_id, routine_id, trigger, "triage"), body.answer
+    outcome = await route_request(
+        call.services.ctx,
+        call.services.rules,
+        Job(body.agent_id, routine_id, trigger, "triage"),
+        answer=body.answer,
     )
     return {
         "agent_id": body.agent_id,

@@ -1,0 +1,446 @@
+"""Commands that work on this machine: ``serve``, ``admin-key``, ``demo``, ``doctor`` and
+``runner`` (the offline ``db`` group is :mod:`agent_network.cli.db`).
+
+Where the local state lives has one name, ``--data-dir`` (a folder; its database is
+``<data-dir>/agent-network.db``), on ``serve``, ``admin-key``, ``db`` and ``demo``. A database
+URL (or another file) is given with ``AGENT_NETWORK_DATABASE``; the old ``--db`` option is
+kept, hidden, for scripts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.markup import escape
+from rich.text import Text
+
+from agent_network.cli.common import (
+    DEFAULT_URL,
+    URL_ENV,
+    TokenOption,
+    UrlOption,
+    connection,
+    fail,
+    out,
+    print_json,
+    warn,
+)
+from agent_network.config import Settings
+
+DATABASE_FILE = "agent-network.db"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help=f"folder of the local state; the database is <data-dir>/{DATABASE_FILE} "
+        "[default: .agent-network; env AGENT_NETWORK_DATABASE names a file or URL instead]",
+        show_default=False,
+    ),
+]
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", hidden=True, help="database file or URL (deprecated: use --data-dir)"),
+]
+
+
+def database(data_dir: Path | None, db: str | None) -> str:
+    """The database to open: ``--db`` (hidden, a file or URL), else ``<data_dir>/agent-network.db``,
+    else ``AGENT_NETWORK_DATABASE`` or the default of :class:`Settings`."""
+    if db:
+        return db
+    if data_dir is not None:
+        return str(data_dir / DATABASE_FILE)
+    return Settings().database
+
+
+def _settings(database_: str, **extra: object) -> Settings:
+    changes = {k: v for k, v in {"database": database_, **extra}.items() if v is not None}
+    return Settings().model_copy(update=changes)
+
+
+def uses_local_model(model: str | None) -> bool:
+    """Whether ``model`` (None: the default) resolves to the bundled local model."""
+    from agent_network.runtime.models import resolve_model_name
+
+    return resolve_model_name(None, model).startswith("local:")
+
+
+def print_checks(checks: list[Any], *, only_problems: bool = False) -> None:
+    """The doctor's checks as lines: a mark, the name, the detail, then the fix command."""
+    console = out()
+    for check in checks:
+        if only_problems and check.ok:
+            continue
+        mark = (
+            "[green]ok[/]  "
+            if check.ok
+            else ("[yellow]warn[/]" if check.warning else "[red]FAIL[/]")
+        )
+        console.print(f"{mark} [bold]{escape(check.name)}[/]: {escape(str(check.detail))}")
+        if not check.ok and check.fix:
+            console.print(f"       fix: [bold]{escape(str(check.fix))}[/]")
+
+
+def startup_check(what: str) -> bool:
+    """The doctor's local-model checks before ``what`` starts; the process-wide model worker
+    stays up. Prints one line when all is well, else the problems and their fixes. Returns
+    whether the local model can run."""
+    from agent_network.doctor import failed, run_checks
+    from agent_network.runtime.model_supervisor import get_supervisor
+
+    console = out()
+    checks = run_checks(supervisor=get_supervisor())
+    problems = failed(checks)
+    if problems:
+        console.print(f"[red]The local model cannot run here; {what} goes on without it:[/]")
+        print_checks(checks, only_problems=True)
+        console.print(
+            "Agents on the local model will fail (audited as routine.failed) until it is "
+            "fixed; agents on other models are not affected."
+        )
+        return False
+    generation = next(c for c in checks if c.name == "generation")
+    console.print(Text(f"Local model ready: {generation.detail}"))
+    print_checks([c for c in checks if c.warning])
+    return True
+
+
+def serve(
+    data_dir: DataDirOption = None,
+    db: DbOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address [default: 127.0.0.1]")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="TCP port, 0-65535 (0: any free port) [default: 8321]"),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="default model for agents without one, e.g. 'test'")
+    ] = None,
+    log_level: Annotated[
+        str,
+        typer.Option(
+            "--log-level",
+            help="debug, info (with the access log), warning, error or critical; text on a "
+            "terminal, JSON lines otherwise",
+        ),
+    ] = "info",
+) -> None:
+    """Run the API server on the embedded database (REST under /api/v1).
+
+    The address is bound before anything is announced: a port in use is an error (exit 1)
+    and no banner, admin key or database change comes before it.
+    """
+    from agent_network.api import create_app
+    from agent_network.api.server import bind
+    from agent_network.api.server import serve as serve_app
+    from agent_network.cli.logs import configure_logging
+    from agent_network.services import create_admin_key, has_admin_key
+    from agent_network.store.engine import create_engine, database_url, upgrade_schema
+
+    if log_level.lower() not in LOG_LEVELS:
+        fail(f"unknown --log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}", 2)
+    settings = _settings(database(data_dir, db), host=host, port=port, model=model)
+    try:
+        sock = bind(settings.host, settings.port)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot listen on {settings.host}:{settings.port}: {exc}")
+    configure_logging(log_level.lower())
+    try:
+        bound_port = int(sock.getsockname()[1])
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+
+        async def bootstrap() -> str | None:
+            engine = create_engine(database_url(settings.database))
+            try:
+                await upgrade_schema(engine)
+                if await has_admin_key(engine):
+                    return None
+                return await create_admin_key(engine)
+            finally:
+                await engine.dispose()
+
+        key = anyio.run(bootstrap)
+        if settings.run_routines and uses_local_model(settings.model):
+            startup_check("the server")
+        url = f"http://{settings.host}:{bound_port}"
+        out().print(
+            Text.assemble(
+                "Agent Network serving on ",
+                (url, "bold"),
+                f" (API {url}/api/v1, docs {url}/api/v1/docs), database {settings.database}",
+            )
+        )
+        if key:
+            out().print(
+                Text.assemble("Platform admin key (shown once, keep it): ", (key, "bold yellow"))
+            )
+        serve_app(
+            create_app(settings.model_copy(update={"port": bound_port})),
+            host=settings.host,
+            port=bound_port,
+            ws_max_size=settings.max_body_bytes,
+            log_level=log_level.lower(),
+            sock=sock,
+        )
+    finally:
+        sock.close()
+
+
+def admin_key(data_dir: DataDirOption = None, db: DbOption = None) -> None:
+    """Create a new platform admin key and print it (it is stored hashed)."""
+    from agent_network.services import create_admin_key
+    from agent_network.store.engine import create_engine, database_url, upgrade_schema
+
+    settings = _settings(database(data_dir, db))
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def make() -> str:
+        engine = create_engine(database_url(settings.database))
+        try:
+            await upgrade_schema(engine)
+            return await create_admin_key(engine)
+        finally:
+            await engine.dispose()
+
+    typer.echo(anyio.run(make))
+
+
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="folder of the demo's state (wiped first)")] = Path(
+        ".agent-network/demo"
+    ),
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="TCP port of the demo server (0: any free port)")
+    ] = 0,
+    model: Annotated[
+        str | None, typer.Option(help="model for both agents (default: the bundled local model)")
+    ] = None,
+    examples: Annotated[
+        Path | None, typer.Option(help="folder holding demo/ (default: the repository's examples)")
+    ] = None,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep",
+            help="leave the server running afterwards (until Ctrl-C) and print the web app's "
+            "URL with sign-in links for Alex and Sam",
+        ),
+    ] = False,
+) -> None:
+    """Two companies' agents collaborate in one shared network thread (the main job)."""
+    from agent_network.demo import run_demo
+
+    raise typer.Exit(
+        run_demo(
+            data_dir=data_dir,
+            port=port,
+            model=model,
+            examples=examples,
+            console=out(),
+            keep=keep,
+        )
+    )
+
+
+def doctor(
+    json_output: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False,
+    no_generate: Annotated[
+        bool, typer.Option("--no-generate", help="skip the one-token generation")
+    ] = False,
+) -> None:
+    """Check this machine: Python, packages, the local model's packages, weights and build, and a
+    one-token generation in a model worker. Exit status 1 when something must be fixed."""
+    from agent_network.doctor import failed, run_checks
+
+    checks = run_checks(generate=not no_generate)
+    if json_output:
+        print_json({"ok": not failed(checks), "checks": [c.as_dict() for c in checks]})
+    else:
+        print_checks(checks)
+        problems = failed(checks)
+        if problems:
+            out().print(f"[red]{len(problems)} problem(s): run the fix command(s) above.[/]")
+        else:
+            out().print("[green]Everything needed to run Agent Network is here.[/]")
+    raise typer.Exit(1 if failed(checks) else 0)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> str | None:
+    """None when ``url`` answers ``GET /api/v1/health`` with 200, else why not (one line)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/api/v1/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if response.status_code != 200:
+        return f"GET /api/v1/health answered {response.status_code}"
+    return None
+
+
+def wait_reachable(url: str, timeout: float) -> str | None:
+    """None once ``url`` answers ``GET /api/v1/health`` (tried every second for up to
+    ``timeout`` seconds), else why the last try failed. The first failure is reported on
+    stderr at once, so a wrong URL is never a silent wait."""
+    deadline = time.monotonic() + timeout
+    problem = check_reachable(url, timeout=min(5.0, max(timeout, 0.5)))
+    if problem is None:
+        return None
+    warn(f"cannot reach the server at {url} ({problem}); trying for {timeout:g} s more")
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        problem = check_reachable(url, timeout=min(5.0, max(deadline - time.monotonic(), 0.5)))
+        if problem is None:
+            return None
+    return problem
+
+
+def runner(
+    url: UrlOption = None,
+    token: TokenOption = None,
+    runner_id: Annotated[
+        str | None,
+        typer.Option(
+            help="id in claims (default: stable per host, user, server and credential, so a "
+            "restarted runner takes back its own claims at once)"
+        ),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            max=3600,
+            help="claim lease in seconds, renewed while busy [default: AGENT_NETWORK_CLAIM_LEASE "
+            "or 10]",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="triggers answered at once")] = 2,
+    relist: Annotated[
+        float, typer.Option(min=0.1, help="seconds between re-reading agents and threads")
+    ] = 10.0,
+    poll_wait: Annotated[
+        float, typer.Option(min=0, max=60, help="long-poll seconds per request")
+    ] = 20.0,
+    model: Annotated[
+        str | None,
+        typer.Option(help="model for agents without one [env AGENT_NETWORK_MODEL], e.g. 'test'"),
+    ] = None,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--import",
+            help="Python module to import first (e.g. one calling register_model); repeatable",
+        ),
+    ] = None,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=3600,
+            help="seconds to wait for the server to answer GET /api/v1/health at start, "
+            "then exit 1",
+        ),
+    ] = 30.0,
+) -> None:
+    """Run the participate and triage routines of the agents a credential owns, here.
+
+    The credential is an org key (every agent of the org) or an agent token (that agent).
+    Follows their threads over REST (long-poll), claims each trigger with a lease so that
+    several runners (and the server's in-process runner) share the work, and posts each reply
+    once. Stops cleanly on SIGTERM / SIGINT; a crashed runner's claims are taken back when it
+    starts again on the same host, else they expire after the lease. Exit 1 at once when the
+    server does not answer GET /api/v1/health within --connect-timeout seconds (it says so at
+    once and keeps trying until then: a server that is restarting is waited for).
+    """
+    import importlib
+    import signal
+
+    from agent_network.client import ApiError, AsyncClient
+    from agent_network.runtime.identity import RunnerIdInUseError
+    from agent_network.runtime.remote import RemoteRunner
+
+    conn = connection(url, token)
+    for name in plugin or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            fail(f"cannot import {name!r}: {exc}", 2)
+    problem = wait_reachable(conn.url, connect_timeout)
+    if problem is not None:
+        fail(
+            f"cannot reach the server at {conn.url} ({problem}): start it with "
+            f"'agent-network serve' or pass --url / {URL_ENV}"
+        )
+    default_model = model or Settings().model
+    if uses_local_model(default_model):
+        startup_check("the runner")
+
+    async def run() -> int:
+        refused: list[BaseException] = []
+        in_use: list[BaseException] = []
+        try:
+            async with (
+                AsyncClient(conn.url, conn.token) as client,
+                anyio.create_task_group() as tg,
+            ):
+                remote = RemoteRunner(
+                    client,
+                    runner_id=runner_id,
+                    lease_seconds=lease,
+                    workers=workers,
+                    relist_seconds=relist,
+                    poll_wait=poll_wait,
+                    default_model=default_model,
+                )
+
+                async def stop_on_signal() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for _ in signals:
+                            typer.echo(f"runner {remote.runner_id} stopping")
+                            tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(stop_on_signal)
+                await tg.start(remote.run)
+                typer.echo(f"runner {remote.runner_id} running against {conn.url}")
+        except* ApiError as group:
+            refused.extend(_leaves(group))
+        except* RunnerIdInUseError as group:
+            in_use.extend(_leaves(group))
+        if in_use:
+            typer.echo(f"runner not started: {in_use[0]}", err=True)
+            return 2
+        if refused:
+            typer.echo(f"runner stopped: the server refused it: {refused[0]}", err=True)
+            return 1
+        typer.echo("runner stopped")
+        return 0
+
+    raise typer.Exit(anyio.run(run))
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands and groups to ``app``."""
+    app.command()(serve)
+    app.command("admin-key")(admin_key)
+    app.command()(demo)
+    app.command()(doctor)
+    app.command()(runner)
+
+
+__all__ = ["DEFAULT_URL", "check_reachable", "database", "register"]
