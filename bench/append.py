@@ -43,7 +43,7 @@ from typing import Any
 import uvloop
 
 from agent_network.hub import Hub
-from agent_network.model.envelope import GENESIS_HASH, Actor
+from agent_network.model.envelope import GENESIS_HASH, Sender
 from agent_network.model.ids import new_id, new_sorted_id, now_iso
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
@@ -51,7 +51,7 @@ TARGET_SINGLE = 0.50  # hub(1) / raw(a), from the issue
 TARGET_CONCURRENT = 0.30  # hub(2) / raw(b), from the issue
 CONTENT = "benchmark message " + "x" * 82  # 100 characters of content
 ORG = "org_bench0000000000000000000"
-USER = Actor("user", "usr_bench0000000000000000000", ORG, "bench")
+USER = Sender("user", "usr_bench0000000000000000000", ORG, "bench")
 
 INSERT_SQL = (
     "INSERT INTO envelopes (thread_id, seq, id, type, data, sender_kind, sender_id, "

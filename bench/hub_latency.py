@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from agent_network.hub import Hub
-from agent_network.model.envelope import Actor
+from agent_network.model.envelope import Sender
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
 ORG = "org_bench0000000000000000000"
-USER = Actor("user", "usr_bench0000000000000000000", ORG, "bench")
-SYSTEM = Actor("system", ORG, ORG)
+USER = Sender("user", "usr_bench0000000000000000000", ORG, "bench")
+SYSTEM = Sender("system", ORG, ORG)
 PADDING = " " + "x" * 80  # ~100 characters of content with the timestamp
 
 

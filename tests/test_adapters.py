@@ -29,7 +29,7 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub import Hub
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.model.ids import new_id
 from agent_network.protocol import (
     BaseAdapter,
@@ -59,15 +59,15 @@ from agent_network.protocol.state import ThreadState
 from agent_network.store.engine import create_engine, database_url
 
 ORG = "org_protocols"
-SYSTEM = Actor("system", "key_test", ORG)
-ALICE = Actor("agent", "agt_alice", ORG)
-BOB = Actor("agent", "agt_bob", ORG)
-CAROL = Actor("agent", "agt_carol", ORG)
-DAVE = Actor("user", "usr_dave", ORG)
-OUTSIDER = Actor("agent", "agt_outsider", ORG)
+SYSTEM = Sender("system", "key_test", ORG)
+ALICE = Sender("agent", "agt_alice", ORG)
+BOB = Sender("agent", "agt_bob", ORG)
+CAROL = Sender("agent", "agt_carol", ORG)
+DAVE = Sender("user", "usr_dave", ORG)
+OUTSIDER = Sender("agent", "agt_outsider", ORG)
 
 
-def who(actor: Actor) -> tuple[str, str]:
+def who(actor: Sender) -> tuple[str, str]:
     return (actor.kind, actor.id)
 
 
@@ -82,7 +82,7 @@ async def running_hub(db: Path, *, sweep_interval: float | None = None) -> Async
 
 
 async def open_thread(
-    hub: Hub, adapter: str, *members: Actor, **knobs: Any
+    hub: Hub, adapter: str, *members: Sender, **knobs: Any
 ) -> tuple[str, Envelope]:
     tid = new_id("thr")
     data = {
@@ -94,7 +94,7 @@ async def open_thread(
     return tid, created
 
 
-async def say(hub: Hub, tid: str, sender: Actor, content: str = "hello", **kw: Any) -> Envelope:
+async def say(hub: Hub, tid: str, sender: Sender, content: str = "hello", **kw: Any) -> Envelope:
     return await hub.append(tid, type=EV_MESSAGE, data={"content": content}, sender=sender, **kw)
 
 
@@ -108,7 +108,7 @@ async def refused(hub: Hub, tid: str, error: type[AgentNetworkError], **append: 
 
 
 async def refused_message(
-    hub: Hub, tid: str, sender: Actor, error: type[AgentNetworkError], **kw: Any
+    hub: Hub, tid: str, sender: Sender, error: type[AgentNetworkError], **kw: Any
 ) -> str:
     return await refused(
         hub, tid, error, type=EV_MESSAGE, data={"content": "x"}, sender=sender, **kw
@@ -610,7 +610,7 @@ async def test_a_notice_lost_in_a_crash_is_written_by_the_next_sweep(db: Path) -
             tid,
             type=violation.type,
             data=violation.data,
-            sender=Actor("system", "hub", ORG),
+            sender=Sender("system", "hub", ORG),
             idempotency_key=violation.key,
         )
     async with running_hub(db) as hub:

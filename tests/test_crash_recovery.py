@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from agent_network.errors import RunawayBudgetError
 from agent_network.hub import Hub
-from agent_network.model.envelope import Actor
+from agent_network.model.envelope import Sender
 from agent_network.protocol.events import EV_BUDGET_SET, EV_MESSAGE, EV_THREAD_CREATED
 from agent_network.protocol.lifecycle import budget_spent, reply_key
 from agent_network.protocol.state import ThreadState
@@ -641,7 +641,7 @@ def test_budget_admits_each_agents_answer_to_a_person_once_and_still_bounds_the_
     person's message."""
     tid = f"thr_b{next(_counter):018d}"
     org = "org_hyp"
-    system = Actor("system", "key_hyp", org)
+    system = Sender("system", "key_hyp", org)
 
     async def run() -> None:
         engine = create_engine(database_url(hub_db))
@@ -665,12 +665,12 @@ def test_budget_admits_each_agents_answer_to_a_person_once_and_still_bounds_the_
                     continue
                 if op[0] == "person":
                     env = await hub.append(
-                        tid, type=EV_MESSAGE, data={"content": "p"}, sender=Actor("user", "u", org)
+                        tid, type=EV_MESSAGE, data={"content": "p"}, sender=Sender("user", "u", org)
                     )
                     stored.append((env.id, "user"))
                     consecutive, since_person, answers_since, peak = 0, 0, 0, cur_budget
                     continue
-                agent = Actor("agent", f"agt_{op[1]}", org)
+                agent = Sender("agent", f"agt_{op[1]}", org)
                 cause: tuple[str, str] | None = None
                 if op[0] == "answer" and stored:
                     cause = stored[-1 - min(op[2], len(stored) - 1)]

@@ -40,7 +40,7 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub import Hub
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.model.ids import new_id
 from agent_network.protocol import Handoff, TransitionGraph, may_speak, tool_call
 from agent_network.protocol.events import (
@@ -58,14 +58,14 @@ from agent_network.protocol.knobs import epoch
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
 ORG = "org_fold"
-SYSTEM = Actor("system", "key_fold", ORG)
+SYSTEM = Sender("system", "key_fold", ORG)
 POOL = (
-    Actor("agent", "agt_a", ORG),
-    Actor("agent", "agt_b", ORG),
-    Actor("agent", "agt_c", ORG),
-    Actor("user", "usr_d", ORG),
+    Sender("agent", "agt_a", ORG),
+    Sender("agent", "agt_b", ORG),
+    Sender("agent", "agt_c", ORG),
+    Sender("user", "usr_d", ORG),
 )
-OUTSIDER = Actor("agent", "agt_x", ORG)
+OUTSIDER = Sender("agent", "agt_x", ORG)
 EVERYONE = (*POOL, OUTSIDER)
 ADAPTERS = ("legacy", "open", "conversation", "consulting", "discussion", "wf_rr", "wf_seq")
 OFFSETS = (0.0, 4.0, 5.0, 19.0, 20.0, 60.0, 100.0, 1000.0)
@@ -108,8 +108,8 @@ class Ref:
 
     tid: str
     adapter: str
-    members: list[Actor]
-    initiator: Actor | None
+    members: list[Sender]
+    initiator: Sender | None
     pending: list[str]
     status: str
     created_at: float
@@ -135,7 +135,7 @@ class Ref:
     def live(self) -> bool:
         return self.status in ("open", "active")
 
-    def participant(self, actor: Actor) -> bool:
+    def participant(self, actor: Sender) -> bool:
         return not self.members or actor.id in self.ids
 
     def expected_speaker(self) -> str | None:
@@ -158,7 +158,7 @@ class Ref:
     # ----------------------------------------------------------- predictions
 
     def message_error(
-        self, sender: Actor, audience: list[str] | None, handoff: str | None
+        self, sender: Sender, audience: list[str] | None, handoff: str | None
     ) -> type[AgentNetworkError] | None:
         if self.status in ("closed", "closing"):
             return ThreadClosedError
@@ -179,7 +179,7 @@ class Ref:
             return ProtocolViolationError
         return None
 
-    def apply_message(self, sender: Actor, handoff: str | None, env: Envelope) -> None:
+    def apply_message(self, sender: Sender, handoff: str | None, env: Envelope) -> None:
         self.last_message = (env.id, epoch(env.created_at))
         if self.adapter == "consulting":
             if self.asked:
@@ -207,7 +207,7 @@ class Ref:
             else:
                 self.expected = nxt
 
-    def lifecycle_error(self, sender: Actor, kind: str) -> type[AgentNetworkError] | None:
+    def lifecycle_error(self, sender: Sender, kind: str) -> type[AgentNetworkError] | None:
         if self.status in ("closed", "closing"):
             return ThreadClosedError
         if not self.participant(sender):
@@ -300,7 +300,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     ) -> None:
         people = list(data.draw(st.permutations(POOL)))
         if adapter == "legacy":
-            members: list[Actor] = []
+            members: list[Sender] = []
         elif adapter in ("conversation", "consulting"):
             members = people[:2]
         else:
@@ -379,7 +379,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         audience=st.sampled_from(["none", "member", "stranger", "empty"]),
         handoff=st.sampled_from([None, *(a.id for a in EVERYONE)]),
     )
-    def send(self, data: st.DataObject, sender: Actor, audience: str, handoff: str | None) -> None:
+    def send(self, data: st.DataObject, sender: Sender, audience: str, handoff: str | None) -> None:
         ref = data.draw(st.sampled_from(self.refs))
         aud: list[str] | None = {
             "none": None,
@@ -396,7 +396,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             ref.apply_message(sender, handoff, env)
 
     @rule(data=st.data(), sender=st.sampled_from(EVERYONE), reject=st.booleans())
-    def answer_invite(self, data: st.DataObject, sender: Actor, reject: bool) -> None:
+    def answer_invite(self, data: st.DataObject, sender: Sender, reject: bool) -> None:
         ref = data.draw(st.sampled_from(self.refs))
         kind = EV_THREAD_REJECT if reject else EV_THREAD_ACK
         env = self.attempt(
@@ -413,7 +413,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             ref.activation = (env.id, epoch(env.created_at))
 
     @rule(data=st.data(), sender=st.sampled_from([*EVERYONE, SYSTEM]))
-    def close(self, data: st.DataObject, sender: Actor) -> None:
+    def close(self, data: st.DataObject, sender: Sender) -> None:
         ref = data.draw(st.sampled_from(self.refs))
         if sender.kind == "system":  # the services' direct close (e.g. network closed)
             error = ThreadClosedError if ref.status == "closed" else None
@@ -429,7 +429,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             ref.begin_closing("closed")
 
     @rule(data=st.data(), sender=st.sampled_from(EVERYONE))
-    def set_context(self, data: st.DataObject, sender: Actor) -> None:
+    def set_context(self, data: st.DataObject, sender: Sender) -> None:
         ref = data.draw(st.sampled_from(self.refs))
         error = ref.lifecycle_error(sender, EV_CONTEXT_SET)
         self.attempt(ref, error, type=EV_CONTEXT_SET, data={"values": {"k": 1}}, sender=sender)

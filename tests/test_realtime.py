@@ -29,7 +29,7 @@ from agent_network.api.realtime import Connection, Follow, RealtimeProtocol
 from agent_network.api.server import GracefulServer
 from agent_network.config import Settings
 from agent_network.hub import Hub
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.protocol.events import EV_MESSAGE, EV_THREAD_CREATED
 from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
@@ -845,8 +845,8 @@ def test_audience_admits() -> None:
     to_me = _env("usr_x", "org_b", ["usr_me"])
     assert audience_admits(token, to_me)
     assert not audience_admits(other_token, to_me)
-    assert audience_admits(Actor("user", "usr_me", "org_a"), to_me)
-    assert not audience_admits(Actor("agent", "agt_y", "org_a"), to_me)
+    assert audience_admits(Sender("user", "usr_me", "org_a"), to_me)
+    assert not audience_admits(Sender("agent", "agt_y", "org_a"), to_me)
     assert not audience_admits(org_key, to_me)
     assert audience_admits(org_key, to_me, acts_for={"usr_me", "agt_1"})
     assert audience_admits(org_key, _env("usr_x", "org_b", ["org_a"]))
@@ -855,14 +855,14 @@ def test_audience_admits() -> None:
     mine = _env("usr_other", "org_a", ["usr_me"])
     assert audience_admits(other_token, mine)
     assert audience_admits(org_key, mine)
-    assert audience_admits(Actor("user", "usr_other", "org_a"), mine)
+    assert audience_admits(Sender("user", "usr_other", "org_a"), mine)
 
 
 def test_hub_subscriptions_follow_a_changing_thread_set(tmp_path: Path) -> None:
     async def run() -> None:
         engine = create_engine(database_url(tmp_path / "hub.db"))
         await upgrade_schema(engine)
-        system = Actor("system", "org_h", "org_h")
+        system = Sender("system", "org_h", "org_h")
         async with Hub.open(engine) as hub:
             for t in ("thr_a", "thr_b"):
                 await hub.append(

@@ -33,7 +33,7 @@ from pydantic_ai.models.function import AgentInfo
 from sqlalchemy import select
 
 from agent_network.client import AsyncClient
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.model.ids import new_id, now_iso
 from agent_network.protocol import (
     AgentTarget,
@@ -142,10 +142,10 @@ class Cast:
     def role(self, pid: str) -> str:
         return next((r for r, i in self.ids.items() if i == pid), pid)
 
-    def actor(self, role: str) -> Actor:
+    def actor(self, role: str) -> Sender:
         if role == "ann":
-            return Actor("user", self.ids[role], self.org_id, role)
-        return Actor("agent", self.ids[role], self.org_id, role)
+            return Sender("user", self.ids[role], self.org_id, role)
+        return Sender("agent", self.ids[role], self.org_id, role)
 
 
 async def seed(w: World, agents: dict[str, Scripted | None]) -> Cast:
@@ -224,7 +224,7 @@ async def open_thread(
 
     if rows_first:
         await rows()
-    system = Actor("system", "key_test", cast.org_id)
+    system = Sender("system", "key_test", cast.org_id)
     await w.hub.append(tid, type=EV_THREAD_CREATED, data=data, sender=system)
     if not rows_first:
         await anyio.sleep(0.02)

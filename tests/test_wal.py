@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from agent_network.errors import RunawayBudgetError, ThreadClosedError
 from agent_network.hub import Hub
-from agent_network.model.envelope import Actor, envelope_hash
+from agent_network.model.envelope import Sender, envelope_hash
 from agent_network.protocol.events import (
     EV_BUDGET_SET,
     EV_MESSAGE,
@@ -392,7 +392,7 @@ def test_hub_state_equals_fold_of_the_log_in_a_fresh_hub(
 ) -> None:
     tid = f"thr_hyp{next(_counter):017d}"
     org = "org_hyp"
-    system = Actor("system", "key_hyp", org)
+    system = Sender("system", "key_hyp", org)
 
     async def run() -> None:
         engine = create_engine(database_url(hub_db))
@@ -410,7 +410,7 @@ def test_hub_state_equals_fold_of_the_log_in_a_fresh_hub(
             for op in ops:
                 if op[0] == "msg":
                     _, kind, who, content, key = op
-                    sender = Actor(kind, f"{kind[:3]}_{who}", org)
+                    sender = Sender(kind, f"{kind[:3]}_{who}", org)
                     call = hub.append(
                         tid,
                         type=EV_MESSAGE,
@@ -648,7 +648,7 @@ def test_envelope_ids_sort_in_the_order_they_were_appended(tmp_path: Path) -> No
     db = tmp_path / "ids.db"
     engine = create_engine(database_url(db))
     org = "org_ids"
-    system = Actor("system", "key_ids", org)
+    system = Sender("system", "key_ids", org)
 
     async def run() -> list[str]:
         await upgrade_schema(engine)
@@ -668,7 +668,7 @@ def test_envelope_ids_sort_in_the_order_they_were_appended(tmp_path: Path) -> No
                     f"thr_ids{i % 3}",
                     type=EV_MESSAGE,
                     data={"content": f"m{i}"},
-                    sender=Actor("user", "usr_ids", org),
+                    sender=Sender("user", "usr_ids", org),
                 )
                 ids.append(env.id)
                 await anyio.sleep(0.002)  # the next one is at least one millisecond later

@@ -22,7 +22,7 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub import Hub
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.model.ids import new_id
 from agent_network.protocol import (
     AgentTarget,
@@ -64,11 +64,11 @@ from agent_network.protocol.state import ThreadState
 from agent_network.store.engine import create_engine, database_url
 
 ORG = "org_workflow"
-SYSTEM = Actor("system", "key_test", ORG)
-RESEARCHER = Actor("agent", "agt_researcher", ORG)
-WRITER = Actor("agent", "agt_writer", ORG)
-REVIEWER = Actor("agent", "agt_reviewer", ORG)
-EDITOR = Actor("user", "usr_editor", ORG)
+SYSTEM = Sender("system", "key_test", ORG)
+RESEARCHER = Sender("agent", "agt_researcher", ORG)
+WRITER = Sender("agent", "agt_writer", ORG)
+REVIEWER = Sender("agent", "agt_reviewer", ORG)
+EDITOR = Sender("user", "usr_editor", ORG)
 TEAM = (RESEARCHER, WRITER, REVIEWER)
 NAMES = {"researcher": RESEARCHER.id, "writer": WRITER.id, "reviewer": REVIEWER.id}
 IDS = tuple(a.id for a in TEAM)
@@ -328,7 +328,7 @@ async def running_hub(db: Path) -> AsyncIterator[Hub]:
         await engine.dispose()
 
 
-async def open_workflow(hub: Hub, graph: TransitionGraph, *members: Actor, **knobs: Any) -> str:
+async def open_workflow(hub: Hub, graph: TransitionGraph, *members: Sender, **knobs: Any) -> str:
     tid = new_id("thr")
     data = {
         "title": "workflow",
@@ -347,7 +347,7 @@ async def open_workflow(hub: Hub, graph: TransitionGraph, *members: Actor, **kno
 
 
 async def send(
-    hub: Hub, tid: str, sender: Actor, content: str = "...", *calls: dict[str, Any]
+    hub: Hub, tid: str, sender: Sender, content: str = "...", *calls: dict[str, Any]
 ) -> Envelope:
     data: dict[str, Any] = {"content": content}
     if calls:
@@ -356,7 +356,7 @@ async def send(
 
 
 async def refused(
-    hub: Hub, tid: str, sender: Actor, error: type[AgentNetworkError], *calls: dict[str, Any]
+    hub: Hub, tid: str, sender: Sender, error: type[AgentNetworkError], *calls: dict[str, Any]
 ) -> None:
     before = await hub.read(tid)
     with pytest.raises(error):
@@ -370,7 +370,7 @@ async def state_of(hub: Hub, tid: str) -> ThreadState:
     return live
 
 
-async def expect_turn(hub: Hub, tid: str, speaker: Actor) -> None:
+async def expect_turn(hub: Hub, tid: str, speaker: Sender) -> None:
     state = await state_of(hub, tid)
     assert state.expected_speaker == speaker.id
     assert {a.id for a in TEAM if may_speak(state, a)} == {speaker.id}
@@ -491,7 +491,7 @@ async def test_context_set_does_not_advance_the_turn_and_routes(db: Path) -> Non
                 tid,
                 type=EV_CONTEXT_SET,
                 data={"values": {"x": 1}},
-                sender=Actor("agent", "agt_stranger", ORG),
+                sender=Sender("agent", "agt_stranger", ORG),
             )
 
 

@@ -3,7 +3,7 @@
 Public API (more in the subpackages):
 
 - :func:`create_app` — the FastAPI application (REST under ``/api/v1``).
-- :class:`Hub` — the WAL write path; :class:`Envelope`, :class:`Actor` — its records.
+- :class:`Hub` — the WAL write path; :class:`Envelope`, :class:`Sender` — its records.
 - :class:`Settings` — configuration from ``AGENT_NETWORK_*`` environment variables.
 
 These names load on first use, so importing a subpackage (the SDK, ``agent_network.client``,
@@ -19,18 +19,18 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from agent_network.config import Settings
     from agent_network.hub import Hub
-    from agent_network.model import Actor, Envelope
+    from agent_network.model import Envelope, Sender
 
 _LAZY = {
     "Settings": "agent_network.config",
     "Hub": "agent_network.hub",
-    "Actor": "agent_network.model",
+    "Sender": "agent_network.model",
     "Envelope": "agent_network.model",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """Load ``Settings``, ``Hub``, ``Actor`` and ``Envelope`` from their modules on first use;
+    """Load ``Settings``, ``Hub``, ``Sender`` and ``Envelope`` from their modules on first use;
     AttributeError for any other name."""
     module = _LAZY.get(name)
     if module is None:
@@ -49,4 +49,4 @@ def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def
     return _create(settings)
 
 
-__all__ = ["Actor", "Envelope", "Hub", "Settings", "__version__", "create_app"]
+__all__ = ["Envelope", "Hub", "Sender", "Settings", "__version__", "create_app"]

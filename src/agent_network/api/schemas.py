@@ -243,16 +243,16 @@ class ToolCallBody(Body):
     result: Any = None
 
 
-class SenderBody(Body):
+class SenderChoice(Body):
     agent_id: str | None = None
     user_id: str | None = None
 
 
-class AckBody(SenderBody):
+class AckBody(SenderChoice):
     """Ack an invitation as one of the caller's own agents or users (a token: itself)."""
 
 
-class RejectBody(SenderBody):
+class RejectBody(SenderChoice):
     reason: str | None = Field(default=None, min_length=1, max_length=200)
 
 
@@ -260,7 +260,7 @@ class CloseBody(Body):
     reason: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-class ContextSet(SenderBody):
+class ContextSet(SenderChoice):
     values: dict[str, Any] = Field(min_length=1, max_length=100, description="key -> JSON value")
 
 

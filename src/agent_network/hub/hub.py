@@ -38,7 +38,7 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub.sweeper import Sweeper
-from agent_network.model.envelope import Actor, Envelope, envelope_hash
+from agent_network.model.envelope import Envelope, Sender, envelope_hash
 from agent_network.model.ids import new_sorted_id, now_iso
 from agent_network.protocol.adapters import Proposal
 from agent_network.protocol.events import EV_MESSAGE, EV_THREAD_CREATED
@@ -258,7 +258,7 @@ class Hub:
         *,
         type: str,
         data: dict[str, Any],
-        sender: Actor,
+        sender: Sender,
         audience: list[str] | None = None,
         causation_id: str | None = None,
         idempotency_key: str | None = None,

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agent_network.errors import AgentNetworkError
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.protocol.deadlines import needs_sweep, next_due
 from agent_network.protocol.events import EV_THREAD_CLOSED, EV_THREAD_CREATED
 from agent_network.protocol.state import ThreadState
@@ -55,7 +55,7 @@ class SweptHub(Protocol):
         *,
         type: str,
         data: dict[str, Any],
-        sender: Actor,
+        sender: Sender,
         causation_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> Envelope:
@@ -141,7 +141,7 @@ class Sweeper:
                     thread_id,
                     type=due.type,
                     data=due.data,
-                    sender=Actor("system", HUB_SENDER_ID, state.org_id),
+                    sender=Sender("system", HUB_SENDER_ID, state.org_id),
                     causation_id=due.causation_id,
                     idempotency_key=due.key,
                 )

@@ -2,8 +2,8 @@
 
 from agent_network.model.envelope import (
     GENESIS_HASH,
-    Actor,
     Envelope,
+    Sender,
     client_key,
     envelope_hash,
     sender_scoped_key,
@@ -12,8 +12,8 @@ from agent_network.model.ids import new_id, now_iso
 
 __all__ = [
     "GENESIS_HASH",
-    "Actor",
     "Envelope",
+    "Sender",
     "client_key",
     "envelope_hash",
     "new_id",

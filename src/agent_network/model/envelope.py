@@ -16,17 +16,17 @@ from typing import Any, Literal
 
 GENESIS_HASH = "0" * 64
 
-ActorKind = Literal["agent", "user", "system"]
+SenderKind = Literal["agent", "user", "system"]
 
 
 @dataclass(frozen=True, slots=True)
-class Actor:
+class Sender:
     """Who an envelope is from: ``kind`` (agent/user/system), ``id`` and its ``org_id``.
 
     ``name`` is display-only and never hashed or stored in the envelope.
     """
 
-    kind: ActorKind
+    kind: SenderKind
     id: str
     org_id: str
     name: str = ""

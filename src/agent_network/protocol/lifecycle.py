@@ -7,7 +7,7 @@ runner uses it so that an agent whose turn it is not makes no model call).
 Open a protocol thread by appending ``thread.created`` with data from
 :func:`thread_created_data` (or the same keys by hand)::
 
-    await hub.append(thread_id, type="thread.created", sender=system_actor, data={
+    await hub.append(thread_id, type="thread.created", sender=system_sender, data={
         "title": "Review", "team_id": team_id,
         **thread_created_data(
             "consulting", [("agent", asker_id), ("agent", expert_id)],
@@ -59,7 +59,7 @@ from agent_network.protocol.knobs import (
 )
 
 if TYPE_CHECKING:
-    from agent_network.model.envelope import Actor
+    from agent_network.model.envelope import Sender
     from agent_network.protocol.state import ThreadState
 
 
@@ -216,7 +216,7 @@ def _check_audience(state: ThreadState, proposal: Proposal) -> None:
         )
 
 
-def may_speak(state: ThreadState, actor: Actor, *, answers_person: bool = False) -> bool:
+def may_speak(state: ThreadState, actor: Sender, *, answers_person: bool = False) -> bool:
     """True when a plain ``message`` from ``actor`` would be accepted now (same rules as the
     hub: status, membership, acks, budget, turn order). A runner asks this before calling a
     model, so an agent whose turn it is not makes no model call. ``answers_person``: the

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.protocol.events import EV_MESSAGE
 from agent_network.protocol.lifecycle import may_speak
 from agent_network.protocol.state import ThreadState
@@ -58,5 +58,7 @@ def turn_takers(state_after: ThreadState, env: Envelope, agents: Iterable[str]) 
     # the runaway budget is left to the runner's preflight, which audits the refusal
     unbudgeted = replace(state_after, consecutive_agent=0)
     return {
-        a for a in candidates if visible_to(a, env) and may_speak(unbudgeted, Actor("agent", a, ""))
+        a
+        for a in candidates
+        if visible_to(a, env) and may_speak(unbudgeted, Sender("agent", a, ""))
     }

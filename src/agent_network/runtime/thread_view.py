@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic_ai import Tool
 
 from agent_network.errors import InvalidRequestError
-from agent_network.model.envelope import Actor
+from agent_network.model.envelope import Sender
 from agent_network.protocol.adapters.graph import (
     Finish,
     GraphError,
@@ -313,7 +313,7 @@ def toolbox_for(state: ThreadState, agent_id: str) -> ToolBox:
     names = dict(state.knobs.names)
     ids = state.participant_ids
     return ToolBox(
-        tools_for(state, Actor("agent", agent_id, "")),
+        tools_for(state, Sender("agent", agent_id, "")),
         handoff_targets(ids, names, agent_id),
         _resolver(ids, names),
     )

@@ -28,7 +28,7 @@ from agent_network.errors import (
     ThreadClosedError,
 )
 from agent_network.hub import AccessChangedError
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.protocol.adapters.base import Proposal
 from agent_network.protocol.adapters.workflow import WorkflowState, tools_for
 from agent_network.protocol.events import EV_MESSAGE
@@ -46,6 +46,7 @@ from agent_network.services.policy import (
     check_outgoing,
     matches_data,
 )
+from agent_network.services.posting import append_message
 from agent_network.services.principal import Principal
 from agent_network.services.rendering import sender_names
 from agent_network.services.rules import RuleService, RuleViolationError
@@ -149,7 +150,7 @@ def handoff_targets(
     return tuple(by_id.get(pid, pid) for pid in participants if pid != speaker)
 
 
-def passes_turn(state: ThreadState, actor: Actor) -> bool:
+def passes_turn(state: ThreadState, actor: Sender) -> bool:
     """Whether an agent whose model produced nothing usable posts :data:`PASS_REPLY` instead of
     staying silent: only when the protocol waits for exactly this agent (``expected_speaker``)
     and the pass keeps the thread going — folded on a copy of ``state``, the pass must be
@@ -190,7 +191,7 @@ def _tools(state: ThreadState, agent_id: str) -> dict[str, Any]:
         return {}
     names = dict(state.knobs.names)
     ids = list(state.participant_ids)
-    specs = tools_for(state, Actor("agent", agent_id, ""))
+    specs = tools_for(state, Sender("agent", agent_id, ""))
     return {
         "tools": [s.to_data() for s in specs],
         "handoff_targets": list(handoff_targets(ids, names, agent_id)),
@@ -259,7 +260,7 @@ async def audit_job(
         await insert_audit(conn, [row])
 
 
-async def not_your_turn(ctx: ServiceContext, job: Job, state: ThreadState, actor: Actor) -> bool:
+async def not_your_turn(ctx: ServiceContext, job: Job, state: ThreadState, actor: Sender) -> bool:
     """Whether the agent may NOT speak now (the hub's own rules, via :func:`admit` without
     writing). A refusal is audited while the thread is live: a spent budget as
     ``envelope.message`` with ``agent_budget_exhausted`` (as the hub would), anything else
@@ -335,7 +336,7 @@ async def _still_in(ctx: ServiceContext, agent_id: str, thread_id: str) -> bool:
 async def append_as_agent(
     ctx: ServiceContext,
     thread_id: str,
-    actor: Actor,
+    actor: Sender,
     data: dict[str, Any],
     *,
     key: str,
@@ -354,14 +355,14 @@ async def append_as_agent(
     for _ in range(ACCESS_RETRIES):
         try:
             with contextlib.suppress(*refused):  # the hub audited the refusal
-                return await ctx.hub.append(
+                return await append_message(
+                    ctx,
                     thread_id,
-                    type=EV_MESSAGE,
-                    data=data,
                     sender=actor,
+                    data=data,
                     audience=audience,
-                    causation_id=causation_id,
                     idempotency_key=key,
+                    causation_id=causation_id,
                     checked_at=checked_at,
                 )
             return None
@@ -404,7 +405,7 @@ async def post_reply(
                 ctx, job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
             )
             return None
-    actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
+    actor = Sender("agent", agent["id"], agent["org_id"], agent["name"])
     now = await ctx.hub.state(trigger.thread_id)
     if await not_your_turn(ctx, job, now, actor):  # the state moved while the model ran
         return None
@@ -474,7 +475,7 @@ async def build_job(
                     )
                 return None
         state = await ctx.hub.state(trigger.thread_id)
-        actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
+        actor = Sender("agent", agent["id"], agent["org_id"], agent["name"])
         envs = await ctx.hub.read(trigger.thread_id)
         if state.participants and any(
             e.type == EV_MESSAGE and e.sender_id == agent["id"] and e.seq > trigger.seq

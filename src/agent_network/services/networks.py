@@ -29,7 +29,7 @@ from agent_network.services.ratelimit import SlidingWindowLimiter
 from agent_network.services.roles import require_role
 from agent_network.services.scope import (
     require_org,
-    system_actor,
+    system_sender,
     visible_team,
 )
 from agent_network.store.engine import write_transaction
@@ -456,7 +456,7 @@ class NetworkAdmission:
                     select(threads.c.id).where(threads.c.team_id == network_id)
                 )
             ]
-        system = system_actor(principal)
+        system = system_sender(principal)
         for tid in thread_ids:
             if (await self.ctx.hub.state(tid)).status != "closed":
                 await self.ctx.hub.append(

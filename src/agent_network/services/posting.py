@@ -23,7 +23,7 @@ from agent_network.errors import (
     PermissionDeniedError,
 )
 from agent_network.hub import AccessChangedError
-from agent_network.model.envelope import Actor
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.model.rule import Rule
 from agent_network.protocol.adapters.graph import parse_tool_calls
 from agent_network.protocol.events import (
@@ -64,7 +64,7 @@ from agent_network.store.tables import (
 
 log = structlog.get_logger(__name__)
 
-SenderKind = Literal["agent", "user"]
+MemberKind = Literal["agent", "user"]
 
 MAX_CONTENT = 32_000  # characters
 ACCESS_RETRIES = 5  # checks of one post when access keeps being removed meanwhile
@@ -72,6 +72,42 @@ MAX_KEY = 150  # characters of a client idempotency key (stored as "<sender_id>:
 MAX_AUDIENCE = 200
 MAX_TOOL_CALLS = 50
 MAX_TOOL_CALLS_JSON = 64_000  # characters of data["tool_calls"] as JSON
+
+
+async def append_message(
+    ctx: ServiceContext,
+    thread_id: str,
+    *,
+    sender: Sender,
+    data: dict[str, Any],
+    audience: list[str] | None,
+    idempotency_key: str | None,
+    causation_id: str | None,
+    checked_at: int,
+    acted_by: tuple[str, str] | None = None,
+) -> Envelope:
+    """Append one message (``data``: ``content`` and optionally ``tool_calls`` or a server-set
+    marker) from ``sender`` to ``thread_id`` and return the stored envelope (an earlier one for
+    a repeated ``idempotency_key``, stored exactly as given).
+
+    The one place a message reaches the hub: :meth:`PostPath.post` (REST, WebSocket, hub
+    clients, remote runners) and the runner's replies and triage forwards
+    (:func:`agent_network.services.jobs.append_as_agent`) both end here, after their checks of
+    scope, rules, rate and egress. ``checked_at`` is the access epoch read before those checks:
+    the hub refuses the append with AccessChangedError when access was removed since (the caller
+    checks again). Raises what :meth:`~agent_network.hub.Hub.append` raises (ThreadClosedError,
+    RunawayBudgetError, NotYourTurnError, ProtocolViolationError — audited by the hub)."""
+    return await ctx.hub.append(
+        thread_id,
+        type=EV_MESSAGE,
+        data=data,
+        sender=sender,
+        audience=audience,
+        idempotency_key=idempotency_key,
+        causation_id=causation_id,
+        acted_by=acted_by,
+        checked_at=checked_at,
+    )
 
 
 class PostPath:
@@ -177,11 +213,11 @@ class PostPath:
             if calls:
                 data["tool_calls"] = calls
             try:
-                env = await self.ctx.hub.append(
+                env = await append_message(
+                    self.ctx,
                     thread_id,
-                    type=EV_MESSAGE,
-                    data=data,
                     sender=sender,
+                    data=data,
                     audience=list(audience) if audience is not None else None,
                     idempotency_key=stored_key(
                         sender.kind, sender.id, idempotency_key, causation_id
@@ -347,7 +383,7 @@ class PostPath:
     ) -> PostGrant | None:
         """The scope checks of a post in one query (:func:`post_access`): the grant, or None
         when any of them fails."""
-        kind: SenderKind = "agent" if agent_id is not None else "user"
+        kind: MemberKind = "agent" if agent_id is not None else "user"
         sender_id = agent_id if agent_id is not None else user_id
         assert sender_id is not None
         row = await post_access(conn, principal, thread_id, kind, sender_id)
@@ -372,7 +408,7 @@ class PostPath:
         thread, team = await visible_thread(conn, principal, thread_id)
         if causation_id is not None:
             await _check_causation(conn, thread_id, causation_id)
-        kind: SenderKind
+        kind: MemberKind
         if agent_id is not None:
             who = await own_agent(conn, principal, agent_id)
             kind = "agent"
@@ -475,15 +511,15 @@ class PostGrant:
     """
 
     team_id: str
-    sender: Actor
+    sender: Sender
     sender_org_name: str
     agent: AgentRow | None
     rule: Rule | None
     policy: EgressPolicy | None
 
 
-def _grant_of(row: Mapping[Any, Any], kind: SenderKind, egress: Any, updated_at: Any) -> PostGrant:
-    sender = Actor(kind, row["sender_id"], row["sender_org_id"], row["sender_name"])
+def _grant_of(row: Mapping[Any, Any], kind: MemberKind, egress: Any, updated_at: Any) -> PostGrant:
+    sender = Sender(kind, row["sender_id"], row["sender_org_id"], row["sender_name"])
     agent = None
     if kind == "agent":
         agent = {
@@ -571,5 +607,5 @@ def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _egress_data(sender: Actor, **extra: Any) -> dict[str, Any]:
+def _egress_data(sender: Sender, **extra: Any) -> dict[str, Any]:
     return {"sender": {"kind": sender.kind, "id": sender.id}, **extra}

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 
 from agent_network.errors import InvalidRequestError, RunawayBudgetError
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.protocol.knobs import LIVE_STATUSES
 from agent_network.protocol.lifecycle import may_speak
 from agent_network.services.base import ServiceContext
@@ -117,7 +117,7 @@ async def route_request(
             if refusal.audit:
                 await audit_job(ctx, job, refusal.action, refusal.reason, org_id=agent["org_id"])
             return None
-        actor = Actor("agent", agent["id"], agent["org_id"], agent["name"])
+        actor = Sender("agent", agent["id"], agent["org_id"], agent["name"])
         if await not_your_turn(ctx, job, await ctx.hub.state(trigger.thread_id), actor):
             return None
         fkey = forward_key(agent["id"], trigger.id)
@@ -198,7 +198,7 @@ async def _forward(
     rules: RuleService,
     job: Job,
     agent: Any,
-    actor: Actor,
+    actor: Sender,
     config: TriageConfig,
     label: str,
     how: Any,
@@ -298,6 +298,6 @@ async def _route_refusal(
             )
         except RuleViolationError as err:
             return Refusal("envelope.message", f"{err.code}: {where}: {err.message}")
-        if not may_speak(state, Actor("agent", agent["id"], agent["org_id"], agent["name"])):
+        if not may_speak(state, Sender("agent", agent["id"], agent["org_id"], agent["name"])):
             return Refusal("routine.skipped", f"{where}: the agent may not speak there now")
     return None

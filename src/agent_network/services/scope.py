@@ -20,7 +20,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import AuthenticationError, NotFoundError, PermissionDeniedError
-from agent_network.model.envelope import Actor, Envelope
+from agent_network.model.envelope import Envelope, Sender
 from agent_network.protocol.turns import visible_to
 from agent_network.services.principal import Principal
 from agent_network.store.tables import (
@@ -103,13 +103,13 @@ def thread_readable(principal: Principal) -> Any:
 
 
 def audience_admits(
-    viewer: Principal | Actor, envelope: Envelope, acts_for: Set[str] = frozenset()
+    viewer: Principal | Sender, envelope: Envelope, acts_for: Set[str] = frozenset()
 ) -> bool:
     """Whether ``viewer`` may see ``envelope`` given its ``audience`` (the one audience rule,
     for every path that hands envelopes out: WebSocket frames, REST pages and long-polls).
 
     ``audience`` None means everyone who can read the thread. Otherwise it lists agent, user or
-    org ids, and the viewer is admitted when it is named: an :class:`Actor` or a user/agent
+    org ids, and the viewer is admitted when it is named: an :class:`Sender` or a user/agent
     token by its own id, an org key by its org id or by any id in ``acts_for`` (the ids of the
     org's agents and users the caller knows of). The sender always sees its own envelope, and an
     org key sees every envelope sent by its own org. The platform admin sees none. Pure: no I/O.
@@ -117,7 +117,7 @@ def audience_admits(
     audience = envelope.audience
     if audience is None:
         return True
-    if isinstance(viewer, Actor):
+    if isinstance(viewer, Sender):
         return visible_to(viewer.id, envelope)
     if viewer.org_id is None:
         return False
@@ -143,11 +143,11 @@ async def org_member_ids(conn: AsyncConnection, principal: Principal) -> frozens
     return frozenset(str(r[0]) for r in await conn.execute(q))
 
 
-def system_actor(principal: Principal) -> Actor:
+def system_sender(principal: Principal) -> Sender:
     """The sender of thread lifecycle envelopes the caller causes: its org, never the credential
     (envelopes are read by other orgs; credential ids are private to their org)."""
     org_id = require_org(principal)
-    return Actor("system", org_id, org_id)
+    return Sender("system", org_id, org_id)
 
 
 def require_org_key(principal: Principal, what: str = "this call") -> str:

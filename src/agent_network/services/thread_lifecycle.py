@@ -33,7 +33,7 @@ from agent_network.services.posting import MAX_TOOL_CALLS_JSON, PostPath, _sende
 from agent_network.services.principal import Principal
 from agent_network.services.roles import require, standing
 from agent_network.services.scope import (
-    system_actor,
+    system_sender,
     visible_thread,
 )
 from agent_network.services.thread_reads import ThreadReads
@@ -114,7 +114,7 @@ class ThreadLifecycle(ThreadReads, PostPath):
                 thread_id,
                 type=EV_THREAD_CLOSED,
                 data=data,
-                sender=system_actor(principal),
+                sender=system_sender(principal),
                 acted_by=acted_by,
             )
         elif principal.is_member_scoped:
@@ -129,7 +129,7 @@ class ThreadLifecycle(ThreadReads, PostPath):
                 thread_id,
                 type=EV_THREAD_CLOSING,
                 data=data,
-                sender=system_actor(principal),
+                sender=system_sender(principal),
                 acted_by=acted_by,
             )
         async with write_transaction(self.ctx.engine) as conn:

@@ -18,7 +18,7 @@ from agent_network.errors import (
     PermissionDeniedError,
     ThreadClosedError,
 )
-from agent_network.model.envelope import Actor
+from agent_network.model.envelope import Sender
 from agent_network.model.ids import new_id, now_iso
 from agent_network.protocol import (
     OpenRequest,
@@ -44,7 +44,7 @@ from agent_network.services.roles import require_role
 from agent_network.services.rules import RuleService, parse_rule
 from agent_network.services.scope import (
     require_org,
-    system_actor,
+    system_sender,
     visible_team,
     visible_thread,
 )
@@ -204,7 +204,7 @@ class ThreadService(ThreadLifecycle):
             thread_id,
             type=EV_THREAD_CREATED,
             data=data,
-            sender=system_actor(principal),
+            sender=system_sender(principal),
             acted_by=(principal.kind, principal.key_id),
         )
         row = {
@@ -269,7 +269,7 @@ class ThreadService(ThreadLifecycle):
                     thread_id,
                     type=EV_THREAD_ACK,
                     data={"auto": True},
-                    sender=Actor(
+                    sender=Sender(
                         "agent" if who[0] == "agent" else "user", who[1], p["org_id"], p["name"]
                     ),
                 )
@@ -330,7 +330,7 @@ class ThreadService(ThreadLifecycle):
             )
         if visibility not in (None, "members", "restricted"):
             raise InvalidRequestError("visibility must be 'members' or 'restricted'")
-        system = system_actor(principal)
+        system = system_sender(principal)
         if people and row["visibility"] == "restricted":
             await self.ctx.hub.append(
                 thread_id,
@@ -377,7 +377,7 @@ class ThreadService(ThreadLifecycle):
             thread_id,
             type=EV_BUDGET_SET,
             data={"agent_budget": budget},
-            sender=system_actor(principal),
+            sender=system_sender(principal),
             acted_by=(principal.kind, principal.key_id),
         )
         return await self.get(principal, thread_id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent_network.errors import InvalidRequestError, ProtocolViolationError
-from agent_network.model.envelope import Actor
+from agent_network.model.envelope import Sender
 from agent_network.protocol.events import EV_MESSAGE
 from agent_network.protocol.knobs import OpenRequest
 
@@ -30,7 +30,7 @@ class Proposal:
 
     type: str
     data: dict[str, Any]
-    sender: Actor
+    sender: Sender
     audience: list[str] | None = None
 
 

@@ -39,7 +39,7 @@ from agent_network.protocol.knobs import STATUS_ACTIVE, OpenRequest
 from agent_network.protocol.state import begin_closing
 
 if TYPE_CHECKING:
-    from agent_network.model.envelope import Actor, Envelope
+    from agent_network.model.envelope import Envelope, Sender
     from agent_network.protocol.state import ThreadState
 
 
@@ -170,7 +170,7 @@ class WorkflowAdapter(BaseAdapter):
         return load_graph(ws.graph).route(turn, calls.control)
 
 
-def tools_for(state: ThreadState, actor: Actor) -> tuple[ToolSpec, ...]:
+def tools_for(state: ThreadState, actor: Sender) -> tuple[ToolSpec, ...]:
     """The graph's tools ``actor`` gets in ``state``'s thread (() outside workflow threads or
     while the thread is not active)."""
     ws = state.protocol
