@@ -31,7 +31,7 @@ async def main(options: Options) -> bool:
             "You are a writing specialist: you turn facts into one clear summary sentence.",
             key="writer",
         )
-        ttl = options.seconds(3, 60)
+        ttl = options.seconds(6, 60)  # room for four test-model replies on a loaded machine
         channel = await researcher.open(
             "market analysis", target="writer", adapter="conversation", ttl=ttl, agent_budget=BUDGET
         )
