@@ -510,7 +510,8 @@ def _request_text(response: Response) -> str:
 
 @schemathesis.check
 def json_error_shape(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """From 400 on: ``{"error": {"code": str, "message": str[, "details": ...]}}`` as JSON."""
+    """From 400 on: ``{"error": {"code": str, "message": str[, "details": ...], "request_id"}}``
+    as JSON."""
     if response.status_code < 400:
         return None
     ctype = "".join(response.headers.get("content-type", []))
@@ -519,7 +520,8 @@ def json_error_shape(ctx: CheckContext, response: Response, case: Case) -> bool 
     assert isinstance(body, dict) and set(body) == {"error"}, f"not our error shape: {body!r}"
     err = body["error"]
     assert isinstance(err, dict) and {"code", "message"} <= set(err), f"not our error: {err!r}"
-    assert set(err) <= {"code", "message", "details"}, f"unexpected error keys: {sorted(err)}"
+    allowed = {"code", "message", "details", "request_id"}
+    assert set(err) <= allowed, f"unexpected error keys: {sorted(err)}"
     assert isinstance(err["code"], str) and re.fullmatch(r"[a-z_]+", err["code"]), err
     assert isinstance(err["message"], str) and err["message"], err
     return None

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
       (``AGENT_NETWORK_MODEL_SEED``, default 0). The seed of a reply is derived from the trigger
       and this value, so another value gives other samples for the same trigger (e.g. to
       repeat a benchmark run with other samples); 0 keeps the seeds of earlier versions.
+    - ``cors_origins``: comma-separated origins (``https://app.example.com``) whose browser
+      pages may call the API (``AGENT_NETWORK_CORS_ORIGINS``); empty (the default): CORS off, no
+      other origin gets access and a preflight answers 405.
     - ``claim_lease``: seconds a runner's claim on a trigger lasts unless renewed
       (``AGENT_NETWORK_CLAIM_LEASE``, default 10; the in-process runner and, as the default of
       ``--lease``, ``agent-network runner``). A runner renews its claims every third of it while
@@ -55,3 +58,4 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=33_554_432, ge=1024)
     model_seed: int = 0
     claim_lease: float = Field(default=10.0, gt=0, le=3600)
+    cors_origins: str = ""

@@ -10,12 +10,14 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent_network import __version__
 from agent_network.api.limits import BodyLimitMiddleware
 from agent_network.api.realtime import RealtimeProtocol
+from agent_network.api.requests import RequestIdMiddleware, request_id_of
 from agent_network.api.routes import (
     agents,
     credentials,
@@ -38,11 +40,21 @@ from agent_network.store.engine import create_engine, database_url, upgrade_sche
 API_PREFIX = "/api/v1"
 
 
-def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def _error(
+    request: Request, status: int, code: str, message: str, details: Any = None
+) -> JSONResponse:
+    """The project's error body ``{"error": {"code", "message"[, "details"], "request_id"}}``;
+    a 401 also says how to authenticate (``WWW-Authenticate: Bearer``, RFC 6750)."""
     body: dict[str, Any] = {"code": code, "message": message}
     if details:
         body["details"] = details
-    return JSONResponse({"error": body}, status_code=status)
+    request_id = request_id_of(request.scope)
+    if request_id is not None:
+        body["request_id"] = request_id
+    response = JSONResponse({"error": body}, status_code=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="agent-network"'
+    return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -91,30 +103,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # off unless configured: browsers on other origins get no access
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
 
     @app.exception_handler(AgentNetworkError)
-    async def _domain_error(_: Request, exc: AgentNetworkError) -> JSONResponse:
-        response = _error(exc.status, exc.code, exc.message, exc.details)
+    async def _domain_error(request: Request, exc: AgentNetworkError) -> JSONResponse:
+        response = _error(request, exc.status, exc.code, exc.message, exc.details)
         retry_after = exc.details.get("retry_after")
         if isinstance(retry_after, int | float):
             response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
             {"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
             for e in exc.errors()
         ]
         summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-        return _error(422, "invalid_request", f"invalid request: {summary}", problems)
+        return _error(request, 422, "invalid_request", f"invalid request: {summary}", problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(
             exc.status_code, "http_error"
         )
-        return _error(exc.status_code, code, str(exc.detail))
+        return _error(request, exc.status_code, code, str(exc.detail))
 
     @app.get(f"{API_PREFIX}/health", tags=["meta"])
     async def health() -> dict[str, Any]:
