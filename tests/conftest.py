@@ -166,7 +166,9 @@ def make_org(server: LiveServer) -> Iterator[Any]:
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """Assert ``r`` is the error body ``{"error": {"code": code, "message": ...}}``, ``status``."""
+    """Assert ``r`` is the error body ``{"error": {"code": code, "message": ...}}``, ``status``;
+    returns the error without its ``request_id`` (checked to match the ``X-Request-ID`` header:
+    it differs per request by design, so two answers compare on what they say)."""
     if r.status_code >= 500 and status < 500:
         # Let the server thread finish logging its traceback first: on Python 3.11 formatting
         # two tracebacks at once in two threads can crash pytest (ast recursion-depth SystemError).
@@ -176,7 +178,10 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert set(body) == {"error"}, body
     assert body["error"]["code"] == code, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
-    return dict(body["error"])
+    error = dict(body["error"])
+    request_id = error.pop("request_id", None)
+    assert request_id is None or request_id == r.headers.get("x-request-id"), body
+    return error
 
 
 def all_envelopes(http: httpx.Client, thread_id: str, *, messages_only: bool = False) -> list[Any]:
