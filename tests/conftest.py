@@ -25,6 +25,8 @@ from agent_network.runtime.runner import Runner
 from agent_network.services import ServiceContext, Services, create_admin_key
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
+from pgcluster import PgCluster
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -264,6 +266,43 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     anyio.run(init)
     return path
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One private PostgreSQL server per pytest process (per xdist worker), stopped at the end
+    (``tests/pgcluster.py``; ``AGENT_NETWORK_TEST_PG`` adopts a running one instead)."""
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_cluster: PgCluster) -> str:
+    """The name of a database on :func:`pg_cluster` with the project's schema, migrated once."""
+    url = pg_cluster.create_database("an_template")
+
+    async def init() -> None:
+        engine = create_engine(database_url(url))
+        await upgrade_schema(engine)
+        await engine.dispose()
+
+    anyio.run(init)
+    return "an_template"
+
+
+@pytest.fixture
+def pg_db(pg_cluster: PgCluster, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database of this test (a copy of :func:`pg_template`); its
+    URL (``postgresql://...``); dropped after the test."""
+    url = pg_cluster.create_database(template=pg_template)
+    try:
+        yield url
+    finally:
+        pg_cluster.drop_database(url.rsplit("/", 1)[1])
 
 
 @pytest.fixture
