@@ -202,7 +202,7 @@ class ServerProcess:
 
     def org(self, name: str = "bench") -> Org:
         """Create org ``name`` with a user in a team; returns them with a client on its key."""
-        key = ok(self.client(self.admin_key).post("/orgs", json={"name": name}))["key"]
+        key = ok(self.client(self.admin_key).post("/orgs", json={"name": name}))["secret"]
         http = self.client(key)
         user = ok(http.post("/users", json={"name": f"{name} user"}))
         team = ok(http.post("/teams", json={"name": f"{name} team"}))

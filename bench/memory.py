@@ -43,7 +43,7 @@ def setup(base: str, admin_key: str) -> tuple[str, str, str]:
         base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
     ) as admin:
         org = ok(admin.post("/orgs", json={"name": "bench"}))
-    org_key = org["key"]
+    org_key = org["secret"]
     with httpx.Client(
         base_url=base, headers={"Authorization": f"Bearer {org_key}"}, timeout=60
     ) as http:

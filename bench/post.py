@@ -88,7 +88,7 @@ async def _world(svc: Services, admin_key: str) -> dict[str, Any]:
     """An org with a user, a team thread, an agent with a rule and a token, a network thread."""
     admin = await svc.orgs.authenticate(admin_key)
     created = await svc.orgs.create_org(admin, "bench org")
-    org = await svc.orgs.authenticate(created["key"])
+    org = await svc.orgs.authenticate(created["secret"])
     user = await svc.orgs.create_user(org, "bench user", None)
     team = await svc.teams.create(org, "team", "bench team")
     await svc.teams.add_member(org, "team", team["id"], user_id=user["id"])

@@ -567,7 +567,7 @@ def run_quickstart(server: LocalServer, seed: int, timeout: float) -> list[Judge
         headers={"Authorization": f"Bearer {server.admin_key}"},
         timeout=60,
     ) as admin:
-        key = ok(admin.post("/orgs", json={"name": QUICKSTART_ORG}))["key"]
+        key = ok(admin.post("/orgs", json={"name": QUICKSTART_ORG}))["secret"]
     spec = importlib.util.spec_from_file_location("quickstart", EXAMPLES / "quickstart.py")
     assert spec is not None and spec.loader is not None
     quickstart = importlib.util.module_from_spec(spec)

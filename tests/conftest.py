@@ -1,14 +1,25 @@
-"""Shared fixtures: a real server (uvicorn on 127.0.0.1) over a real SQLite file."""
+"""Shared fixtures: a real server (uvicorn on 127.0.0.1) over a real database.
+
+The database engine is a test parameter: ``engine`` is ``"sqlite"`` unless the test (or its
+module, ``pytestmark``) carries ``pytest.mark.engines("sqlite", "postgresql")``; then the test
+runs once per engine, ids ``test_x[sqlite]`` and ``test_x[postgresql]``. An engine named as a
+keyword (``engines("sqlite", postgresql="reads the SQLite file")``) is reported as skipped with
+that reason. ``AGENT_NETWORK_TEST_ENGINES`` (comma-separated, default ``sqlite,postgresql``)
+narrows which engines run. The fixtures ``db``, ``server``, ``module_server`` and
+:func:`world` follow ``engine``: ``db`` is a SQLite file :class:`~pathlib.Path` or a
+``postgresql://`` URL string (a fresh database on the private cluster of ``tests/pgcluster.py``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +35,131 @@ from agent_network.hub import Hub
 from agent_network.runtime.runner import Runner
 from agent_network.services import ServiceContext, Services, create_admin_key
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
+from pgcluster import PgCluster, postgres_available
 
-from pgcluster import PgCluster
+ENGINES = ("sqlite", "postgresql")
+"""The database engines the suites can run on."""
+
+TestDb = Path | str
+"""A test database: a SQLite file path, or a ``postgresql://`` URL."""
+
+
+def is_postgres(db: TestDb) -> bool:
+    """True when ``db`` is a PostgreSQL URL (not a SQLite path)."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def selected_engines() -> tuple[str, ...]:
+    """The engines ``AGENT_NETWORK_TEST_ENGINES`` lets run (default: all of :data:`ENGINES`)."""
+    raw = os.environ.get("AGENT_NETWORK_TEST_ENGINES", ",".join(ENGINES))
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = set(names) - set(ENGINES)
+    if unknown:
+        raise pytest.UsageError(f"AGENT_NETWORK_TEST_ENGINES: unknown engine(s) {sorted(unknown)}")
+    return names
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "engines(*names, **skipped): run the test once per database engine named "
+        "(sqlite, postgresql); an engine given as keyword=reason is reported skipped with it",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``engine`` from the closest ``engines`` marker (module scope, so a
+    ``module_server`` is shared per engine)."""
+    if "engine" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("engines")
+    if marker is None:
+        return
+    unknown = (set(marker.args) | set(marker.kwargs)) - set(ENGINES)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown engine(s) {unknown}")
+    wanted = selected_engines()
+    params = []
+    for name in ENGINES:
+        if name not in wanted:
+            continue
+        if name in marker.kwargs:
+            params.append(pytest.param(name, id=name, marks=pytest.mark.skip(marker.kwargs[name])))
+        elif name in marker.args:
+            marks = []
+            if name == "postgresql" and not postgres_available():
+                marks.append(pytest.mark.skip("PostgreSQL is not installed (scripts/setup)"))
+            params.append(pytest.param(name, id=name, marks=marks))
+    metafunc.parametrize("engine", params, scope="module")
+
+
+def sqlite_only(reason: str) -> Callable[[Any], Any]:
+    """Mark a test as SQLite-only: its ``[postgresql]`` variant is reported skipped with
+    ``reason`` (say why the test cannot apply to PostgreSQL)."""
+
+    def mark(fn: Any) -> Any:
+        fn = pytest.mark.engines("sqlite", postgresql=reason)(fn)
+        return pytest.mark.usefixtures("engine")(fn)
+
+    return mark
+
+
+@pytest.fixture(scope="module")
+def engine() -> str:
+    """The database engine of this test: ``"sqlite"`` unless parametrized by the ``engines``
+    marker (see the module docstring)."""
+    return "sqlite"
+
+
+def settings_for(db: TestDb, **settings: Any) -> dict[str, Any]:
+    """``Settings`` keyword arguments for ``db``: a PostgreSQL database has no file to keep the
+    secret key beside, so a fresh Fernet key is given unless one is."""
+    if is_postgres(db) and not settings.get("secret_key"):
+        from cryptography.fernet import Fernet
+
+        settings["secret_key"] = Fernet.generate_key().decode()
+    return settings
+
+
+def sync_url(db: TestDb) -> str:
+    """A synchronous SQLAlchemy URL for ``db`` (pysqlite, or psycopg for PostgreSQL)."""
+    if is_postgres(db):
+        return "postgresql+psycopg://" + str(db).split("://", 1)[1]
+    return f"sqlite:///{db}"
+
+
+def _sql(
+    db: TestDb, query: str, params: dict[str, Any] | list[dict[str, Any]]
+) -> tuple[list[tuple[Any, ...]], int]:
+    import sqlalchemy
+
+    eng = sqlalchemy.create_engine(sync_url(db), poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with eng.begin() as conn:
+            result = conn.execute(sqlalchemy.text(query), params)
+            rows = [tuple(r) for r in result] if result.returns_rows else []
+            return rows, result.rowcount
+    finally:
+        eng.dispose()
+
+
+def sql_rows(db: TestDb, query: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Run one SQL query on ``db`` outside the server (a synchronous SQLAlchemy connection,
+    committed) and return its rows. ``:name`` binds ``params``. For tests that look at the
+    stored rows on either engine."""
+    return _sql(db, query, params)[0]
+
+
+def sql_execute(db: TestDb, query: str, **params: Any) -> int:
+    """Run one SQL write on ``db`` outside the server (committed); returns the rows it
+    changed. ``:name`` binds ``params``. For tests that tamper with stored rows."""
+    return _sql(db, query, params)[1]
+
+
+def sql_execute_many(db: TestDb, query: str, rows: list[dict[str, Any]]) -> None:
+    """Run one SQL write once per dict of ``rows`` (``:name`` binds its keys), in one committed
+    transaction on ``db`` outside the server. For tests that seed many rows fast."""
+    _sql(db, query, rows)
 
 
 def free_port() -> int:
@@ -35,11 +169,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A uvicorn server in a background thread; ``restart()`` keeps the database file."""
+    """A uvicorn server in a background thread over ``db`` (a SQLite path or a PostgreSQL URL,
+    already migrated or not); ``restart()`` keeps the database."""
 
-    def __init__(self, db: Path, **settings: Any) -> None:
+    def __init__(self, db: TestDb, **settings: Any) -> None:
         self.db = db
-        self.settings = settings
+        self.settings = settings_for(db, **settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_key = anyio.run(self._bootstrap)
@@ -109,8 +244,12 @@ class LiveServer:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[LiveServer]:
-    srv = LiveServer(tmp_path / "an.db")
+def server(request: pytest.FixtureRequest, engine: str, tmp_path: Path) -> Iterator[LiveServer]:
+    """A live server of this test over a fresh database of ``engine``."""
+    if engine == "postgresql":
+        srv = LiveServer(request.getfixturevalue("pg_db"))
+    else:
+        srv = LiveServer(tmp_path / "an.db")
     srv.start()
     try:
         yield srv
@@ -127,7 +266,7 @@ class Org:
             assert r.status_code == 201, r.text
             body = r.json()
         self.id: str = body["org"]["id"]
-        self.key: str = body["key"]
+        self.key: str = body["secret"]
         self.name = name
         self.http = srv.client(self.key)
 
@@ -216,14 +355,26 @@ def settle(srv: LiveServer, http: httpx.Client, *thread_ids: str, quiet: float =
 
 
 @pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """One live server for a whole test module (for property tests creating fresh orgs)."""
-    srv = LiveServer(tmp_path_factory.mktemp("module-server") / "an.db")
+def module_server(
+    request: pytest.FixtureRequest, engine: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """One live server for a whole test module (for property tests creating fresh orgs), per
+    ``engine``."""
+    pg: tuple[PgCluster, str] | None = None
+    if engine == "postgresql":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        url = cluster.create_database(template=request.getfixturevalue("pg_template"))
+        pg = (cluster, url)
+        srv = LiveServer(url)
+    else:
+        srv = LiveServer(tmp_path_factory.mktemp("module-server") / "an.db")
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
+        if pg is not None:
+            pg[0].drop_database(pg[1].rsplit("/", 1)[1])
 
 
 def open_network(
@@ -305,9 +456,33 @@ def pg_db(pg_cluster: PgCluster, pg_template: str) -> Iterator[str]:
         pg_cluster.drop_database(url.rsplit("/", 1)[1])
 
 
+@pytest.fixture(scope="module")
+def module_db(
+    request: pytest.FixtureRequest, engine: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestDb]:
+    """A migrated database shared by a whole test module, per ``engine`` (a SQLite path or a
+    PostgreSQL URL, dropped after the module)."""
+    if engine == "postgresql":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        url = cluster.create_database(template=request.getfixturevalue("pg_template"))
+        try:
+            yield url
+        finally:
+            cluster.drop_database(url.rsplit("/", 1)[1])
+        return
+    path = tmp_path_factory.mktemp("module-db") / "hub.db"
+    shutil.copyfile(request.getfixturevalue("migrated_template"), path)
+    yield path
+
+
 @pytest.fixture
-def db(migrated_template: Path, tmp_path: Path) -> Path:
-    """A fresh, migrated SQLite file of this test (a copy of :func:`migrated_template`)."""
+def db(request: pytest.FixtureRequest, engine: str, tmp_path: Path) -> TestDb:
+    """A fresh, migrated database of this test on ``engine``: a SQLite file (a copy of
+    :func:`migrated_template`) or a PostgreSQL URL (:func:`pg_db`)."""
+    if engine == "postgresql":
+        url: str = request.getfixturevalue("pg_db")
+        return url
+    migrated_template: Path = request.getfixturevalue("migrated_template")
     path = tmp_path / "hub.db"
     shutil.copyfile(migrated_template, path)
     return path
@@ -340,7 +515,7 @@ def _unregister_function_models() -> Iterator[None]:
 
 @dataclass
 class World:
-    """A hub, the services and a running in-process runner over one SQLite file."""
+    """A hub, the services and a running in-process runner over one database."""
 
     ctx: ServiceContext
     services: Services
@@ -352,13 +527,14 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(db: Path, runner_class: type[Runner] = Runner) -> AsyncIterator[World]:
-    """Hub, services and a running in-process runner (a ``runner_class``) over ``db``; stops
-    them all on exit."""
+async def world(db: TestDb, runner_class: type[Runner] = Runner) -> AsyncIterator[World]:
+    """Hub, services and a running in-process runner (a ``runner_class``) over ``db`` (a SQLite
+    path or a PostgreSQL URL); stops them all on exit."""
     engine = create_engine(database_url(db))
     try:
         async with Hub.open(engine, sweep_interval=None) as hub:
-            ctx = ServiceContext(engine, hub, Settings(database=str(db), model="test"))
+            settings = Settings(database=str(db), model="test", **settings_for(db))
+            ctx = ServiceContext(engine, hub, settings)
             runner = runner_class(ctx)
             async with anyio.create_task_group() as tg:
                 await tg.start(runner.run)

@@ -137,7 +137,7 @@ class PgCluster:
     def create_database(self, name: str | None = None, *, template: str | None = None) -> str:
         """Create a database (a fresh ``t_<hex>`` name unless given; a copy of ``template`` when
         named) and return its URL."""
-        import psycopg  # noqa: PLC0415  (test-only dependency)
+        import psycopg  # test-only dependency, imported where used
 
         name = name or f"t_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(f"{self.url}/postgres", autocommit=True) as conn:
@@ -149,7 +149,7 @@ class PgCluster:
 
     def drop_database(self, name: str) -> None:
         """Drop a database, disconnecting whoever is still connected to it."""
-        import psycopg  # noqa: PLC0415
+        import psycopg  # test-only dependency, imported where used
 
         with psycopg.connect(f"{self.url}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -160,7 +160,12 @@ class PgCluster:
             return
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             self._run(
-                str(self._bin / "pg_ctl"), "-D", str(self._dir / "data"), "-m", "immediate", "stop",
+                str(self._bin / "pg_ctl"),
+                "-D",
+                str(self._dir / "data"),
+                "-m",
+                "immediate",
+                "stop",
                 check=False,
             )
         deadline = time.monotonic() + 10

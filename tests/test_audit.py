@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LiveServer, Org, assert_error
+from conftest import LiveServer, Org, assert_error, sql_execute_many
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 
 def audit(org: Org, **params: Any) -> list[dict[str, Any]]:
@@ -274,17 +275,18 @@ def test_export_streams_every_record_past_one_batch(
     # 2,500 extra records of A and 100 of B written straight into the database (fast), so the
     # export has to page through three batches of 1,000
     rows = [
-        (org, "org", "cred_bulk", f"bulk.{'even' if i % 2 == 0 else 'odd'}", "thread", f"thr_{i}",
-         "accepted", None, None, datetime.now(UTC).isoformat(timespec="microseconds"))
+        {"org": org, "action": f"bulk.{'even' if i % 2 == 0 else 'odd'}", "rid": f"thr_{i}",
+         "at": datetime.now(UTC).isoformat(timespec="microseconds")}
         for org, n in ((a.id, 2500), (b.id, 100))
         for i in range(n)
     ]  # fmt: skip
-    with sqlite3.connect(server.db) as db:
-        db.executemany(
-            "INSERT INTO audit_log (org_id, principal_kind, principal_id, action, resource_kind,"
-            " resource_id, outcome, reason, data, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            rows,
-        )
+    sql_execute_many(
+        server.db,
+        "INSERT INTO audit_log (org_id, principal_kind, principal_id, action, resource_kind,"
+        " resource_id, outcome, reason, data, created_at) VALUES (:org, 'org', 'cred_bulk',"
+        " :action, 'thread', :rid, 'accepted', NULL, NULL, :at)",
+        rows,
+    )
     lines = export(a)
     assert len(lines) == len(before) + 2500
     assert [r["id"] for r in lines] == sorted(r["id"] for r in lines)

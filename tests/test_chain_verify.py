@@ -1,10 +1,11 @@
 """Every reader can check a thread's hash chain itself (issue 13, point 2).
 
-A real server (uvicorn on 127.0.0.1, real SQLite file). A thread holds keyed posts (idempotency
-keys, stored scoped as ``<sender>:<key>``) and envelopes restricted by an audience. A reader
+A real server (uvicorn on 127.0.0.1, a real SQLite file or PostgreSQL database). A thread holds
+keyed posts (idempotency keys, stored scoped as ``<sender>:<key>``) and envelopes restricted by
+an audience. A reader
 outside an audience gets a stub for the envelope it may not see (seq, hash, prev_hash only) over
 REST, long-poll and the WebSocket, and ``verify_chain`` (the SDK's own hashing, no server code)
-holds for every reader. Changing any stored column of an envelope in the SQLite file is caught on
+holds for every reader. Changing any stored column of an envelope in the database is caught on
 the client; a verifier written from docs/security.md alone (hashlib + json) agrees with the
 server, also on random content (hypothesis); ``agent-network threads verify`` (a real
 subprocess) exits 0, then 1 after tampering.
@@ -16,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import uuid
@@ -42,7 +42,9 @@ from agent_network.client import (
     Passport,
     verify_chain,
 )
-from conftest import LiveServer, Org, all_envelopes
+from conftest import LiveServer, Org, all_envelopes, sql_execute, sql_rows
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 CLI = Path(sys.executable).parent / "agent-network"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "security.md"
@@ -347,26 +349,21 @@ def test_stubs_never_reach_hubclient_handlers(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- tampering
 
 
-def _tamper(srv: LiveServer, sql: str, *params: Any) -> None:
-    """Change the SQLite file under the running server (another connection, as an intruder
-    with file access would)."""
-    con = sqlite3.connect(srv.db, timeout=30)
-    try:
-        assert con.execute(sql, params).rowcount == 1, sql
-        con.commit()
-    finally:
-        con.close()
+def _tamper(srv: LiveServer, sql: str, **params: Any) -> None:
+    """Change the database under the running server (another connection, as an intruder with
+    access to the database would)."""
+    assert sql_execute(srv.db, sql, **params) == 1, sql
 
 
-def _col(srv: LiveServer, tid: str, seq: int, column: str) -> Any:
-    con = sqlite3.connect(srv.db, timeout=30)
-    try:
-        row = con.execute(
-            f"SELECT {column} FROM envelopes WHERE thread_id = ? AND seq = ?", (tid, seq)
-        ).fetchone()
-    finally:
-        con.close()
-    return row[0]
+def _col(srv: LiveServer, tid: str, seq: int, column: str) -> str | None:
+    """The stored text of ``column`` (JSON columns as their text on both engines)."""
+    [(value,)] = sql_rows(
+        srv.db,
+        f"SELECT CAST({column} AS TEXT) FROM envelopes WHERE thread_id = :t AND seq = :seq",
+        t=tid,
+        seq=seq,
+    )
+    return None if value is None else str(value)
 
 
 def _set(column: str, value: Callable[[Scene, Any], Any], seq: int = 4) -> Callable[[Scene], None]:
@@ -376,10 +373,10 @@ def _set(column: str, value: Callable[[Scene, Any], Any], seq: int = 4) -> Calla
         assert new != old
         _tamper(
             s.srv,
-            f"UPDATE envelopes SET {column} = ? WHERE thread_id = ? AND seq = ?",
-            new,
-            s.thread,
-            seq,
+            f"UPDATE envelopes SET {column} = :new WHERE thread_id = :t AND seq = :seq",
+            new=new,
+            t=s.thread,
+            seq=seq,
         )
 
     return change
@@ -432,7 +429,9 @@ TAMPERING: dict[str, tuple[Callable[[Scene], None], str, int]] = {
         3,
     ),
     "deleted row": (
-        lambda s: _tamper(s.srv, "DELETE FROM envelopes WHERE thread_id = ? AND seq = 4", s.thread),
+        lambda s: _tamper(
+            s.srv, "DELETE FROM envelopes WHERE thread_id = :t AND seq = 4", t=s.thread
+        ),
         "Cid",
         4,
     ),
@@ -561,6 +560,7 @@ def random_scene(module_server: LiveServer) -> Iterator[Scene]:
         s.close()
 
 
+@pytest.mark.engines("sqlite", "postgresql")  # U+0000 is refused (422) on both
 @settings(
     max_examples=25,
     deadline=None,

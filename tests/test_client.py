@@ -59,8 +59,8 @@ async def new_org(srv: LiveServer, name: str) -> AsyncClient:
     """A fresh org (unique name) and an AsyncClient holding its key (caller closes it)."""
     async with AsyncClient(srv.url, srv.admin_key) as admin:
         created = await admin.orgs.create(f"{name}-{uuid.uuid4().hex[:6]}")
-    assert created.key.startswith("an_org_")
-    return AsyncClient(srv.url, created.key)
+    assert created.secret.startswith("an_org_")
+    return AsyncClient(srv.url, created.secret)
 
 
 def _normalise(path: str) -> str:
@@ -514,7 +514,7 @@ def test_models_keep_fields_a_newer_server_adds() -> None:
 
 def test_sync_client_shares_the_async_methods(module_server: LiveServer) -> None:
     with Client(module_server.url, module_server.admin_key) as admin:
-        key = admin.orgs.create(f"Sync-{uuid.uuid4().hex[:6]}").key
+        key = admin.orgs.create(f"Sync-{uuid.uuid4().hex[:6]}").secret
         assert admin.health().status == "ok"
     with Client(module_server.url, key) as client:
         ann = client.users.create("Ann")

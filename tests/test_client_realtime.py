@@ -47,7 +47,7 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
 async def new_org(srv: LiveServer, name: str = "Org") -> tuple[AsyncClient, str]:
     async with AsyncClient(srv.url, srv.admin_key) as admin:
         created = await admin.orgs.create(f"{name}-{uuid.uuid4().hex[:6]}")
-    return AsyncClient(srv.url, created.key), created.key
+    return AsyncClient(srv.url, created.secret), created.secret
 
 
 async def setup_thread(client: AsyncClient) -> tuple[str, str]:

@@ -420,7 +420,7 @@ def test_server_killed_mid_answer_its_runner_takes_its_claims_back_on_restart(
     wait_healthy(server, url)
     with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as http:
         r = http.post("/orgs", json={"name": "Acme"}, headers={"Authorization": f"Bearer {admin}"})
-        key = r.json()["key"]
+        key = r.json()["secret"]
         http.headers["Authorization"] = f"Bearer {key}"
 
         def ok(method: str, path: str, **kw: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +12,9 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from agent_network.runtime.models import register_model
-from conftest import LiveServer, Org, assert_error, settle
+from conftest import LiveServer, Org, assert_error, settle, sql_rows
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 
 def _client(server: LiveServer, secret: str) -> httpx.Client:
@@ -200,8 +201,9 @@ def test_agent_secrets_are_encrypted_and_never_returned(server: LiveServer, make
             f"/threads/{tid}/envelopes",
         ):
             assert SECRET_VALUE not in a.http.get(path).text
-        with sqlite3.connect(server.db) as db:
-            raw = b"".join(str(row).encode() for row in db.execute("SELECT * FROM agent_secrets"))
+        raw = b"".join(
+            str(row).encode() for row in sql_rows(server.db, "SELECT * FROM agent_secrets")
+        )
         assert SECRET_VALUE.encode() not in raw and b"gAAAA" in raw  # Fernet token prefix
         a.ok("DELETE", f"/agents/{bot['id']}/secrets/CRM_TOKEN")
         assert a.ok("GET", f"/agents/{bot['id']}/secrets") == []

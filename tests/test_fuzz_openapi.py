@@ -364,7 +364,7 @@ def world(module_server: LiveServer) -> Iterator[World]:
 PATH_IDS: dict[str, tuple[str, ...]] = {
     "user_id": ("user",),
     "agent_id": ("agent",),
-    "team_id": ("team", "network"),  # /teams/{team_id} and /networks/{team_id}
+    "team_id": ("team", "network"),  # /teams/{team_id}: a network id there must look missing
     "network_id": ("network",),
     "thread_id": ("thread",),
     "routine_id": ("routine",),

@@ -31,16 +31,25 @@ from agent_network.client.hubclient import (
 )
 from agent_network.client.models import Envelope
 from agent_network.store.cursors import read_cursor
-from conftest import LiveServer, Org
+from conftest import LiveServer, Org, sqlite_only
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
+
+_ONE_LINK = (
+    "the hub client's own behaviour over an embedded link; the engine under a hub client is "
+    "covered by the open_link tests on both"
+)
 
 LinkFactory = Callable[[], contextlib.AbstractAsyncContextManager[Link]]
 
 
 @pytest.fixture(params=["local", "ws"])
-def open_link(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """A factory of links to ONE platform (same database / same server across calls)."""
+def open_link(request: pytest.FixtureRequest, engine: str, tmp_path: Path) -> Any:
+    """A factory of links to ONE platform (same database / same server across calls), on a
+    database of ``engine``."""
+    pg: str | None = request.getfixturevalue("pg_db") if engine == "postgresql" else None
     if request.param == "local":
-        db = tmp_path / "local.db"
+        db = pg or tmp_path / "local.db"
         token: list[str] = []
 
         @contextlib.asynccontextmanager
@@ -50,7 +59,7 @@ def open_link(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
                 yield link
 
         return local
-    srv = LiveServer(tmp_path / "ws.db", ws_heartbeat=5.0)
+    srv = LiveServer(pg or tmp_path / "ws.db", ws_heartbeat=5.0)
     srv.start()
     request.addfinalizer(srv.stop)
     org = Org(srv, "Acme")
@@ -205,6 +214,7 @@ def test_opening_with_an_unknown_target_says_which_name_is_missing(open_link: Li
     anyio.run(main)
 
 
+@sqlite_only(_ONE_LINK)
 def test_hubclient_tokens_expire_and_are_renewed_while_it_runs(tmp_path: Path) -> None:
     async def main() -> None:
         async with EmbeddedLink.open(tmp_path / "hub.db") as link:
@@ -224,6 +234,7 @@ def test_hubclient_tokens_expire_and_are_renewed_while_it_runs(tmp_path: Path) -
     anyio.run(main)
 
 
+@sqlite_only(_ONE_LINK)
 def test_embedded_link_speaks_sdk_errors_and_keeps_cursors_through_the_service(
     tmp_path: Path,
 ) -> None:
@@ -333,6 +344,7 @@ def test_hub_clients_never_poll_rest_and_still_discover_new_threads(
     anyio.run(main)
 
 
+@sqlite_only(_ONE_LINK)
 def test_thread_workers_stop_after_thread_closed(tmp_path: Path) -> None:
     """Nothing keeps following a thread once its ``thread.closed`` was handled."""
 
@@ -349,6 +361,7 @@ def test_thread_workers_stop_after_thread_closed(tmp_path: Path) -> None:
     anyio.run(main)
 
 
+@sqlite_only(_ONE_LINK)
 def test_embedded_link_looks_a_credential_up_once_and_still_honours_revocation(
     tmp_path: Path,
 ) -> None:
@@ -383,6 +396,7 @@ def _pumps() -> list[str]:
     return [t.get_name() for t in asyncio.all_tasks() if "HubClient._pump" in t.get_name()]
 
 
+@sqlite_only(_ONE_LINK)
 def test_wait_for_waits_on_what_arrives_without_reading_the_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -403,6 +417,7 @@ def test_wait_for_waits_on_what_arrives_without_reading_the_wal(
     anyio.run(main)
 
 
+@sqlite_only(_ONE_LINK)
 def test_acknowledgements_are_batched_and_durable(tmp_path: Path) -> None:
     """Handled envelopes are acknowledged in batches (far fewer cursor writes than envelopes
     delivered), and on exit every cursor stands at the last envelope handled, so a restarted

@@ -1,7 +1,8 @@
 """kill -9 of the server, again and again, under load: nothing acknowledged is lost or doubled.
 
 Real processes only: the server (``python -m agent_network serve``) on a free port over one
-SQLite file, three poster processes (``tests/runner_helpers.py post``) that post with
+SQLite file or PostgreSQL database (``engine``: PostgreSQL keeps running while the server
+process is killed), three poster processes (``tests/runner_helpers.py post``) that post with
 idempotency keys and retry until acknowledged, and two remote runner processes answering with
 claims. The server is SIGKILLed at seeded-random moments and restarted on the same database
 until the posters are done (at least three times). Then: every acknowledged post is stored
@@ -15,7 +16,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -30,19 +30,24 @@ import pytest
 
 from agent_network.services import create_admin_key
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
-from conftest import all_envelopes, free_port
+from conftest import TestDb, all_envelopes, free_port, settings_for, sql_rows
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 TESTS = Path(__file__).resolve().parent
 SEED = 20251121
 POSTERS = 3
 POSTS_EACH = 20
+UPTIME = (0.3, 1.2)
+"""Seconds a server lives between kills (uniform in this range), on both engines."""
 MIN_KILLS = 3
 MAX_KILLS = 8
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     return {
         **os.environ,
+        **extra,
         "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
         "AGENT_NETWORK_RUN_ROUTINES": "false",
         "RUNNER_SLOW_SECONDS": "0.05",
@@ -52,8 +57,12 @@ def _env() -> dict[str, str]:
 class ServerProc:
     """``python -m agent_network serve`` on a fixed port and database, restartable."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.db = tmp / "an.db"
+    def __init__(self, tmp: Path, db: TestDb) -> None:
+        self.db = db
+        # a PostgreSQL database has no file for the secret key to sit beside
+        self.env = _env(
+            **{f"AGENT_NETWORK_{k.upper()}": str(v) for k, v in settings_for(db).items()}
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "server.log"
@@ -64,7 +73,7 @@ class ServerProc:
         args = [sys.executable, "-m", "agent_network", "serve", "--db", str(self.db)]
         args += ["--port", str(self.port), "--model", "test"]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=_env())
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=self.env)
         self.starts += 1
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -107,7 +116,7 @@ def procs(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
             p.wait(timeout=10)
 
 
-async def _bootstrap(db: Path) -> str:
+async def _bootstrap(db: TestDb) -> str:
     engine = create_engine(database_url(db))
     await upgrade_schema(engine)
     key = await create_admin_key(engine)
@@ -125,7 +134,7 @@ def _setup(url: str, admin_key: str) -> tuple[str, str, list[str], list[str]]:
             assert r.status_code < 300, r.text
             return r.json()
 
-        key = ok("POST", "/orgs", admin_key, json={"name": "Acme"})["key"]
+        key = ok("POST", "/orgs", admin_key, json={"name": "Acme"})["secret"]
         ann = ok("POST", "/users", key, json={"name": "Ann"})["id"]
         bots = []
         for name in ("Planner", "Checker"):
@@ -144,9 +153,9 @@ def _setup(url: str, admin_key: str) -> tuple[str, str, list[str], list[str]]:
 
 
 def test_kill9_server_under_load_loses_and_doubles_nothing(
-    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+    tmp_path: Path, db: TestDb, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    server = ServerProc(tmp_path)
+    server = ServerProc(tmp_path, db)
     admin_key = anyio.run(_bootstrap, server.db)
     server.start()
     try:
@@ -156,8 +165,13 @@ def test_kill9_server_under_load_loses_and_doubles_nothing(
 
 
 def _run(
-    server: ServerProc, admin_key: str, tmp: Path, procs: list[subprocess.Popen[bytes]]
+    server: ServerProc,
+    admin_key: str,
+    tmp: Path,
+    procs: list[subprocess.Popen[bytes]],
 ) -> None:
+    posts_each = POSTS_EACH
+    uptime = UPTIME
     key, ann, bots, threads = _setup(server.url, admin_key)
     runner_args = ["--url", server.url, "--token", key, "--lease", "1.5", "--relist", "0.5"]
     runner_args += ["--poll-wait", "2", "--workers", "4", "--model", "slow"]
@@ -186,7 +200,7 @@ def _run(
                 ",".join(threads),
                 ann,
                 f"p{i}",
-                str(POSTS_EACH),
+                str(posts_each),
                 str(outs[i]),
                 str(SEED + i),
             ],
@@ -206,17 +220,17 @@ def _run(
     acked_at_kill: list[int] = []
     while len(acked_at_kill) < MIN_KILLS or any(p.poll() is None for p in posters):
         assert len(acked_at_kill) < MAX_KILLS, "posters did not finish"
-        time.sleep(rng.uniform(0.3, 1.2))
+        time.sleep(rng.uniform(*uptime))
         server.kill9()
         acked_at_kill.append(sum(len(_lines(o)) for o in outs))
         server.start()
     for i, p in enumerate(posters):
         assert p.wait(timeout=60) == 0, (tmp / f"poster-{i}.err").read_text()
     print(f"\nkills: {len(acked_at_kill)}, acknowledged posts at each kill: {acked_at_kill}")
-    assert acked_at_kill[0] < POSTERS * POSTS_EACH, "the first kill came after all posts"
+    assert acked_at_kill[0] < POSTERS * posts_each, "the first kill came after all posts"
 
     acked = [rec for o in outs for rec in _lines(o)]
-    assert len(acked) == POSTERS * POSTS_EACH
+    assert len(acked) == POSTERS * posts_each
     assert len({r["key"] for r in acked}) == len(acked)
 
     with httpx.Client(
@@ -273,8 +287,7 @@ def _run(
     # every claim ends done: work of runners cut off by a kill was taken over and finished
     deadline = time.monotonic() + 30
     while True:
-        with sqlite3.connect(server.db, timeout=10) as conn:
-            open_claims = conn.execute("SELECT * FROM runner_claims WHERE NOT done").fetchall()
+        open_claims = sql_rows(server.db, "SELECT * FROM runner_claims WHERE NOT done")
         if not open_claims:
             break
         assert time.monotonic() < deadline, f"claims never completed: {open_claims}"

@@ -15,7 +15,12 @@ from sqlalchemy import create_engine
 from agent_network.services.principal import hash_secret
 from agent_network.store.engine import alembic_config
 from agent_network.store.tables import metadata
-from conftest import LiveServer
+from conftest import LiveServer, TestDb, sqlite_only, sync_url
+
+_SEEDED_WITH_SQLITE3 = (
+    "seeds rows at an old revision through sqlite3; on PostgreSQL every test database is "
+    "migrated from empty to head (pg_template)"
+)
 
 
 def _upgrade_sync(db: Path, revision: str) -> None:
@@ -27,18 +32,26 @@ def _upgrade_sync(db: Path, revision: str) -> None:
     engine.dispose()
 
 
-def test_head_matches_the_table_definitions(tmp_path: Path) -> None:
-    db = tmp_path / "m.db"
-    _upgrade_sync(db, "head")
-    engine = create_engine(f"sqlite:///{db}")
+@pytest.mark.engines("sqlite", "postgresql")
+def test_head_matches_the_table_definitions(db: TestDb) -> None:
+    """``db`` is migrated to head by the project's own upgrade (``upgrade_schema``)."""
+    engine = create_engine(sync_url(db))
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
-    # the FTS5 index is created by the migration on purpose and has no Table definition
-    unexpected = [d for d in diff if not (d[0] == "remove_table" and "knowledge_fts" in d[1].name)]
+    # the full-text index is created by the migration on purpose and has no Table definition:
+    # SQLite's FTS5 table knowledge_fts, PostgreSQL's tsv column of knowledge_chunks and its index
+    unexpected = [
+        d
+        for d in diff
+        if not (d[0] == "remove_table" and "knowledge_fts" in d[1].name)
+        and not (d[0] == "remove_column" and d[2] == "knowledge_chunks" and d[3].name == "tsv")
+        and not (d[0] == "remove_index" and d[1].name == "ix_knowledge_chunks_tsv")
+    ]
     assert unexpected == []
 
 
+@sqlite_only(_SEEDED_WITH_SQLITE3)
 def test_upgrade_keeps_org_keys_working(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     _upgrade_sync(db, "0001")
@@ -145,6 +158,7 @@ def _version(db: Path) -> str:
         return str(conn.execute("SELECT version_num FROM alembic_version").fetchone()[0])
 
 
+@sqlite_only(_SEEDED_WITH_SQLITE3)
 def test_0009_converts_names_in_rules_to_ids(tmp_path: Path) -> None:
     db = tmp_path / "rules.db"
     _rules_world(db)
@@ -175,6 +189,7 @@ def test_0009_converts_names_in_rules_to_ids(tmp_path: Path) -> None:
     }
 
 
+@sqlite_only(_SEEDED_WITH_SQLITE3)
 def test_0009_refuses_rules_it_cannot_resolve_and_changes_nothing(tmp_path: Path) -> None:
     db = tmp_path / "rules.db"
     _rules_world(db, second_acme=True)
@@ -206,6 +221,7 @@ def _cursor_rows(db: Path, table: str) -> set[tuple[object, ...]]:
         return set(conn.execute(f"SELECT * FROM {table}").fetchall())
 
 
+@sqlite_only(_SEEDED_WITH_SQLITE3)
 def test_0011_merges_runner_and_delivery_cursors_and_downgrades_back(tmp_path: Path) -> None:
     db = tmp_path / "cursors.db"
     _upgrade_sync(db, "0010")

@@ -351,7 +351,7 @@ def test_server_keeps_serving_when_its_model_worker_dies_mid_reply(
             assert r.status_code < 300, r.text
             return r.json()
 
-        key = ok("POST", "/orgs", server.admin_key, json={"name": "Acme"})["key"]
+        key = ok("POST", "/orgs", server.admin_key, json={"name": "Acme"})["secret"]
         ann = ok("POST", "/users", key, json={"name": "Ann"})["id"]
         bot = ok(
             "POST",

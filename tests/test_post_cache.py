@@ -4,8 +4,8 @@ Every test first posts (so the decision is cached), then changes something that 
 alter the next post — a visa revoked, a network left, a member removed, a rule or an egress
 policy set, a token revoked, a member added under an outbound_to rule, a user renamed, a sender
 or team deleted — and posts again at once: the answer must be the one the full check gives.
-A live server over a real SQLite file; REST through httpx, WebSocket frames through the
-``websockets`` sync client.
+A live server over a real SQLite file or PostgreSQL database; REST through httpx, WebSocket
+frames through the ``websockets`` sync client.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from websockets.sync.client import connect
 
 from agent_network.services.cache import DECISION_TTL, DecisionCache
 from conftest import LiveServer, Org, all_envelopes, assert_error, open_network
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 _names = itertools.count(1)
 

@@ -37,7 +37,18 @@ from agent_network.client import (
 )
 from agent_network.client.models import Thread
 from agent_network.protocol import Finish, Handoff, ToolSpec, TransitionGraph, tool_call
-from conftest import LiveServer, Org, all_envelopes, assert_error, open_network
+from conftest import (
+    LiveServer,
+    Org,
+    TestDb,
+    all_envelopes,
+    assert_error,
+    open_network,
+    sql_rows,
+    sqlite_only,
+)
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -175,12 +186,11 @@ def test_open_each_adapter_shows_the_protocol_state(crew: Crew) -> None:
     )
 
 
-def _counts(db: Path) -> tuple[int, int, int]:
-    with sqlite3.connect(db) as conn:
-        return tuple(  # type: ignore[return-value]
-            conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("threads", "envelopes", "thread_participants")
-        )
+def _counts(db: TestDb) -> tuple[int, int, int]:
+    return tuple(  # type: ignore[return-value]
+        sql_rows(db, f"SELECT count(*) FROM {t}")[0][0]
+        for t in ("threads", "envelopes", "thread_participants")
+    )
 
 
 BAD_KNOBS: list[tuple[str, dict[str, Any], str]] = [
@@ -204,6 +214,11 @@ BAD_KNOBS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.engines(
+    "sqlite",
+    postgresql="the knobs are refused before any database work, the same code on both engines "
+    "(17 servers for CI time, no PostgreSQL-specific path)",
+)
 @pytest.mark.parametrize(("adapter", "change", "named"), BAD_KNOBS)
 def test_bad_knobs_are_refused_before_anything_is_written(
     server: LiveServer, adapter: str, change: dict[str, Any], named: str
@@ -656,6 +671,7 @@ def test_agent_resume_over_rest(crew: Crew) -> None:
         assert_error(r, 422, "invalid_request")
 
 
+@sqlite_only("seeds rows at revision 0005 through sqlite3")
 def test_migration_0006_keeps_users_and_defaults_auto_ack(tmp_path: Path) -> None:
     from alembic import command
     from sqlalchemy import create_engine

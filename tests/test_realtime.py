@@ -1,7 +1,8 @@
 """The WebSocket endpoint /api/v1/ws (docs/protocol.md) against a real uvicorn on 127.0.0.1.
 
 Clients are the ``websockets`` library's sync client (not the SDK), servers are the LiveServer of
-conftest.py over a real SQLite file; REST calls go through httpx.
+conftest.py over a real SQLite file or PostgreSQL database (``engine``); REST calls go through
+httpx.
 """
 
 from __future__ import annotations
@@ -35,7 +36,23 @@ from agent_network.services import ServiceContext, Services
 from agent_network.services.principal import Principal
 from agent_network.services.scope import audience_admits
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
-from conftest import LiveServer, Org, all_envelopes, assert_error, open_network
+from conftest import (
+    LiveServer,
+    Org,
+    TestDb,
+    all_envelopes,
+    assert_error,
+    open_network,
+    settings_for,
+    sqlite_only,
+)
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
+
+_TRANSPORT = (
+    "WebSocket transport (outbox, heartbeat, shutdown, expiry timer) on a server of its own: no "
+    "database-specific path"
+)
 
 TIMEOUT = 20.0  # seconds any single expected frame may take (generous for a loaded CI box)
 
@@ -609,6 +626,7 @@ def _stalled_socket(srv: LiveServer) -> socket.socket:
     return sock
 
 
+@sqlite_only(_TRANSPORT)
 def test_a_stalled_consumer_is_disconnected_lagged_and_others_get_everything(
     small_buffer_server: LiveServer,
 ) -> None:
@@ -667,6 +685,7 @@ def fast_heartbeat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         srv.stop()
 
 
+@sqlite_only(_TRANSPORT)
 def test_heartbeat_pings_arrive_and_a_silent_client_is_closed(
     fast_heartbeat_server: LiveServer,
 ) -> None:
@@ -705,6 +724,7 @@ class GracefulLiveServer(LiveServer):
             time.sleep(0.02)
 
 
+@sqlite_only(_TRANSPORT)
 def test_server_shutdown_sends_disconnect_shutdown_and_closes_1001(tmp_path: Path) -> None:
     srv = GracefulLiveServer(tmp_path / "an.db")
     srv.start()
@@ -858,9 +878,9 @@ def test_audience_admits() -> None:
     assert audience_admits(Sender("user", "usr_other", "org_a"), mine)
 
 
-def test_hub_subscriptions_follow_a_changing_thread_set(tmp_path: Path) -> None:
+def test_hub_subscriptions_follow_a_changing_thread_set(db: TestDb) -> None:
     async def run() -> None:
-        engine = create_engine(database_url(tmp_path / "hub.db"))
+        engine = create_engine(database_url(db))
         await upgrade_schema(engine)
         system = Sender("system", "org_h", "org_h")
         async with Hub.open(engine) as hub:
@@ -903,7 +923,7 @@ def test_hub_subscriptions_follow_a_changing_thread_set(tmp_path: Path) -> None:
     anyio.run(run)
 
 
-def test_live_frames_are_deduplicated_and_a_gap_goes_back_to_the_wal(tmp_path: Path) -> None:
+def test_live_frames_are_deduplicated_and_a_gap_goes_back_to_the_wal(db: TestDb) -> None:
     """The live hand-off rules of one follow, driven directly (real hub and SQLite; only the
     socket is a list): ``seq <=`` the last handled is dropped, the next seq is queued, a gap
     or an access change sends the follow back to catching up, with the frame kept aside."""
@@ -917,10 +937,10 @@ def test_live_frames_are_deduplicated_and_a_gap_goes_back_to_the_wal(tmp_path: P
         async def close(self, code: int, reason: str = "") -> None: ...
 
     async def run() -> None:
-        engine = create_engine(database_url(tmp_path / "hub.db"))
+        engine = create_engine(database_url(db))
         await upgrade_schema(engine)
         async with Hub.open(engine) as hub:
-            ctx = ServiceContext(engine, hub, Settings(database=str(tmp_path / "hub.db")))
+            ctx = ServiceContext(engine, hub, Settings(database=str(db), **settings_for(db)))
             services = Services.create(ctx)
             principal = Principal("org", "org_a", "cred_a", "org_a")
             realtime = RealtimeProtocol(ctx, threads=services.threads, orgs=services.orgs)
@@ -948,6 +968,7 @@ def test_live_frames_are_deduplicated_and_a_gap_goes_back_to_the_wal(tmp_path: P
     anyio.run(run)
 
 
+@sqlite_only(_TRANSPORT)
 def test_an_expired_credential_is_disconnected_unless_renewed(
     fast_heartbeat_server: LiveServer,
 ) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,42 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo
 from websockets.sync.client import connect
 
-from conftest import LiveServer, Org, function_model, settle
+from conftest import (
+    LiveServer,
+    Org,
+    TestDb,
+    function_model,
+    is_postgres,
+    settle,
+    sql_rows,
+    sync_url,
+)
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
+
+
+class _WriteLock:
+    """Holds the database's write path from a test connection until :meth:`release`: SQLite's
+    write lock (``BEGIN IMMEDIATE``), or on PostgreSQL an EXCLUSIVE lock on the tables every hub
+    commit writes (``envelopes``, ``audit_log``; reads go on)."""
+
+    def __init__(self, db: TestDb) -> None:
+        import sqlalchemy
+
+        self._engine = sqlalchemy.create_engine(sync_url(db), poolclass=sqlalchemy.pool.NullPool)
+        self._conn = self._engine.connect()
+        if is_postgres(db):
+            self._conn.exec_driver_sql("BEGIN")
+            self._conn.exec_driver_sql("LOCK TABLE envelopes, audit_log IN EXCLUSIVE MODE")
+        else:
+            self._conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        try:
+            self._conn.exec_driver_sql("ROLLBACK")
+        finally:
+            self._conn.close()
+            self._engine.dispose()
 
 
 class Shared:
@@ -188,6 +222,11 @@ def test_no_write_commits_after_the_revocation_is_acknowledged(
     for t in threads:
         t.start()
     try:
+        # the loops are under way first (a first post on a loaded machine, or on PostgreSQL,
+        # can take longer than the delay below)
+        deadline = time.monotonic() + 30
+        while 201 not in statuses and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(0.2 + rng.random() * 0.5)
         s.revoke_visa()
         acked_seq = s.last_seq()
@@ -236,17 +275,33 @@ def test_a_websocket_gets_nothing_posted_after_the_revocation(
 def test_a_post_queued_behind_the_write_lock_never_commits_after_the_revocation(
     server: LiveServer, make_org: Callable[[str], Org], round_: int
 ) -> None:
-    """The race made deterministic: a test connection holds SQLite's write lock, so SubVendor's
-    post (its checks passed) waits in the hub while the host's visa DELETE waits for the lock
-    too; then the lock is released and either may write first. SubVendor's own audit log orders
-    the two: the accepted ``envelope.message`` must never come after ``network.visa_revoke``. Before
-    the hub ordered revocations, the post committed after the revocation in most rounds."""
+    """The race made deterministic: a test connection holds the write lock (``_WriteLock``), so
+    SubVendor's post (its checks passed) waits in the hub while the host's visa DELETE waits for
+    the lock too; then the lock is released and either may write first. When the DELETE is
+    acknowledged, a post that was accepted is already in the database. On SQLite, whose writers
+    commit one at a time, SubVendor's own audit log orders the two as well: the accepted
+    ``envelope.message`` must never come after ``network.visa_revoke``. Before the hub ordered
+    revocations, the post committed after the revocation in most rounds. (On PostgreSQL the
+    audit ids come from a sequence at insert time, not in commit order, so only the first
+    check applies.)"""
     s = Shared(make_org, server)
     with s.client("agent") as bot:
         warm = bot.post(f"/threads/{s.thread}/messages", json={"content": "warm"})
         assert warm.status_code == 201  # the post's checks are cached: no read blocks below
-        lock = sqlite3.connect(server.db, timeout=10, isolation_level=None)
-        lock.execute("BEGIN IMMEDIATE")
+
+        def revoke() -> tuple[int, int]:
+            """The DELETE's status and how many of the bot's envelopes came after "warm" when
+            the DELETE was acknowledged."""
+            status = s.host.http.delete(f"/networks/{s.net['id']}/visas/{s.visa}").status_code
+            [(n,)] = sql_rows(
+                server.db,
+                "SELECT count(*) FROM envelopes WHERE thread_id = :t AND seq > :seq",
+                t=s.thread,
+                seq=warm.json()["seq"],
+            )
+            return status, int(n)
+
+        lock = _WriteLock(server.db)
         with ThreadPoolExecutor(2) as pool:
             try:
                 posted = pool.submit(
@@ -256,14 +311,17 @@ def test_a_post_queued_behind_the_write_lock_never_commits_after_the_revocation(
                 # backs off to 100 ms sleeps: the revocation, which starts waiting later with
                 # short sleeps, usually takes the lock first once it is released
                 time.sleep(1.0)
-                revoked = pool.submit(s.host.http.delete, f"/networks/{s.net['id']}/visas/{s.visa}")
+                revoked = pool.submit(revoke)
                 time.sleep(0.1)  # the revocation waits for the lock too
             finally:
-                lock.execute("ROLLBACK")
-                lock.close()
-            assert revoked.result(timeout=30).status_code == 204
+                lock.release()
+            status, stored_at_ack = revoked.result(timeout=30)
+            assert status == 204
             post = posted.result(timeout=30)
     assert post.status_code in (201, 404), post.text
+    assert stored_at_ack == (1 if post.status_code == 201 else 0)
+    if is_postgres(server.db):
+        return
     log = s.sub.ok("GET", "/audit", params={"limit": 1000})
     order = [
         a["action"]

@@ -154,7 +154,7 @@ async def seed(w: World, agents: dict[str, Scripted | None]) -> Cast:
     s = w.services
     admin = Principal("admin", None, "adm_test")
     created = await s.orgs.create_org(admin, "Acme")
-    org = await s.orgs.authenticate(created["key"])
+    org = await s.orgs.authenticate(created["secret"])
     team = await s.teams.create(org, "team", "Protocols")
     ids: dict[str, str] = {}
     ann = await s.orgs.create_user(org, "Ann", None)

@@ -163,7 +163,7 @@ async def desk(
 ) -> Desk:
     s = w.services
     created = await s.orgs.create_org(Principal("admin", None, "adm_test"), "Acme")
-    org = await s.orgs.authenticate(created["key"])
+    org = await s.orgs.authenticate(created["secret"])
     team = await s.teams.create(org, "team", "Support")
     ann = (await s.orgs.create_user(org, "Ann", None))["id"]
     await s.teams.add_member(org, "team", team["id"], user_id=ann)

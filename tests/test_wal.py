@@ -29,9 +29,19 @@ from agent_network.protocol.events import (
 )
 from agent_network.protocol.fold import fold
 from agent_network.store.engine import create_engine, database_url, upgrade_schema
-from conftest import LiveServer, Org, all_envelopes, assert_error
+from conftest import (
+    LiveServer,
+    Org,
+    TestDb,
+    all_envelopes,
+    assert_error,
+    sql_execute,
+    sqlite_only,
+)
 
 CLI = Path(sys.executable).parent / "agent-network"
+
+pytestmark = pytest.mark.engines("sqlite", "postgresql")
 
 
 def _thread(org: Org, *members: tuple[str, str], title: str = "T", **kw: Any) -> str:
@@ -186,19 +196,13 @@ def chain(server: LiveServer, make_org) -> Iterator[tuple[Org, str]]:
     yield a, tid
 
 
-def _tamper(server: LiveServer, sql: str, *params: Any) -> None:
+def _tamper(server: LiveServer, sql: str, **params: Any) -> None:
     server.stop()
-    con = sqlite3.connect(server.db)
-    try:
-        cur = con.execute(sql, params)
-        assert cur.rowcount == 1, sql
-        con.commit()
-    finally:
-        con.close()
+    assert sql_execute(server.db, sql, **params) == 1, sql
     server.start()
 
 
-def _cli_verify(db: Path, tid: str) -> subprocess.CompletedProcess[str]:
+def _cli_verify(db: TestDb, tid: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(CLI), "thread", "verify", tid, "--db", str(db)],
         capture_output=True,
@@ -215,9 +219,9 @@ def test_verify_catches_changed_data(server: LiveServer, chain: tuple[Org, str])
 
     _tamper(
         server,
-        "UPDATE envelopes SET data = ? WHERE thread_id = ? AND seq = 4",
-        json.dumps({"content": "I never said that"}),
-        tid,
+        "UPDATE envelopes SET data = :data WHERE thread_id = :tid AND seq = 4",
+        data=json.dumps({"content": "I never said that"}),
+        tid=tid,
     )
     report = a.ok("GET", f"/threads/{tid}/verify")
     assert report["ok"] is False
@@ -233,7 +237,7 @@ def test_verify_catches_changed_data(server: LiveServer, chain: tuple[Org, str])
 
 def test_verify_catches_a_deleted_row(server: LiveServer, chain: tuple[Org, str]) -> None:
     a, tid = chain
-    _tamper(server, "DELETE FROM envelopes WHERE thread_id = ? AND seq = 3", tid)
+    _tamper(server, "DELETE FROM envelopes WHERE thread_id = :tid AND seq = 3", tid=tid)
     report = a.ok("GET", f"/threads/{tid}/verify")
     assert report["ok"] is False
     # the break is where seq 3 went missing (reported at 3, or at 4 where the gap is seen)
@@ -246,9 +250,9 @@ def test_verify_catches_a_changed_prev_hash(server: LiveServer, chain: tuple[Org
     a, tid = chain
     _tamper(
         server,
-        "UPDATE envelopes SET prev_hash = ? WHERE thread_id = ? AND seq = 5",
-        "f" * 64,
-        tid,
+        "UPDATE envelopes SET prev_hash = :prev WHERE thread_id = :tid AND seq = 5",
+        prev="f" * 64,
+        tid=tid,
     )
     report = a.ok("GET", f"/threads/{tid}/verify")
     assert (report["ok"], report["first_bad_seq"]) == (False, 5)
@@ -284,15 +288,13 @@ def test_verify_catches_a_rewrite_with_a_recomputed_hash(
         audience=None,
     )
     forged_hash = envelope_hash(**fields)
-    server.stop()
-    con = sqlite3.connect(server.db)
-    con.execute(
-        "UPDATE envelopes SET data = ?, hash = ? WHERE thread_id = ? AND seq = 3",
-        (json.dumps({"content": "forged"}), forged_hash, tid),
+    _tamper(
+        server,
+        "UPDATE envelopes SET data = :data, hash = :hash WHERE thread_id = :tid AND seq = 3",
+        data=json.dumps({"content": "forged"}),
+        hash=forged_hash,
+        tid=tid,
     )
-    con.commit()
-    con.close()
-    server.start()
     report = a.ok("GET", f"/threads/{tid}/verify")
     assert (report["ok"], report["first_bad_seq"]) == (False, 4)
     assert _cli_verify(server.db, tid).returncode == 1
@@ -358,16 +360,8 @@ def test_restart_gives_identical_state(server: LiveServer, make_org) -> None:
 
 
 @pytest.fixture(scope="module")
-def hub_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("hub") / "hub.db"
-
-    async def init() -> None:
-        engine = create_engine(database_url(path))
-        await upgrade_schema(engine)
-        await engine.dispose()
-
-    anyio.run(init)
-    return path
+def hub_db(module_db: TestDb) -> TestDb:
+    return module_db
 
 
 OPS = st.lists(
@@ -391,7 +385,7 @@ _counter = iter(range(10**9))
 @settings(max_examples=25, deadline=None)
 @given(budget=st.integers(0, 5), ops=OPS)
 def test_hub_state_equals_fold_of_the_log_in_a_fresh_hub(
-    hub_db: Path, budget: int, ops: list[tuple[Any, ...]]
+    hub_db: TestDb, budget: int, ops: list[tuple[Any, ...]]
 ) -> None:
     tid = f"thr_hyp{next(_counter):017d}"
     org = "org_hyp"
@@ -562,6 +556,7 @@ def test_budget_zero_refuses_every_agent_message(make_org) -> None:
     )
 
 
+@sqlite_only("checkpoints of SQLite's own WAL file by the SQLite WAL writer")
 def test_checkpoints_run_off_the_commit_path_and_reach_the_database_file(tmp_path: Path) -> None:
     """The writer never checkpoints inside a commit (``wal_autocheckpoint=0``); its checkpointer
     thread copies the WAL into the database file while commits go on, and a last time at close:
@@ -644,11 +639,10 @@ def test_checkpoints_run_off_the_commit_path_and_reach_the_database_file(tmp_pat
     assert ids == {f"thr_{i}" for i in range(commits)}
 
 
-def test_envelope_ids_sort_in_the_order_they_were_appended(tmp_path: Path) -> None:
+def test_envelope_ids_sort_in_the_order_they_were_appended(db: TestDb) -> None:
     """Envelope ids begin with their millisecond, so the unique index on them grows at its end
     (a random id put every commit on a random index page: p99 post latency doubled once the
     database held ~150k envelopes). Still 80 random bits each, and within the column's 40."""
-    db = tmp_path / "ids.db"
     engine = create_engine(database_url(db))
     org = "org_ids"
     system = Sender("system", "key_ids", org)

@@ -138,7 +138,7 @@ def test_admin_creates_an_org_which_signs_in_and_sees_its_home(
 
     # another org's guessed thread URL is the same "not found" page as a missing one
     with server.client(server.admin_key) as api:
-        globex_key = api.post("/orgs", json={"name": "Globex"}).json()["key"]
+        globex_key = api.post("/orgs", json={"name": "Globex"}).json()["secret"]
     ctx = _context(chromium, server.url)
     page = ctx.new_page()
     _sign_in_with_keyboard(page, globex_key)

@@ -133,7 +133,7 @@ class Company:
         self.http = httpx.Client(
             base_url=f"{url}/api/v1",
             timeout=120,
-            headers={"Authorization": f"Bearer {body['key']}"},
+            headers={"Authorization": f"Bearer {body['secret']}"},
         )
 
     def call(self, method: str, path: str, **kw: Any) -> Any:

@@ -13,16 +13,52 @@ from typing import Any
 
 from agent_network.errors import InvalidRequestError
 
-__all__ = ["MAX_JSON_DEPTH", "JsonTooDeepError", "json_depth", "parse_json"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "JsonInputError",
+    "JsonTooDeepError",
+    "NulCharacterError",
+    "has_nul",
+    "json_depth",
+    "parse_json",
+]
 
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays and objects accepted in any JSON input (the top level counts 1)."""
 
 
-class JsonTooDeepError(InvalidRequestError):
+class JsonInputError(InvalidRequestError):
+    """Base of the JSON documents :func:`parse_json` refuses (422)."""
+
+
+class JsonTooDeepError(JsonInputError):
     """A JSON document nests arrays/objects deeper than :data:`MAX_JSON_DEPTH` (422)."""
 
     code = "json_too_deep"
+
+
+class NulCharacterError(JsonInputError):
+    """A text value (JSON string, query parameter or path) holds U+0000 (422). PostgreSQL text
+    cannot store it, so it is refused on every engine alike, before anything is written."""
+
+    code = "nul_character"
+
+
+def has_nul(value: Any) -> bool:
+    """True when any string in a parsed JSON value (object keys included) holds U+0000;
+    walked without recursion."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
@@ -65,6 +101,7 @@ def parse_json(raw: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     Raises:
         JsonTooDeepError: the document nests deeper than ``max_depth`` (including documents too
             deep for Python's parser).
+        NulCharacterError: a string of the document holds U+0000 (``"\\u0000"``).
         ValueError: ``raw`` is not JSON (``json.JSONDecodeError``, ``UnicodeDecodeError``).
     """
     try:
@@ -78,5 +115,10 @@ def parse_json(raw: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise JsonTooDeepError(
             f"JSON nested more than {max_depth} levels deep; flatten the document",
             details={"max_depth": max_depth},
+        )
+    marker = b"\\u0000" if isinstance(raw, bytes) else "\\u0000"
+    if marker in raw and has_nul(value):  # type: ignore[operator]
+        raise NulCharacterError(
+            "text must not contain the NUL character (U+0000); remove it and send again"
         )
     return value

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -16,8 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent_network import __version__
 from agent_network.api.limits import BodyLimitMiddleware
+from agent_network.api.openapi import ApiRoute, operation_id
+from agent_network.api.pagination import NEXT_CURSOR_HEADER
 from agent_network.api.realtime import RealtimeProtocol
 from agent_network.api.requests import RequestIdMiddleware, request_id_of
+from agent_network.api.responses import Health
 from agent_network.api.routes import (
     agents,
     credentials,
@@ -96,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=None,  # served from packaged assets by the web app (offline)
+        generate_unique_id_function=operation_id,
     )
 
     app.add_middleware(
@@ -110,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", NEXT_CURSOR_HEADER, "Link"],
             max_age=600,
         )
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
@@ -139,7 +143,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return _error(request, exc.status_code, code, str(exc.detail))
 
-    @app.get(f"{API_PREFIX}/health", tags=["meta"])
+    meta = APIRouter(tags=["meta"], route_class=ApiRoute)
+
+    @meta.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
         """Liveness: ``{"status": "ok", "version", "model_worker": {"state", "model",
         "restarts", "last_failure"}}`` once the hub is running; ``model_worker`` describes this
@@ -147,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__, "model_worker": worker_status()}
 
     for router in (
+        meta,
         orgs.router,
         credentials.router,
         agents.router,

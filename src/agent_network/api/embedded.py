@@ -11,10 +11,13 @@ the way httpx's ``ASGITransport`` serves an app without a socket::
     async with EmbeddedLink.open("net.db") as link, HubClient(link) as hc:
         ...
 
-REST calls go through the ASGI app in memory; each credential is authenticated once and its
-principal reused by the link's calls until the access epoch moves, its known expiry passes or
-``RECHECK_EVERY`` seconds went by (the staleness bound of services/cache.py, for removals made by
-another process). Envelopes are pushed: :meth:`EmbeddedLink.inbox` is a
+REST calls go through the ASGI app in memory, except a hub client's messages and new threads
+(:meth:`EmbeddedLink.post`, :meth:`EmbeddedLink.create_thread`: the same credential check, body
+validation, service call and response schema as ``POST /threads/{id}/messages`` and ``POST
+/teams/{id}/threads``, without the HTTP round trip); each credential is authenticated
+once and its principal reused by the link's calls until the access epoch moves, its known
+expiry passes or ``RECHECK_EVERY`` seconds went by (the staleness bound of services/cache.py, for
+removals made by another process). Envelopes are pushed: :meth:`EmbeddedLink.inbox` is a
 :class:`~agent_network.services.delivery.Inbox` (the hub's subscription, filtered as the API
 filters for that credential), and the durable cursors of hub clients move through
 ``services.delivery`` — the same rows the WebSocket protocol's ``ack`` moves. See
@@ -27,20 +30,29 @@ import contextlib
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+import pydantic
 from fastapi import FastAPI, Request
 
-from agent_network.api.app import create_app
-from agent_network.api.deps import get_principal
+from agent_network.api.app import API_PREFIX, create_app
+from agent_network.api.deps import check_credential_may, get_principal
+from agent_network.api.responses import Envelope as EnvelopeSchema
+from agent_network.api.responses import Thread as ThreadSchema
+from agent_network.api.schemas import MessageCreate, ThreadCreate
 from agent_network.client.errors import error_from_body
-from agent_network.client.models import Envelope
-from agent_network.client.rest import AsyncClient
+from agent_network.client.models import Envelope, Thread
+from agent_network.client.rest import AsyncClient, ParticipantSpec, ThreadOptions, _thread_body
 from agent_network.config import Settings
-from agent_network.errors import AgentNetworkError, AuthenticationError
+from agent_network.errors import (
+    AgentNetworkError,
+    AuthenticationError,
+    InvalidRequestError,
+    PermissionDeniedError,
+)
 from agent_network.model.envelope import Envelope as StoredEnvelope
 from agent_network.services import Principal, Services, create_admin_key
 from agent_network.services.delivery import RECHECK_EVERY
@@ -97,7 +109,7 @@ class EmbeddedLink:
                     admin = await create_admin_key(app.state.services.ctx.engine)
                     async with cls(app, admin).rest(admin) as root:
                         created = await root.orgs.create(org_name)
-                    token = created.key
+                    token = created.secret
                 link = cls(app, token)
                 try:
                     yield link
@@ -205,6 +217,99 @@ class EmbeddedLink:
                     yield Envelope.model_validate(item)
             after = max(after, int(page["next_after"]))
 
+    async def post(
+        self,
+        token: str,
+        thread_id: str,
+        content: str,
+        *,
+        idempotency_key: str | None = None,
+        causation_id: str | None = None,
+        audience: Iterable[str] | None = None,
+        tool_calls: Iterable[Mapping[str, Any]] | None = None,
+    ) -> Envelope:
+        """Post ``content`` into ``thread_id`` as ``token``'s own subject (an agent token: its
+        agent), as ``POST /threads/{thread_id}/messages`` does — the credential's permission
+        for the call, the body's validation (InvalidRequest, 422, naming the fields) and the one
+        post function (``ThreadService.post``) — without the HTTP round trip. Returns the
+        stored envelope; SDK errors as over REST."""
+        body: dict[str, Any] = {"content": content}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        if causation_id is not None:
+            body["causation_id"] = causation_id
+        if audience is not None:
+            body["audience"] = [audience] if isinstance(audience, str) else list(audience)
+        if tool_calls is not None:
+            body["tool_calls"] = [dict(c) for c in tool_calls]
+        services = self.services
+        with _as_sdk_errors():
+            principal = await self._may(token, f"/threads/{thread_id}/messages")
+            try:
+                msg = MessageCreate.model_validate(body)
+            except pydantic.ValidationError as exc:
+                raise _invalid_body(exc) from None
+            rendered = await services.threads.post(
+                principal,
+                thread_id,
+                msg.content,
+                agent_id=msg.agent_id,
+                user_id=msg.user_id,
+                idempotency_key=msg.idempotency_key,
+                causation_id=msg.causation_id,
+                audience=msg.audience,
+                tool_calls=[c.model_dump() for c in msg.tool_calls] if msg.tool_calls else None,
+            )
+        return Envelope.model_validate(_as_answered(EnvelopeSchema, rendered))
+
+    async def create_thread(
+        self,
+        token: str,
+        team_id: str,
+        title: str,
+        *,
+        agent_budget: int | None = None,
+        visibility: Literal["members", "restricted"] = "members",
+        participants: Iterable[ParticipantSpec] = (),
+        options: ThreadOptions = ThreadOptions(),
+    ) -> Thread:
+        """Open a thread in team ``team_id`` with ``token``, as ``POST /teams/{team_id}/threads``
+        does (``client.teams.create_thread`` with these arguments: the credential's
+        permission, the body's validation, ``ThreadService.create``, the answer's schema)
+        without the HTTP round trip. SDK errors as over REST."""
+        body = _thread_body(title, agent_budget, visibility, participants, options)
+        services = self.services
+        with _as_sdk_errors():
+            principal = await self._may(token, f"/teams/{team_id}/threads")
+            try:
+                spec = ThreadCreate.model_validate(body)
+            except pydantic.ValidationError as exc:
+                raise _invalid_body(exc) from None
+            rendered = await services.threads.create(
+                principal,
+                team_id,
+                spec.title,
+                kind="team",
+                agent_budget=spec.agent_budget,
+                visibility=spec.visibility,
+                participants=spec.participant_pairs(),
+                **spec.protocol(),
+            )
+        return Thread.model_validate(_as_answered(ThreadSchema, rendered))
+
+    async def _may(self, token: str, path: str) -> Principal:
+        """The principal of ``token`` if its credential may make ``POST <path>`` (path below
+        the API prefix), checked as the API checks every call (api/deps.py ``get_call``:
+        scope first, then the credential's permission)."""
+        principal = await self.principal(token)
+        full = f"{API_PREFIX}{path}"
+        try:
+            check_credential_may(principal, "POST", full)
+        except PermissionDeniedError:
+            await self.services.check_path_scope(principal, full)
+            raise
+        return principal
+
     async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None:
         """Move the durable ``cursor`` of ``token`` in ``thread_id`` forward to ``seq`` (never
         backwards) through ``services.delivery``; NotFound for a thread the token may not see,
@@ -242,6 +347,22 @@ class EmbeddedInbox:
         InvalidRequest as the service raises them; nothing written then)."""
         with _as_sdk_errors():
             await self._inbox.ack(positions)
+
+
+def _as_answered(schema: type[pydantic.BaseModel], rendered: Mapping[str, Any]) -> Any:
+    """``rendered`` as the API answers it: through the route's response schema, as JSON
+    (``exclude_unset``, as api/openapi.py ``ApiRoute``)."""
+    return schema.model_validate(rendered).model_dump(mode="json", exclude_unset=True)
+
+
+def _invalid_body(exc: pydantic.ValidationError) -> InvalidRequestError:
+    """The error the API answers a body that fails its schema with (api/app.py)."""
+    problems = [
+        {"field": ".".join(str(p) for p in ("body", *e.get("loc", ()))), "problem": e["msg"]}
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+    return InvalidRequestError(f"invalid request: {summary}", details={"problems": problems})
 
 
 @contextlib.contextmanager

@@ -3,8 +3,10 @@
 :class:`BodyLimitMiddleware` answers ``413 body_too_large`` (the project's error body) for a
 request whose ``Content-Length`` exceeds the limit without reading any of it, and stops reading a
 body sent without a length (chunked) as soon as it passes the limit. JSON bodies, at most the
-limit in size, are also checked for nesting (:func:`agent_network.json_limits.parse_json`) and
-refused with ``422 json_too_deep`` before any route parses them. Knowledge uploads
+limit in size, are also checked for nesting and for U+0000 in strings
+(:func:`agent_network.json_limits.parse_json`) and refused with ``422 json_too_deep`` or
+``422 nul_character`` before any route parses them; a URL holding U+0000 is refused the same way
+(PostgreSQL text cannot store it, so no engine gets it). Knowledge uploads
 (``POST .../knowledge``) have their own, larger limit.
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_network.json_limits import JsonTooDeepError, parse_json
+from agent_network.json_limits import JsonInputError, NulCharacterError, parse_json
 
 __all__ = ["BodyLimitMiddleware"]
 
@@ -57,6 +59,17 @@ class BodyLimitMiddleware:
         return self.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and (
+            b"%00" in scope.get("query_string", b"") or "\x00" in scope.get("path", "")
+        ):
+            err = NulCharacterError(
+                "the URL must not contain the NUL character (U+0000, %00); remove it"
+            )
+            if scope["type"] == "http":
+                await _send_error(send, 422, err.code, err.message, None)
+            else:  # refuse the upgrade
+                await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
@@ -88,11 +101,17 @@ class BodyLimitMiddleware:
         if b"json" in headers.get(b"content-type", b"") and body:
             try:
                 parse_json(body)
-            except JsonTooDeepError as err:
+            except JsonInputError as err:
                 await _send_error(send, 422, err.code, err.message, err.details)
                 return
             except ValueError:
                 pass  # malformed JSON: the route answers 422 with the parser's message
+        elif b"x-www-form-urlencoded" in headers.get(b"content-type", b"") and b"%00" in body:
+            refused = NulCharacterError(
+                "form fields must not contain the NUL character (U+0000); remove it"
+            )
+            await _send_error(send, 422, refused.code, refused.message, None)
+            return
 
         replayed = False
 

@@ -1,4 +1,4 @@
-"""Request bodies of the REST API (responses are the services' documented dicts)."""
+"""Request bodies of the REST API (response bodies: :mod:`agent_network.api.responses`)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,20 @@
-"""Serving the app: a uvicorn server that shuts realtime connections down cleanly."""
+"""Serving the app: a uvicorn server that shuts realtime connections down cleanly, in this
+process (:func:`serve`) or in several worker processes sharing one listening socket
+(:func:`serve_workers`)."""
 
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import socket
 
 import uvicorn
 from fastapi import FastAPI
 
 from agent_network.api.realtime import RealtimeProtocol
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class GracefulServer(uvicorn.Server):
@@ -44,7 +50,10 @@ class GracefulServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Close the realtime connections, then shut down as uvicorn does."""
-        state = getattr(self.config.app, "state", None)
+        app: object = getattr(self.config, "loaded_app", None) or self.config.app
+        while not hasattr(app, "state") and hasattr(app, "app"):
+            app = app.app  # uvicorn's middleware (proxy headers) around an app from a factory
+        state = getattr(app, "state", None)
         realtime = getattr(state, "realtime", None)
         if isinstance(realtime, RealtimeProtocol):
             await realtime.shutdown()
@@ -98,3 +107,70 @@ def serve(
         log_config=None,
     )
     GracefulServer(config, freeze_gc=True).run(sockets=[sock] if sock is not None else None)
+
+
+def _worker(factory: str, sock: socket.socket, log_level: str, ws_max_size: int) -> None:
+    """One worker process of :func:`serve_workers` (the target of a spawned process)."""
+    config = uvicorn.Config(
+        factory, factory=True, log_level=log_level, ws_max_size=ws_max_size, log_config=None
+    )
+    GracefulServer(config, freeze_gc=True).run(sockets=[sock])
+
+
+def serve_workers(
+    factory: str,
+    *,
+    workers: int,
+    sock: socket.socket,
+    log_level: str = "warning",
+    ws_max_size: int = 1_048_576,
+) -> None:
+    """Run ``workers`` processes, each serving the app made by ``factory`` (an import string
+    ``"module:function"`` called with no argument in each process, which reads its settings
+    from the environment) on the one listening socket ``sock`` (:func:`bind`): the kernel hands
+    each new connection to one of them. Each worker is a :class:`GracefulServer` with
+    ``freeze_gc``. Blocks until SIGINT/SIGTERM: SIGTERM is passed on to every worker, SIGINT
+    (Ctrl-C) is assumed to have reached them with the parent; each stops gracefully before this
+    returns. A worker that dies otherwise is started again within 1 s.
+
+    The processes share nothing but the database, so it must be one several processes can
+    write (PostgreSQL); the caller checks that."""
+    import multiprocessing
+    import threading
+
+    ctx = multiprocessing.get_context("spawn")
+    stop = threading.Event()
+
+    def start() -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(
+            target=_worker, args=(factory, sock, log_level, ws_max_size), daemon=False
+        )
+        proc.start()
+        return proc
+
+    received: list[int] = []
+
+    def on_signal(sig: int, _frame: object) -> None:
+        received.append(sig)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    procs = [start() for _ in range(workers)]
+    try:
+        while not stop.wait(1.0):
+            for i, proc in enumerate(procs):
+                if not proc.is_alive():
+                    procs[i] = start()
+    finally:
+        if received[:1] == [signal.SIGINT]:
+            # Ctrl-C reached the whole process group: the workers are stopping already (a
+            # second signal would make uvicorn skip the graceful part)
+            for proc in procs:
+                proc.join(timeout=30)
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -4,7 +4,8 @@ On this machine: ``serve``, ``admin-key``, ``demo``, ``doctor``, ``runner``
 (:mod:`~agent_network.cli.local`) and ``db``, a database file read offline, ``thread`` being
 its old, hidden name (:mod:`~agent_network.cli.db`). Over the API, through the SDK, with
 ``--url`` / ``--token`` / ``--json`` on every command: ``orgs``, ``credentials``, ``audit``
-(:mod:`~agent_network.cli.orgs`); ``agents``, ``routines`` (:mod:`~agent_network.cli.agents`);
+(:mod:`~agent_network.cli.orgs`); ``users``, ``secrets`` (:mod:`~agent_network.cli.people`);
+``agents`` (with ``agents rule``), ``routines`` (:mod:`~agent_network.cli.agents`);
 ``teams``, ``networks`` (:mod:`~agent_network.cli.teams`); ``threads``
 (:mod:`~agent_network.cli.threads`); ``knowledge`` (:mod:`~agent_network.cli.knowledge`);
 ``apply`` (:mod:`~agent_network.cli.apply`).
@@ -16,7 +17,17 @@ from typing import Annotated
 
 import typer
 
-from agent_network.cli import agents, apply, db, knowledge, local, orgs, teams, threads
+from agent_network.cli import (
+    agents,
+    apply,
+    db,
+    knowledge,
+    local,
+    orgs,
+    people,
+    teams,
+    threads,
+)
 from agent_network.cli.common import typer_app
 
 
@@ -51,7 +62,7 @@ def main(
     """
 
 
-for module in (local, db, orgs, agents, teams, threads, knowledge, apply):
+for module in (local, db, orgs, people, agents, teams, threads, knowledge, apply):
     module.register(app)
 
 __all__ = ["app"]

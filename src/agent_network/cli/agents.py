@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -12,9 +13,12 @@ from agent_network.cli.common import (
     TokenOption,
     UrlOption,
     api,
+    cell,
     fail,
     handles_errors,
     out,
+    plain,
+    print_json,
     show,
     show_record,
     typer_app,
@@ -221,7 +225,125 @@ def routines_pause(
     show(routine, ROUTINE_COLUMNS, json_output=json_output)
 
 
+@routines_app.command("delete")
+@handles_errors
+def routines_delete(
+    agent_id: AgentId,
+    routine_id: RoutineId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove a routine from an agent."""
+    with api(url, token) as client:
+        client.agents.routines.delete(agent_id, routine_id)
+    if json_output:
+        typer.echo(json.dumps({"deleted": routine_id}))
+    else:
+        out().print(f"deleted routine {routine_id}", markup=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# agents rule
+
+
+rule_app = typer_app("An agent's rule: who may trigger it, whom it may address, its limits.")
+agents_app.add_typer(rule_app, name="rule")
+
+RULE_FIELDS = (
+    "inbound_from",
+    "outbound_to",
+    "rate",
+    "inbox_cap",
+    "max_concurrent_threads",
+    "allowed_adapters",
+    "delegation_depth",
+)
+
+
+def read_rule_file(path: Path) -> dict[str, Any]:
+    """The rule in a YAML or JSON file (JSON is YAML too): a mapping of rule fields, or
+    ``{"rule": {...}}`` as in an ``apply`` file. Exits 2 naming the file for an unreadable
+    file, bad YAML/JSON, or a document that is not a mapping; the server checks the fields."""
+    import yaml  # type: ignore[import-untyped]
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        fail(f"{path}: cannot read the rule: {exc}", 2)
+    if isinstance(data, dict) and set(data) == {"rule"}:
+        data = data["rule"]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        fail(f"{path}: a rule is a mapping of fields ({', '.join(RULE_FIELDS)})", 2)
+    return {str(k): v for k, v in data.items()}
+
+
+def _show_rule(rule: Any, json_output: bool) -> None:
+    if json_output:
+        print_json(rule)
+        return
+    from rich.text import Text
+
+    data = plain(rule)
+    principals = data.get("principals") or {}
+    console = out()
+    for name in RULE_FIELDS:
+        value = data.get(name)
+        if name in ("inbound_from", "outbound_to") and isinstance(value, list):
+            shown = [_entry_label(str(e), principals) for e in value]
+            console.print(Text(f"{name}: {', '.join(shown) if shown else '(nobody)'}"))
+        else:
+            console.print(Text(f"{name}: {cell(value) if value is not None else 'no limit'}"))
+
+
+def _entry_label(entry: str, principals: dict[str, Any]) -> str:
+    who = principals.get(entry)
+    if not who or not who.get("name"):
+        return entry
+    org = f", {who['org_name']}" if who.get("org_name") and who.get("kind") != "org" else ""
+    return f"{entry} ({who['kind']} {who['name']}{org})"
+
+
+@rule_app.command("show")
+@handles_errors
+def rule_show(
+    agent_id: AgentId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """The agent's rule (the defaults when none was set), each id with who it is."""
+    with api(url, token) as client:
+        _show_rule(client.agents.rule.get(agent_id), json_output)
+
+
+@rule_app.command("set")
+@handles_errors
+def rule_set(
+    agent_id: AgentId,
+    file: Annotated[
+        Path,
+        typer.Option(
+            "--file",
+            "-f",
+            help="the rule as YAML or JSON (fields left out take their defaults)",
+            show_default=False,
+        ),
+    ],
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Replace the agent's rule with the file's (org key). Names in inbound_from/outbound_to
+    are resolved to ids by the server; the rule in force is printed."""
+    rule = read_rule_file(file)
+    with api(url, token) as client:
+        _show_rule(client.agents.rule.put(agent_id, rule), json_output)
+
+
 def register(app: typer.Typer) -> None:
-    """Add the ``agents`` and ``routines`` groups to ``app``."""
+    """Add the ``agents`` (with ``agents rule``) and ``routines`` groups to ``app``."""
     app.add_typer(agents_app, name="agents")
     app.add_typer(routines_app, name="routines")

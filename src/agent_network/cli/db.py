@@ -42,8 +42,13 @@ def _open_existing(data_dir: Path | None, db: str | None) -> Any:
     engine = create_engine(url)
 
     async def has_schema() -> bool:
-        async with engine.connect() as conn:
-            names = await conn.run_sync(lambda sync: sa_inspect(sync).get_table_names())
+        try:
+            async with engine.connect() as conn:
+                names = await conn.run_sync(lambda sync: sa_inspect(sync).get_table_names())
+        finally:
+            # each command runs its own event loop: pooled asyncpg connections are bound to
+            # this one, so none may be handed to the next
+            await engine.dispose()
         return "threads" in names
 
     try:

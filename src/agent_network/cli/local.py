@@ -9,6 +9,7 @@ kept, hidden, for scripts.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -130,14 +131,24 @@ def serve(
             "terminal, JSON lines otherwise",
         ),
     ] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=256,
+            help="server processes sharing the port (more than 1 needs a PostgreSQL database); "
+            "each runs its own in-process runner",
+        ),
+    ] = 1,
 ) -> None:
     """Run the API server on the embedded database (REST under /api/v1).
 
     The address is bound before anything is announced: a port in use is an error (exit 1)
-    and no banner, admin key or database change comes before it.
+    and no banner, admin key or database change comes before it. ``--workers N`` starts N
+    processes on the one port (PostgreSQL only: on SQLite it is an error, exit 2).
     """
     from agent_network.api import create_app
-    from agent_network.api.server import bind
+    from agent_network.api.server import bind, serve_workers
     from agent_network.api.server import serve as serve_app
     from agent_network.cli.logs import configure_logging
     from agent_network.services import create_admin_key, has_admin_key
@@ -146,6 +157,13 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:
         fail(f"unknown --log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}", 2)
     settings = _settings(database(data_dir, db), host=host, port=port, model=model)
+    if workers > 1 and not database_url(settings.database).startswith("postgresql"):
+        fail(
+            f"--workers {workers} needs a PostgreSQL database (--db postgresql://... or "
+            "AGENT_NETWORK_DATABASE): server processes on one SQLite file would each cache and "
+            "order threads alone. Use --workers 1 with SQLite.",
+            2,
+        )
     try:
         sock = bind(settings.host, settings.port)
     except (OSError, ValueError) as exc:
@@ -181,6 +199,26 @@ def serve(
             out().print(
                 Text.assemble("Platform admin key (shown once, keep it): ", (key, "bold yellow"))
             )
+        if workers > 1:
+            # the workers are spawned: they read the same settings from the environment
+            os.environ.update(
+                {
+                    "AGENT_NETWORK_DATABASE": settings.database,
+                    "AGENT_NETWORK_HOST": settings.host,
+                    "AGENT_NETWORK_PORT": str(bound_port),
+                    WORKER_LOG_LEVEL_ENV: log_level.lower(),
+                    **({"AGENT_NETWORK_MODEL": settings.model} if settings.model else {}),
+                }
+            )
+            out().print(f"{workers} server processes share the port")
+            serve_workers(
+                "agent_network.cli.local:worker_app",
+                workers=workers,
+                sock=sock,
+                ws_max_size=settings.max_body_bytes,
+                log_level=log_level.lower(),
+            )
+            return
         serve_app(
             create_app(settings.model_copy(update={"port": bound_port})),
             host=settings.host,
@@ -191,6 +229,20 @@ def serve(
         )
     finally:
         sock.close()
+
+
+WORKER_LOG_LEVEL_ENV = "AGENT_NETWORK_WORKER_LOG_LEVEL"
+"""Log level handed to the worker processes of ``serve --workers`` (set by ``serve``)."""
+
+
+def worker_app() -> Any:
+    """The app of one ``serve --workers`` process: logging as ``serve`` configured it, settings
+    from the environment (``AGENT_NETWORK_*``, set by ``serve``). A uvicorn app factory."""
+    from agent_network.api import create_app
+    from agent_network.cli.logs import configure_logging
+
+    configure_logging(os.environ.get(WORKER_LOG_LEVEL_ENV, "info"))
+    return create_app(Settings())
 
 
 def admin_key(data_dir: DataDirOption = None, db: DbOption = None) -> None:

@@ -84,7 +84,7 @@ def orgs_create(
         show_record(created, json_output=True)
         return
     out().print(Text(f"org {created.org.id} ({created.org.name})"))
-    out().print(Text(f"org key (shown once, keep it): {created.key}"))
+    out().print(Text(f"org key (shown once, keep it): {created.secret}"))
 
 
 @orgs_app.command("issue-key")
@@ -164,6 +164,43 @@ def credentials_revoke(
     """Revoke a credential at once."""
     with api(url, token) as client:
         show(client.credentials.revoke(credential_id), CREDENTIAL_COLUMNS, json_output=json_output)
+
+
+@credentials_app.command("rotate")
+@handles_errors
+def credentials_rotate(
+    credential_id: Annotated[str, typer.Argument(help="the credential's id (cred_...)")],
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Replace a credential by a new secret (same kind, subject, name, scopes and lifetime) and
+    revoke the old one, atomically; the new secret is printed once."""
+    with api(url, token) as client:
+        issued = client.credentials.rotate(credential_id)
+    if json_output:
+        show_record(issued, json_output=True)
+        return
+    out().print(Text(f"credential {issued.credential.id} replaces {credential_id} (revoked)"))
+    out().print(Text(f"secret (shown once, keep it): {issued.secret}"))
+
+
+@credentials_app.command("renew")
+@handles_errors
+def credentials_renew(
+    credential_id: Annotated[str, typer.Argument(help="the credential's id (cred_...)")],
+    expires_in: Annotated[
+        float,
+        typer.Option(min=1, help="seconds from now until it stops authenticating"),
+    ],
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Move a live credential's expiry to --expires-in seconds from now."""
+    with api(url, token) as client:
+        renewed = client.credentials.renew(credential_id, expires_in)
+    show(renewed, CREDENTIAL_COLUMNS, json_output=json_output)
 
 
 SinceOption = Annotated[str | None, typer.Option(help="ISO-8601 time, inclusive lower bound")]

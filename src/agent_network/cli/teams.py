@@ -22,7 +22,9 @@ from agent_network.cli.common import (
 )
 
 teams_app = typer_app("Teams of the caller's org, their members and roles.")
-networks_app = typer_app("Networks across orgs: create, invite, join, visas, revoke, close.")
+networks_app = typer_app(
+    "Networks across orgs: create, members, invite, invites, join, visas, revoke, leave, close."
+)
 
 TEAM_COLUMNS = ["id", "kind", "name", "org_id", "status", "created_at"]
 MEMBER_COLUMNS = ["kind", "id", "name", "role", "org_id", "org_name"]
@@ -137,6 +139,41 @@ def teams_role(
     with api(url, token) as client:
         member = client.teams.set_role(team_id, kind, member_id, role)
     show(member, MEMBER_COLUMNS, json_output=json_output)
+
+
+def _remove_member(
+    group: str,
+    team_id: str,
+    kind: str,
+    member_id: str,
+    url: str | None,
+    token: str | None,
+    json_output: bool,
+) -> None:
+    with api(url, token) as client:
+        getattr(client, group).remove_member(team_id, kind, member_id)
+    if json_output:
+        typer.echo(json.dumps({"removed": member_id, "kind": kind, "team_id": team_id}))
+    else:
+        out().print(Text(f"removed {kind} {member_id}"))
+
+
+MemberKind = Annotated[Kind, typer.Argument(help="agent or user")]
+MemberId = Annotated[str, typer.Argument(help="the member's id")]
+
+
+@teams_app.command("remove-member")
+@handles_errors
+def teams_remove_member(
+    team_id: TeamId,
+    kind: MemberKind,
+    member_id: MemberId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove a member from a team (the last owner cannot be removed)."""
+    _remove_member("teams", team_id, kind, member_id, url, token, json_output)
 
 
 @networks_app.command("list")
@@ -272,6 +309,67 @@ def networks_revoke(
         typer.echo(json.dumps({"revoked": visa_id, "network_id": network_id}))
     else:
         out().print(f"revoked visa {visa_id}", markup=False)
+
+
+@networks_app.command("remove-member")
+@handles_errors
+def networks_remove_member(
+    network_id: NetworkId,
+    kind: MemberKind,
+    member_id: MemberId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove one of the caller org's agents or users from a network."""
+    _remove_member("networks", network_id, kind, member_id, url, token, json_output)
+
+
+INVITE_COLUMNS = ["id", "network_id", "uses", "max_uses", "expires_at", "revoked"]
+
+
+@networks_app.command("invites")
+@handles_errors
+def networks_invites(
+    network_id: NetworkId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """A network's invites (host only): uses, expiry, revoked; never the code."""
+    with api(url, token) as client:
+        show(client.networks.invites.list(network_id), INVITE_COLUMNS, json_output=json_output)
+
+
+@networks_app.command("revoke-invite")
+@handles_errors
+def networks_revoke_invite(
+    network_id: NetworkId,
+    invite_id: Annotated[str, typer.Argument(help="the invite's id")],
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Revoke an invite (host only): its code admits nobody any more."""
+    with api(url, token) as client:
+        client.networks.invites.revoke(network_id, invite_id)
+    if json_output:
+        typer.echo(json.dumps({"revoked": invite_id, "network_id": network_id}))
+    else:
+        out().print(Text(f"revoked invite {invite_id}"))
+
+
+@networks_app.command("leave")
+@handles_errors
+def networks_leave(
+    network_id: NetworkId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """The caller's org leaves a network it joined: its visa ends, its members leave."""
+    with api(url, token) as client:
+        show(client.networks.leave(network_id), VISA_COLUMNS, json_output=json_output)
 
 
 @networks_app.command("close")

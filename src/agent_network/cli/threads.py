@@ -7,6 +7,7 @@ as written).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -59,6 +60,28 @@ def threads_list(
         show(client.threads.list(), THREAD_COLUMNS, json_output=json_output)
 
 
+def _member(text: str, option: str) -> tuple[str, str]:
+    """``agent:ID`` / ``user:ID`` as a pair; exits 2 naming ``option`` otherwise."""
+    kind, _, ident = text.partition(":")
+    if kind not in ("agent", "user") or not ident:
+        fail(f"{option} takes agent:ID or user:ID, not {text!r}", 2)
+    return kind, ident
+
+
+def _graph_file(path: Path) -> dict[str, Any]:
+    """A workflow graph (``TransitionGraph.to_dict()``) from a YAML or JSON file; exits 2
+    naming the file when it cannot be read or is not a mapping."""
+    import yaml  # type: ignore[import-untyped]
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        fail(f"{path}: cannot read the graph: {exc}", 2)
+    if not isinstance(data, dict):
+        fail(f"{path}: a graph is a mapping (TransitionGraph.to_dict())", 2)
+    return data
+
+
 @threads_app.command("create")
 @handles_errors
 def threads_create(
@@ -67,15 +90,81 @@ def threads_create(
     network: Annotated[
         str | None, typer.Option("--network", help="open it in this network (id)")
     ] = None,
+    adapter: Annotated[
+        str,
+        typer.Option(
+            help="protocol: open, conversation, consulting, discussion, workflow, round_robin "
+            "(a workflow over the participants in turn; needs --max-turns) or a custom adapter"
+        ),
+    ] = "open",
+    participant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--participant", "-p", help="agent:ID or user:ID; repeatable, in speaking order"
+        ),
+    ] = None,
+    initiator: Annotated[
+        str | None,
+        typer.Option(help="agent:ID or user:ID who opens it [default: the first participant]"),
+    ] = None,
+    no_acks: Annotated[
+        bool, typer.Option("--no-acks", help="start at once: nobody needs to acknowledge")
+    ] = False,
+    ttl: Annotated[float | None, typer.Option(help="seconds until it closes")] = None,
+    ack_timeout: Annotated[float | None, typer.Option(help="seconds the invitees have")] = None,
+    max_turns: Annotated[
+        int | None, typer.Option(min=1, help="round_robin: close after this many messages")
+    ] = None,
+    graph: Annotated[
+        Path | None, typer.Option(help="workflow: the transition graph, a YAML or JSON file")
+    ] = None,
+    visibility: Annotated[
+        str, typer.Option(help="members (every member reads it) or restricted (participants)")
+    ] = "members",
+    agent_budget: Annotated[
+        int | None, typer.Option(min=0, help="agent messages in a row without a person's")
+    ] = None,
     url: UrlOption = None,
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Open an open thread in a team (--team) or a network (--network), exactly one."""
+    """Open a thread in a team (--team) or a network (--network), exactly one: an open thread,
+    or a protocol thread with --adapter and its participants and knobs."""
     if (team is None) == (network is None):
         fail("give exactly one of --team or --network", 2)
+    if visibility not in ("members", "restricted"):
+        fail("--visibility is members or restricted", 2)
+    members = [_member(x, "--participant") for x in participant or []]
+    first = _member(initiator, "--initiator") if initiator else None
+    knobs: dict[str, Any] = {}
+    if adapter == "round_robin":
+        if max_turns is None:
+            fail("--adapter round_robin needs --max-turns", 2)
+        from agent_network.protocol.adapters.graph import TransitionGraph
+
+        lead = first or (members[0] if members else None)
+        speakers = ([lead[1]] if lead else []) + [m[1] for m in members if m != lead]
+        if len(speakers) < 2:
+            fail("--adapter round_robin needs two --participant or more", 2)
+        adapter = "workflow"
+        knobs["graph"] = TransitionGraph.round_robin(speakers, max_turns=max_turns).to_dict()
+    elif graph is not None:
+        knobs["graph"] = _graph_file(graph)
     with api(url, token) as client:
-        thread = client.threads.create(title, team_id=team, network_id=network)
+        thread = client.threads.create(
+            title,
+            team_id=team,
+            network_id=network,
+            adapter=adapter,
+            participants=members,
+            initiator=first,
+            invitees=[] if no_acks else None,
+            ttl=ttl,
+            ack_timeout=ack_timeout,
+            visibility=visibility,  # type: ignore[arg-type]
+            agent_budget=agent_budget,
+            **knobs,
+        )
     show(thread, THREAD_COLUMNS, json_output=json_output)
 
 
@@ -136,6 +225,68 @@ def threads_post(
         print_json(env)
     else:
         out().print(envelope_line(env))
+
+
+AsAgent = Annotated[str | None, typer.Option("--agent", help="as this agent of yours (id)")]
+AsUser = Annotated[str | None, typer.Option("--user", help="as this user of yours (id)")]
+ReasonOption = Annotated[str | None, typer.Option(help="why, in a few words (kept in the thread)")]
+
+
+def _as_one(agent: str | None, user: str | None) -> None:
+    if agent is not None and user is not None:
+        fail("give at most one of --agent or --user", 2)
+
+
+@threads_app.command("ack")
+@handles_errors
+def threads_ack(
+    thread_id: ThreadId,
+    agent: AsAgent = None,
+    user: AsUser = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Accept an invitation to a protocol thread as one of your agents or users (a token: as
+    itself); the last ack makes the thread active."""
+    _as_one(agent, user)
+    with api(url, token) as client:
+        thread = client.threads.ack(thread_id, agent_id=agent, user_id=user)
+    show(thread, THREAD_COLUMNS, json_output=json_output)
+
+
+@threads_app.command("reject")
+@handles_errors
+def threads_reject(
+    thread_id: ThreadId,
+    agent: AsAgent = None,
+    user: AsUser = None,
+    reason: ReasonOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Decline an invitation to a protocol thread: it closes (invite_rejected)."""
+    _as_one(agent, user)
+    with api(url, token) as client:
+        thread = client.threads.reject(thread_id, agent_id=agent, user_id=user, reason=reason)
+    show(thread, THREAD_COLUMNS, json_output=json_output)
+
+
+@threads_app.command("close")
+@handles_errors
+def threads_close(
+    thread_id: ThreadId,
+    reason: ReasonOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Close a thread (a participant's org, or for an open thread the org that made it or
+    hosts its team)."""
+    with api(url, token) as client:
+        thread = client.threads.close(thread_id, reason=reason)
+    show(thread, THREAD_COLUMNS, json_output=json_output)
 
 
 @threads_app.command("follow")

@@ -56,6 +56,7 @@ reply. Design: docs/architecture.md, "Hub clients: push, not poll".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -63,7 +64,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Literal, Protocol, Self
 
 import anyio
 import httpx
@@ -79,7 +80,7 @@ from agent_network.client.errors import (
     Unauthenticated,
 )
 from agent_network.client.models import Agent, Envelope, Resume, Thread, Tool, User
-from agent_network.client.rest import AsyncClient
+from agent_network.client.rest import AsyncClient, ParticipantSpec, ThreadOptions
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,10 @@ class Link(Protocol):
     context manager yielding the :class:`Inbox` of ``token``, resuming each thread after the
     durable ``cursor``; ``follow`` yields the envelopes of ``thread_id`` visible to ``token``
     with ``seq > after`` (or after the durable ``cursor``), in order, forever; ``ack`` moves that
-    cursor; ``token`` is the org key the link was opened with. Failures are SDK errors
+    cursor; ``post`` posts a message as ``token``'s own subject (``POST
+    /threads/{id}/messages``) and ``create_thread`` opens a thread in a team (``POST
+    /teams/{id}/threads``; both without HTTP over the embedded link); ``token`` is the org key
+    the link was opened with. Failures are SDK errors
     (:class:`~agent_network.client.ApiError` subclasses,
     :class:`~agent_network.client.TransportError`) or ``OSError``/``httpx.HTTPError``.
     Implementations: :class:`WsLink` here, ``agent_network.api.embedded.EmbeddedLink`` on the
@@ -169,6 +173,30 @@ class Link(Protocol):
     ) -> AsyncIterator[Envelope]: ...
 
     async def ack(self, token: str, thread_id: str, seq: int, cursor: str) -> None: ...
+
+    async def post(
+        self,
+        token: str,
+        thread_id: str,
+        content: str,
+        *,
+        idempotency_key: str | None = None,
+        causation_id: str | None = None,
+        audience: Iterable[str] | None = None,
+        tool_calls: Iterable[Mapping[str, Any]] | None = None,
+    ) -> Envelope: ...
+
+    async def create_thread(
+        self,
+        token: str,
+        team_id: str,
+        title: str,
+        *,
+        agent_budget: int | None = None,
+        visibility: Literal["members", "restricted"] = "members",
+        participants: Iterable[ParticipantSpec] = (),
+        options: ThreadOptions = ThreadOptions(),
+    ) -> Thread: ...
 
 
 class WsLink:
@@ -250,6 +278,48 @@ class WsLink:
         room = rt.rooms.get(thread_id)
         if room is not None:
             await room.ack(seq, cursor=cursor)
+
+    async def post(
+        self,
+        token: str,
+        thread_id: str,
+        content: str,
+        *,
+        idempotency_key: str | None = None,
+        causation_id: str | None = None,
+        audience: Iterable[str] | None = None,
+        tool_calls: Iterable[Mapping[str, Any]] | None = None,
+    ) -> Envelope:
+        """Post over REST (``POST /threads/{thread_id}/messages``) with ``token``."""
+        return await self.rest(token).threads.post(
+            thread_id,
+            content,
+            idempotency_key=idempotency_key,
+            causation_id=causation_id,
+            audience=audience,
+            tool_calls=tool_calls,
+        )
+
+    async def create_thread(
+        self,
+        token: str,
+        team_id: str,
+        title: str,
+        *,
+        agent_budget: int | None = None,
+        visibility: Literal["members", "restricted"] = "members",
+        participants: Iterable[ParticipantSpec] = (),
+        options: ThreadOptions = ThreadOptions(),
+    ) -> Thread:
+        """Open a thread over REST (``POST /teams/{team_id}/threads``) with ``token``."""
+        return await self.rest(token).teams.create_thread(
+            team_id,
+            title,
+            agent_budget=agent_budget,
+            visibility=visibility,
+            participants=participants,
+            **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)},
+        )
 
 
 # --------------------------------------------------------------------------- channels
@@ -351,7 +421,8 @@ class _Participant:
     ) -> Envelope:
         """Post ``text`` into ``thread_id`` as this participant (its own token); ``audience``
         and ``tool_calls`` as in :meth:`Channel.send`."""
-        return await self.rest.threads.post(
+        return await self.hub.link.post(
+            self.token,
             thread_id,
             text,
             idempotency_key=idempotency_key,
@@ -491,20 +562,28 @@ class AgentClient(_Participant):
         fields = {
             k: knobs.pop(k) for k in ("invitees", "names", "order", "agent_budget") if k in knobs
         }
-        participants = [("agent", self.id), *(("agent", a) for a in agent_ids)]
-        thread = await self.hub.rest.threads.create(
+        participants: list[ParticipantSpec] = [
+            ("agent", self.id),
+            *(("agent", a) for a in agent_ids),
+        ]
+        agent_budget = fields.pop("agent_budget", None)
+        thread = await self.hub.link.create_thread(
+            self.hub.link.token,
+            team,
             title,
-            team_id=team,
+            agent_budget=agent_budget,
             visibility="restricted" if restricted else "members",
             participants=participants,
-            adapter=adapter,
-            initiator=("agent", self.id) if adapter != "open" else None,
-            ttl=ttl,
-            ack_timeout=ack_timeout,
-            expectations=expectations,
-            graph=graph,
-            knobs=knobs or None,
-            **fields,
+            options=ThreadOptions(
+                adapter=adapter,
+                initiator=("agent", self.id) if adapter != "open" else None,
+                ttl=ttl,
+                ack_timeout=ack_timeout,
+                expectations=expectations,
+                graph=graph,
+                knobs=knobs or None,
+                **fields,
+            ),
         )
         return Channel(thread.id, self)
 

@@ -45,10 +45,11 @@ class Org(Model):
 
 
 class OrgCreated(Model):
-    """``POST /orgs`` (admin key): the org and its first key (shown only here)."""
+    """``POST /orgs`` (admin key): the org and the secret of its first org key (shown only
+    here)."""
 
     org: Org
-    key: str
+    secret: str
 
 
 class User(Model):

@@ -64,6 +64,9 @@ if TYPE_CHECKING:
     from agent_network.client.realtime import Realtime
 
 API_PREFIX = "/api/v1"
+NEXT_CURSOR_HEADER = "X-Next-Cursor"
+PAGE_LIMIT = 1000
+"""Items per page the SDK asks for when it follows a list's cursor (the server's maximum)."""
 
 Params = Mapping[str, Any]
 T = TypeVar("T")
@@ -148,6 +151,7 @@ class AsyncClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.page_limit = PAGE_LIMIT  # items per page when a list method follows the cursor
         self._http = httpx.AsyncClient(
             base_url=f"{self.base_url}{API_PREFIX}",
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
@@ -198,16 +202,52 @@ class AsyncClient:
         :class:`NotFound`) for any error answer, :class:`TransportError` when the server cannot
         be reached or the connection breaks.
         """
+        return decode(await self._send(method, path, json=json, params=params, timeout=timeout))
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Params | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpx's per-request timeout)
+    ) -> httpx.Response:
         kwargs: dict[str, Any] = {"params": _clean_params(params)}
         if json is not None:
             kwargs["json"] = json
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
-            response = await self._http.request(method, _path(path), **kwargs)
+            return await self._http.request(method, _path(path), **kwargs)
         except httpx.TransportError as exc:
             raise TransportError(f"{method} {path}: {exc!r}") from exc
-        return decode(response)
+
+    async def request_all(
+        self,
+        path: str,
+        *,
+        params: Params | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpx's per-request timeout)
+    ) -> list[Any]:
+        """``GET`` every page of a paginated list and return all its items, in order.
+
+        Each answer's ``X-Next-Cursor`` header (absent on the last page) is sent back as the
+        ``cursor`` query parameter; ``limit`` defaults to :attr:`page_limit` (1-1000) per page.
+        Errors as :meth:`request`.
+        """
+        query: dict[str, Any] = {"limit": self.page_limit, **(params or {})}
+        items: list[Any] = []
+        while True:
+            response = await self._send("GET", path, params=query, timeout=timeout)
+            page = decode(response)
+            if not isinstance(page, list):
+                raise TransportError(f"GET {path} answered {type(page).__name__}, not a list")
+            items.extend(page)
+            cursor = response.headers.get(NEXT_CURSOR_HEADER)
+            if not cursor:
+                return items
+            query["cursor"] = cursor
 
     async def stream_lines(
         self, method: str, path: str, *, params: Params | None = None
@@ -304,7 +344,7 @@ def _fill(template: str, fields: list[str], bound: Mapping[str, Any], base: str)
 
 
 def endpoint(
-    method: str, path: str, parse: Callable[[Any], T]
+    method: str, path: str, parse: Callable[[Any], T], *, paged: bool = False
 ) -> Callable[
     [Callable[Concatenate[R, P], Req]], Callable[Concatenate[R, P], Coroutine[Any, Any, T]]
 ]:
@@ -314,7 +354,9 @@ def endpoint(
     same name (URL-quoted; an empty or non-string id raises ``ValueError`` before any request);
     the answer is passed through ``parse`` (a model's ``model_validate`` or :func:`list_of`).
     The endpoint is recorded in :data:`ENDPOINTS`; a path starting with :data:`BASE` belongs to a
-    shared base class and is recorded once per subclass, with the subclass's ``base``.
+    shared base class and is recorded once per subclass, with the subclass's ``base``. A
+    ``paged`` endpoint (a ``GET`` list with cursor pagination) follows the cursor to the last
+    page and parses all the items (:meth:`AsyncClient.request_all`).
     """
     fields = [f for _, f, _, _ in string.Formatter().parse(path) if f and f != "base"]
 
@@ -333,6 +375,9 @@ def endpoint(
             bound = signature.bind(self, *args, **kwargs).arguments
             url = _fill(path, fields, bound, getattr(self, "base", ""))
             req = build(self, *args, **kwargs)
+            if paged:
+                every = await self._client.request_all(url, params=req.params, timeout=req.timeout)
+                return parse(every)
             answer = await self._client.request(
                 method, url, json=req.json, params=req.params, timeout=req.timeout
             )
@@ -443,7 +488,7 @@ class Orgs(Resource):
         """The org the credential belongs to."""
         return Req()
 
-    @endpoint("GET", "/orgs", list_of(Org))
+    @endpoint("GET", "/orgs", list_of(Org), paged=True)
     def list(self) -> Req:
         """Every org, oldest first (admin key only)."""
         return Req()
@@ -464,7 +509,7 @@ class Users(Resource):
         invitations to protocol threads automatically."""
         return Req({"name": name, "email": email, "auto_ack": auto_ack})
 
-    @endpoint("GET", "/users", list_of(User))
+    @endpoint("GET", "/users", list_of(User), paged=True)
     def list(self) -> Req:
         """The caller org's users."""
         return Req()
@@ -521,7 +566,7 @@ class Routines(Resource):
             }
         )
 
-    @endpoint("GET", "/agents/{agent_id}/routines", list_of(Routine))
+    @endpoint("GET", "/agents/{agent_id}/routines", list_of(Routine), paged=True)
     def list(self, agent_id: str) -> Req:
         """An agent's routines."""
         return Req()
@@ -591,7 +636,7 @@ class AgentKnowledge(Resource):
         all or nothing."""
         return Req({"documents": _documents(documents)})
 
-    @endpoint("GET", "/agents/{agent_id}/knowledge", list_of(Document))
+    @endpoint("GET", "/agents/{agent_id}/knowledge", list_of(Document), paged=True)
     def list(self, agent_id: str) -> Req:
         """Documents attached to the agent."""
         return Req()
@@ -605,7 +650,7 @@ class Secrets(Resource):
         """Set (create or replace) a secret."""
         return Req({"value": value})
 
-    @endpoint("GET", "/agents/{agent_id}/secrets", list_of(Secret))
+    @endpoint("GET", "/agents/{agent_id}/secrets", list_of(Secret), paged=True)
     def list(self, agent_id: str) -> Req:
         """Names and times of the agent's secrets."""
         return Req()
@@ -652,7 +697,7 @@ class Agents(Resource):
             }
         )
 
-    @endpoint("GET", "/agents", list_of(Agent))
+    @endpoint("GET", "/agents", list_of(Agent), paged=True)
     def list(self) -> Req:
         """The caller org's agents."""
         return Req()
@@ -803,7 +848,7 @@ class TeamLike(Resource):
         """Create one: a team in the caller's org, a network hosted by it."""
         return Req({"name": name, "description": description})
 
-    @endpoint("GET", "{base}", list_of(Team))
+    @endpoint("GET", "{base}", list_of(Team), paged=True)
     def list(self) -> Req:
         """The teams the caller can see; the networks its org hosts or belongs to."""
         return Req()
@@ -832,7 +877,7 @@ class TeamLike(Resource):
         """Add one of the caller org's agents (``agent_id``) or users (``user_id``)."""
         return Req({"agent_id": agent_id, "user_id": user_id, "role": role})
 
-    @endpoint("GET", "{base}/{team_id}/members", list_of(Member))
+    @endpoint("GET", "{base}/{team_id}/members", list_of(Member), paged=True)
     def members(self, team_id: str) -> Req:
         """Its members (of a network: of every member org)."""
         return Req()
@@ -883,7 +928,7 @@ class TeamLike(Resource):
         )
         return Req(_thread_body(title, agent_budget, visibility, participants, options))
 
-    @endpoint("GET", "{base}/{team_id}/threads", list_of(Thread))
+    @endpoint("GET", "{base}/{team_id}/threads", list_of(Thread), paged=True)
     def threads(self, team_id: str) -> Req:
         """Its threads visible to the caller."""
         return Req()
@@ -915,7 +960,7 @@ class Invites(Resource):
         ``join_code`` is only in this answer."""
         return Req({"expires_in": expires_in, "max_uses": max_uses})
 
-    @endpoint("GET", "/networks/{network_id}/invites", list_of(Invite))
+    @endpoint("GET", "/networks/{network_id}/invites", list_of(Invite), paged=True)
     def list(self, network_id: str) -> Req:
         """The network's invites (uses, expiry, revocation; never the code)."""
         return Req()
@@ -929,7 +974,7 @@ class Invites(Resource):
 class Visas(Resource):
     """``client.networks.visas``: the orgs admitted into a network."""
 
-    @endpoint("GET", "/networks/{network_id}/visas", list_of(Visa))
+    @endpoint("GET", "/networks/{network_id}/visas", list_of(Visa), paged=True)
     def list(self, network_id: str) -> Req:
         """All visas for the host org; only its own for a member org."""
         return Req()
@@ -1037,7 +1082,7 @@ class Threads(Resource):
             knobs=knobs,
         )
 
-    @endpoint("GET", "/threads", list_of(Thread))
+    @endpoint("GET", "/threads", list_of(Thread), paged=True)
     def list(self) -> Req:
         """Every thread the caller can see (its teams' and networks')."""
         return Req()
@@ -1224,7 +1269,7 @@ class Knowledge(Resource):
         """Attach org-wide documents (dicts or ``(name, content)`` tuples), all or nothing."""
         return Req({"documents": _documents(documents)})
 
-    @endpoint("GET", "/knowledge", list_of(Document))
+    @endpoint("GET", "/knowledge", list_of(Document), paged=True)
     def list(self) -> Req:
         """The org's org-wide documents."""
         return Req()
@@ -1266,7 +1311,7 @@ class Credentials(Resource):
             body["expires_in"] = expires_in
         return Req(body)
 
-    @endpoint("GET", "/credentials", list_of(Credential))
+    @endpoint("GET", "/credentials", list_of(Credential), paged=True)
     def list(self) -> Req:
         """The org's credentials, without secrets."""
         return Req()

@@ -12,24 +12,37 @@ committer was writing (if any) has committed. A batch prepared after the bump re
 append checked before it with :class:`AccessChangedError`, and the caller checks again. So once a
 revocation is acknowledged, no append checked against the old access commits.
 
-The committer is the only writer of envelopes in this process. Ordering across processes (a
-later PostgreSQL deployment) rests on the ``(thread_id, seq)`` primary key: a conflicting batch
-fails, its threads are reloaded from the store and the appends are refused with a retryable error.
+The committer is the only writer of envelopes in this process. On PostgreSQL several server
+processes append to one database (docs/architecture.md, "Several servers on one PostgreSQL"):
+
+- each batch transaction first takes a transaction-scoped advisory lock per thread of the batch
+  (sorted: no deadlock), then reads the threads' heads and steps each cached state over what
+  other processes appended since (only those envelopes), so no batch is stamped on a stale fold;
+  the idempotency lookup runs under the same locks, so keys hold across processes;
+- the ``(thread_id, seq)`` primary key stays the arbiter: a batch that still conflicts (a unique
+  violation) is prepared again from fresh states (nothing was acknowledged yet);
+- the batch sends ``NOTIFY an_wal`` (delivered at commit); each hub ``LISTEN``s and, for threads
+  someone here follows, reads the WAL after the last seq it published and publishes in seq
+  order. Every publication goes through one watermark per thread, so subscribers get each
+  envelope once, in seq order, without a gap (a gap is filled from the WAL first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agent_network.errors import (
@@ -47,8 +60,13 @@ from agent_network.protocol.knobs import STATUS_CLOSING
 from agent_network.protocol.lifecycle import admit, person_message, reply_key
 from agent_network.protocol.state import ThreadState
 from agent_network.store.audit import audit_row
-from agent_network.store.wal import read_envelopes
-from agent_network.store.wal_writer import WalSession, WalWriter, open_wal_writer
+from agent_network.store.wal import listen_wal, read_after_many, read_envelopes, seq_ranges_since
+from agent_network.store.wal_writer import (
+    WalConflictError,
+    WalSession,
+    WalWriter,
+    open_wal_writer,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +110,8 @@ class _BatchResult:
     duplicates: list[tuple[_Pending, Envelope]] = field(default_factory=list)
     refused: list[tuple[_Pending, AgentNetworkError]] = field(default_factory=list)
     states: dict[str, ThreadState] = field(default_factory=dict)
+    # envelopes other processes committed, found while catching the cached states up
+    seen: list[Envelope] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +234,16 @@ class Hub:
         self._batches_started = 0
         self._batches_finished = 0
         self._batch_done = asyncio.Event()
+        # Cross-process (PostgreSQL): the last seq published here per thread, the threads
+        # to read from the WAL (thread id -> first seq notified), and whether we listen at all.
+        self._published: dict[str, int] = {}
+        self._behind: dict[str, int] = {}
+        self._behind_event = asyncio.Event()
+        self.shared = engine.dialect.name == "postgresql"
+        self.conflicts = 0  # batches prepared again after a unique violation
+        # envelopes created from this moment (less a clock-skew margin) are news to subscribers
+        self._since = datetime.fromtimestamp(time.time() - _START_SKEW, UTC).isoformat()
+        self._listen_lost_at: float | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -246,6 +276,9 @@ class Hub:
     async def _start(self, tg: TaskGroup, sweep_interval: float | None = None) -> None:
         writer = await open_wal_writer(self.engine)
         tg.start_soon(self._committer, writer)
+        if self.shared:
+            await tg.start(self._listen)
+            tg.start_soon(self._follow)
         self._sweeper = Sweeper(self)
         if sweep_interval:
             tg.start_soon(self._sweeper.run, sweep_interval)
@@ -329,6 +362,26 @@ class Hub:
             return state  # no such thread (yet): nothing to cache
         # setdefault: a state the committer stored meanwhile is at least as new as this one
         return self._states.setdefault(thread_id, state)
+
+    async def fresh_state(self, thread_id: str) -> ThreadState:
+        """The state of ``thread_id`` including every envelope committed so far by any process
+        (on PostgreSQL the cached state is stepped over what the WAL holds after it; elsewhere
+        the same as :meth:`state`)."""
+        state = await self.state(thread_id)
+        if not self.shared or state.last_seq == 0:
+            return state
+        newer = await self.read(thread_id, after=state.last_seq)
+        for env in newer:
+            if env.seq == state.last_seq + 1:
+                state = step(state, env)
+        self._keep_state(state)
+        return state
+
+    def _keep_state(self, state: ThreadState) -> None:
+        """Cache ``state`` unless the cache already holds a newer one of its thread."""
+        cur = self._states.get(state.thread_id)
+        if cur is None or cur.last_seq < state.last_seq:
+            self._states[state.thread_id] = state
 
     def cached_states(self) -> dict[str, ThreadState]:
         """A snapshot of the thread states held in memory, by thread id (what the sweeper
@@ -425,9 +478,21 @@ class Hub:
         if not batch:
             return
         try:
-            await writer.transaction(
-                lambda session: self._prepare(session, batch), then=self._committed
-            )
+            for attempt in range(_CONFLICT_RETRIES + 1):
+                try:
+                    await writer.transaction(
+                        lambda session: self._prepare(session, batch), then=self._committed
+                    )
+                    return
+                except (IntegrityError, WalConflictError):
+                    # another writer took a (thread_id, seq) or an idempotency key first (the
+                    # advisory locks make this rare): nothing was written or acknowledged, so
+                    # prepare the batch again from states read afresh
+                    self.conflicts += 1
+                    for p in batch:
+                        self.forget(p.thread_id)
+                    if attempt == _CONFLICT_RETRIES:
+                        raise
         except Exception as exc:
             log.error("hub.commit_failed", error=repr(exc))
             for p in batch:
@@ -442,7 +507,8 @@ class Hub:
         new states, acknowledgements, long-poll wake-ups, fan-out (all synchronous)."""
         if result.accepted:
             self.batches += 1
-        self._states.update(result.states)
+        for state in result.states.values():
+            self._keep_state(state)
         states = result.states
         if self._sweeper is not None and any(
             states[env.thread_id].status == STATUS_CLOSING for _, env in result.accepted
@@ -461,15 +527,46 @@ class Hub:
             ev = self._events.pop(thread_id, None)
             if ev is not None:
                 ev.set()
-        if result.accepted and self._subscribers:
-            self._publish([env for _, env in result.accepted])
+        if result.accepted or result.seen:
+            self._deliver([*result.seen, *(env for _, env in result.accepted)])
 
     def _prepare(self, session: WalSession, batch: list[_Pending]) -> _BatchResult:
-        """Validate, stamp and insert ``batch`` (runs in the writer, inside its transaction)."""
-        keys = [(p.thread_id, p.idempotency_key) for p in batch if p.idempotency_key]
-        existing = session.find_by_idempotency(keys) if keys else {}
+        """Validate, stamp and insert ``batch`` (runs in the writer, inside its transaction).
+
+        On a shared store (PostgreSQL) first lock the batch's threads and catch their cached
+        states up with what other processes appended (module docstring)."""
         result = _BatchResult()
         work = result.states
+        if session.shared:
+            threads = sorted({p.thread_id for p in batch})
+            # the orgs audited into: each accepted or refused append audits its sender's org
+            session.lock_threads(threads, sorted({p.proposal.sender.org_id for p in batch}))
+            heads = session.heads(threads)
+            for tid in threads:
+                head = heads.get(tid, 0)
+                if head == 0:
+                    continue  # no such thread yet (a thread.created in the batch creates it)
+                cached = self._states.get(tid)
+                first_sight = tid not in self._published
+                if cached is None or cached.last_seq > head or first_sight:
+                    # (last_seq > head cannot happen with one store)
+                    history = session.read_envelopes(tid)
+                    work[tid] = fold(tid, history)
+                    if first_sight:
+                        # nothing of this thread published here yet: what was committed since
+                        # this hub started is news to its subscribers (the notifications may
+                        # still be on the way); older history is not
+                        result.seen.extend(e for e in history if e.created_at >= self._since)
+                    continue
+                caught = cached
+                if cached.last_seq < head:
+                    newer = session.read_after(tid, cached.last_seq)
+                    for env in newer:
+                        caught = step(caught, env)
+                    result.seen.extend(newer)
+                work[tid] = caught
+        keys = [(p.thread_id, p.idempotency_key) for p in batch if p.idempotency_key]
+        existing = session.find_by_idempotency(keys) if keys else {}
         audits: list[dict[str, Any]] = []
         epoch = self.access_epoch
         for p in batch:
@@ -500,6 +597,12 @@ class Hub:
                 existing[(p.thread_id, p.idempotency_key)] = env
         session.insert_envelopes([env for _, env in result.accepted])
         session.insert_audit(audits)
+        if session.shared and result.accepted:
+            ranges: dict[str, tuple[int, int]] = {}
+            for _, env in result.accepted:
+                first = ranges.get(env.thread_id, (env.seq, env.seq))[0]
+                ranges[env.thread_id] = (first, env.seq)
+            session.notify([(t, a, b) for t, (a, b) in ranges.items()])
         return result
 
     @staticmethod
@@ -511,6 +614,128 @@ class Hub:
             raise ThreadClosedError("thread already exists")
         # lifecycle, membership, audience, budget, then the adapter (pure)
         admit(state, prop, answers_person=answers_person)
+
+    def _deliver(self, envs: Iterable[Envelope]) -> None:
+        """Publish ``envs`` (each thread's in ascending seq order) exactly once per seq and in
+        seq order per thread: those at or below the thread's watermark were published already;
+        a seq beyond ``watermark + 1`` means envelopes committed elsewhere are not read yet, so
+        that thread waits for :meth:`_follow` to read them from the WAL."""
+        out: list[Envelope] = []
+        published = self._published
+        gapped: set[str] = set()
+        for env in envs:
+            tid = env.thread_id
+            if tid in gapped:
+                continue
+            mark = published.get(tid)
+            if mark is not None and env.seq <= mark:
+                continue
+            if mark is not None and env.seq != mark + 1 and self.shared:
+                gapped.add(tid)
+                self._mark_behind(tid, mark + 1)
+                continue
+            published[tid] = env.seq
+            out.append(env)
+        if out and self._subscribers:
+            self._publish(out)
+
+    def _interested(self, thread_id: str) -> bool:
+        return bool(
+            self._everything
+            or thread_id in self._by_thread
+            or thread_id in self._states
+            or thread_id in self._events
+        )
+
+    def _mark_behind(self, thread_id: str, first: int) -> None:
+        cur = self._behind.get(thread_id)
+        self._behind[thread_id] = first if cur is None else min(cur, first)
+        self._behind_event.set()
+
+    def _notified(self, thread_id: str, first: int, last: int) -> None:
+        """A commit (of any process, this one included) appended ``first``..``last`` to
+        ``thread_id``."""
+        mark = self._published.get(thread_id)
+        if mark is not None and mark >= last:
+            return  # published here already (our own commit, usually)
+        if self._interested(thread_id):
+            self._mark_behind(thread_id, first)
+        else:  # nobody here follows it: nothing to publish, but a later follower starts here
+            self._published[thread_id] = last
+
+    def _listen_connected(self, alive_at: float | None) -> None:
+        if alive_at is not None:  # a reconnect: _follow catches up on what may have been missed
+            lost = self._listen_lost_at
+            self._listen_lost_at = alive_at if lost is None else min(lost, alive_at)
+            self._behind_event.set()
+
+    async def _listen(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await listen_wal(
+            self.engine, self._notified, self._listen_connected, task_status=task_status
+        )
+
+    async def _follow(self) -> None:
+        """Read what other processes committed to the threads :meth:`_notified` marked, step the
+        cached states, wake long-polls and publish (until cancelled)."""
+        while True:
+            await self._behind_event.wait()
+            self._behind_event.clear()
+            try:
+                await self._catch_up()
+            except Exception as exc:  # the store is unreachable: try again shortly
+                log.warning("hub.follow_failed", error=repr(exc))
+                await anyio.sleep(0.5)
+                self._behind_event.set()
+
+    async def _catch_up(self) -> None:
+        with anyio.CancelScope(shield=True):
+            async with self.engine.connect() as conn:
+                lost_at = self._listen_lost_at
+                if lost_at is not None:
+                    # the LISTEN connection was lost: notifications may be missing; what was
+                    # created since shortly before (clock skew between servers) tells which
+                    stamp = datetime.fromtimestamp(lost_at - _MISSED_MARGIN, UTC).isoformat()
+                    ranges = await seq_ranges_since(conn, stamp)
+                    if self._listen_lost_at == lost_at:  # (not lost again meanwhile)
+                        self._listen_lost_at = None
+                    for tid, (first, last) in ranges.items():
+                        self._notified(tid, first, last)
+                behind, self._behind = self._behind, {}
+                if not behind:
+                    return
+                positions = {
+                    tid: self._published.get(tid, first - 1) for tid, first in behind.items()
+                }
+                try:
+                    envs = await read_after_many(conn, positions)
+                except BaseException:
+                    for tid, first in behind.items():  # read them next time
+                        self._mark_behind(tid, first)
+                    raise
+        self._apply_remote(envs)
+
+    def _apply_remote(self, envs: list[Envelope]) -> None:
+        """Step the cached states over ``envs`` (committed by any process, in thread and seq
+        order), wake long-polls, publish."""
+        closing = False
+        for env in envs:
+            tid = env.thread_id
+            cached = self._states.get(tid)
+            if cached is None:
+                if env.seq == 1:  # a new thread: its whole history is here (the sweeper sees it)
+                    self._states[tid] = fold(tid, [env])
+            elif cached.last_seq == env.seq - 1:
+                self._states[tid] = step(cached, env)
+            elif cached.last_seq < env.seq - 1:
+                self.forget(tid)  # a gap: fold again from the WAL when next needed
+            state = self._states.get(tid)
+            closing = closing or (state is not None and state.status == STATUS_CLOSING)
+            ev = self._events.pop(tid, None)
+            if ev is not None:
+                ev.set()
+        if closing and self._sweeper is not None:
+            self._sweeper.poke()
+        self._deliver(envs)
 
     def _publish(self, envs: list[Envelope]) -> None:
         """Hand each envelope to the subscriptions of its thread and to those of every thread,
@@ -547,6 +772,14 @@ class Hub:
         if self._sweeper is None:
             raise HubClosedError("the hub is not running: open it with Hub.open")
         return await self._sweeper.sweep(now, thread_ids)
+
+
+_CONFLICT_RETRIES = 5
+"""How many times a batch that hit a unique violation is prepared again before failing."""
+_MISSED_MARGIN = 60.0
+"""Seconds before a lost ``LISTEN`` connection from which commits are re-read (clock skew)."""
+_START_SKEW = 5.0
+"""Seconds before a hub's start from which envelopes committed elsewhere count as news."""
 
 
 def _answers_person(

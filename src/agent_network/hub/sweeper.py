@@ -49,6 +49,10 @@ class SweptHub(Protocol):
         """The current folded state of ``thread_id``."""
         ...
 
+    async def fresh_state(self, thread_id: str) -> ThreadState:
+        """The state of ``thread_id`` with every envelope committed so far by any process."""
+        ...
+
     async def append(
         self,
         thread_id: str,
@@ -85,6 +89,11 @@ class Sweeper:
 
     It watches the threads found by one scan of the store (on the first sweep) plus every
     thread whose cached state needs it; threads without deadlines cost nothing.
+
+    Several server processes on one PostgreSQL each run one: every envelope it writes carries
+    an idempotency key derived from what it is about, looked up under the thread's lock against
+    the fresh state, so a deadline fires once whichever process sweeps first (the others get the
+    stored envelope back).
     """
 
     def __init__(self, hub: SweptHub) -> None:
@@ -130,10 +139,17 @@ class Sweeper:
         for _ in range(_MAX_STEPS):
             with anyio.CancelScope(shield=True):  # a store read: see sweep()
                 state = await self.hub.state(thread_id)
+                due = next_due(state, now) if needs_sweep(state) else None
+                if due is not None:
+                    # something is due by the cache: read what the WAL holds beyond it first
+                    # (on PostgreSQL another server may have swept, or answered, already)
+                    fresh = await self.hub.fresh_state(thread_id)
+                    if fresh.last_seq != state.last_seq:
+                        state = fresh
+                        due = next_due(state, now) if needs_sweep(state) else None
             if not needs_sweep(state):
                 self._watched.discard(thread_id)
                 break
-            due = next_due(state, now)
             if due is None:
                 break
             try:

@@ -86,20 +86,30 @@ def _split_long(paras: list[str], max_chars: int) -> list[str]:
     return out
 
 
-def fts_query(text: str, *, max_terms: int = 24) -> str:
-    """An FTS5 MATCH expression for free ``text``: its distinct non-stop-words, OR-ed, quoted.
+def search_terms(text: str, *, max_terms: int = 24) -> list[str]:
+    """The search terms of free ``text``: its distinct lower-cased words of 2+ characters that
+    are not stop words, in order of first appearance, at most ``max_terms``.
 
-    Quoting every term makes any user text safe (no FTS syntax injection). Returns "" when the
-    text has no usable word.
+    A word may hold inner ``'`` or ``-`` (``don't``, ``state-of-the-art``): both search engines
+    treat it as a phrase of its parts. Returns [] when the text has no usable word.
     """
     terms: list[str] = []
     seen: set[str] = set()
     for word in _WORD.findall(text.lower()):
-        word = word.strip("'-")
+        word = word.strip("'-").replace('"', "")
         if len(word) < 2 or word in _STOP or word in seen:
             continue
         seen.add(word)
-        terms.append('"' + word.replace('"', "") + '"')
+        terms.append(word)
         if len(terms) >= max_terms:
             break
-    return " OR ".join(terms)
+    return terms
+
+
+def fts_query(text: str, *, max_terms: int = 24) -> str:
+    """An FTS5 MATCH expression for free ``text``: its :func:`search_terms`, quoted, OR-ed.
+
+    Quoting every term makes any user text safe (no FTS syntax injection). Returns "" when the
+    text has no usable word.
+    """
+    return " OR ".join(f'"{term}"' for term in search_terms(text, max_terms=max_terms))

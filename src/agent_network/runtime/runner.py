@@ -445,7 +445,7 @@ class Runner:
 
     async def claim(self, job: Job, *, renew: bool = False) -> Claimed:
         """Claim the trigger in ``runner_claims``; on a first grant build the participate job
-        (:func:`build_job`, with the access epoch read before its checks as the token)."""
+        (:func:`build_job`)."""
         trigger = job.trigger
         if not renew:
             key = reply_key(job.agent_id, trigger.id)
@@ -457,9 +457,8 @@ class Runner:
             return Claimed(False, retry_in=max(0.0, state.expires_at - time.time()))
         if state.outcome != "granted" or renew or job.preset == "triage":
             return Claimed(state.outcome == "granted")
-        checked_at = self.ctx.access_epoch  # before the access checks (append_as_agent)
         spec = await build_job(self.ctx, self.rules, job, knowledge=self.knowledge)
-        return Claimed(True, spec, token=checked_at)
+        return Claimed(True, spec)
 
     async def _claim(self, job: Job) -> ClaimState:
         async with write_transaction(self.ctx.engine) as conn:
@@ -520,7 +519,6 @@ class Runner:
             content,
             tool_calls=tool_calls,
             audience=spec.audience,
-            checked_at=claimed.token,
         )
         return posted is not None
 

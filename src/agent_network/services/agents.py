@@ -15,6 +15,7 @@ from agent_network.services.base import ServiceContext, record
 from agent_network.services.claims import agent_in_thread
 from agent_network.services.models import check_model, resolve_model_name
 from agent_network.services.orgs import soft_delete_member
+from agent_network.services.paging import Key, keyset
 from agent_network.services.principal import Principal
 from agent_network.services.rules import RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import own_agent, require_org, visible_thread
@@ -151,14 +152,18 @@ class AgentService:
             ) from None
         return row
 
-    async def list_agents(self, principal: Principal) -> list[dict[str, Any]]:
-        """The caller's live agents, oldest first."""
+    async def list_agents(
+        self, principal: Principal, *, after: Key | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The caller's live agents, oldest first (by ``(created_at, id)``; a keyset page with
+        ``after``/``limit``, see :mod:`~agent_network.services.paging`)."""
         org_id = require_org(principal)
         async with self.ctx.engine.connect() as conn:
-            q = (
-                select(agents)
-                .where(agents.c.org_id == org_id, agents.c.deleted_at.is_(None))
-                .order_by(agents.c.created_at)
+            q = keyset(
+                select(agents).where(agents.c.org_id == org_id, agents.c.deleted_at.is_(None)),
+                (agents.c.created_at, agents.c.id),
+                after,
+                limit,
             )
             return [_agent(r) for r in (await conn.execute(q)).mappings()]
 
@@ -313,14 +318,23 @@ class AgentService:
                 raise InvalidRequestError(f"{key}: {err.message}") from None
         return config.model_dump(mode="json")
 
-    async def list_routines(self, principal: Principal, agent_id: str) -> list[dict[str, Any]]:
-        """Routines of one of the caller's agents."""
+    async def list_routines(
+        self,
+        principal: Principal,
+        agent_id: str,
+        *,
+        after: Key | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Routines of one of the caller's agents, oldest first (a keyset page by
+        ``(created_at, id)`` with ``after``/``limit``)."""
         async with self.ctx.engine.connect() as conn:
             await own_agent(conn, principal, agent_id)
-            q = (
-                select(routines)
-                .where(routines.c.agent_id == agent_id)
-                .order_by(routines.c.created_at)
+            q = keyset(
+                select(routines).where(routines.c.agent_id == agent_id),
+                (routines.c.created_at, routines.c.id),
+                after,
+                limit,
             )
             return [_routine(r) for r in (await conn.execute(q)).mappings()]
 

@@ -113,9 +113,10 @@ class AuditService:
         **filters: str | None,
     ) -> list[dict[str, Any]]:
         """The caller org's audit records, oldest first, filtered by ``filters`` (the keyword
-        arguments of :func:`audit_filter`); ``after_id`` pages, ``limit`` 1-1000."""
+        arguments of :func:`audit_filter`); ``after_id`` pages, ``limit`` 1-1001 (the API asks
+        one more than the page's 1-1000 to learn whether a next page exists)."""
         org_id = require_org(principal)
-        if not 1 <= limit <= 1000:
+        if not 1 <= limit <= 1001:
             raise InvalidRequestError("limit must be between 1 and 1000")
         if after_id < 0:
             raise InvalidRequestError("after_id must be >= 0")

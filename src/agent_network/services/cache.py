@@ -1,4 +1,4 @@
-"""Per-process caches of *positive* decisions, tagged with the context's epochs.
+"""Per-process caches of *positive* decisions, tagged with the context's epochs and bounded in age.
 
 A cached decision is only ever a permission that was checked against the database ("this
 principal may post in this thread as this sender"); a refusal is never cached, so every refused
@@ -13,10 +13,14 @@ Invalidation (see :class:`agent_network.services.base.ServiceContext`):
   membership added, a thread's visibility or participants). An entry is served only while both
   epochs are the ones it was read under — the epochs are taken *before* the database read, so a
   change that commits during the read makes the entry stale at once.
-- Every entry also expires :data:`DECISION_TTL` seconds after it was read. That is the staleness
-  bound for changes made by *another* process on the same database (several API processes):
-  their epoch bumps are not seen here, so a removal made there takes effect here at most
-  ``DECISION_TTL`` seconds later.
+- Every entry also expires :data:`DECISION_TTL` seconds after its database read *began*: the
+  read is taken to begin at the earliest :meth:`DecisionCache.get` that missed the key less
+  than ``DECISION_TTL`` ago (every caller misses, reads, then puts), or at the put when none
+  did. That is the staleness bound for changes made by *another* process on the same database
+  (several API processes on one PostgreSQL): their epoch bumps are not seen here, but a removal
+  committed there at time T is seen by every read that begins after T, and every entry read
+  from before T expires by T + ``DECISION_TTL`` — so no process acts on a revoked grant past
+  that bound. (Counting from the put instead would stretch the bound by the read's duration.)
 - The cache is a bounded LRU (:data:`DECISION_MAX` entries per cache).
 """
 
@@ -56,6 +60,8 @@ class DecisionCache(Generic[V]):
         self.ttl = ttl
         self._clock = clock
         self._entries: OrderedDict[Hashable, tuple[V, Epoch, float]] = OrderedDict()
+        # when a get() last missed each key: the start of the read whose put() follows
+        self._missed_at: OrderedDict[Hashable, float] = OrderedDict()
         self.hits = 0  # get() answered from the cache
         self.misses = 0  # get() found nothing valid
         self.stores = 0  # put() calls: decisions made (read from the database)
@@ -74,13 +80,26 @@ class DecisionCache(Generic[V]):
                 return value
             del self._entries[key]
         self.misses += 1
+        now = self._clock()
+        first = self._missed_at.get(key)
+        if first is None or now - first >= self.ttl:
+            # keep the earliest miss of a read still going on (several callers may wait for the
+            # same read): an entry then expires early at worst, never late
+            self._missed_at[key] = now
+        self._missed_at.move_to_end(key)
+        while len(self._missed_at) > self.max_entries:
+            self._missed_at.popitem(last=False)  # a refused key is never put: keep this bounded
         return None
 
     def put(self, key: Hashable, value: V, epoch: Epoch) -> None:
-        """Store ``value`` (a positive decision read under ``epoch``); evicts the least recently
-        used entry past ``max_entries``."""
+        """Store ``value`` (a positive decision read under ``epoch``), valid until ``ttl`` seconds
+        after the :meth:`get` that missed ``key`` (the start of its read; now if none);
+        evicts the least recently used entry past ``max_entries``."""
         self.stores += 1
-        self._entries[key] = (value, epoch, self._clock() + self.ttl)
+        read_at = self._missed_at.pop(key, None)
+        now = self._clock()
+        started = now if read_at is None else min(read_at, now)
+        self._entries[key] = (value, epoch, started + self.ttl)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -88,3 +107,4 @@ class DecisionCache(Generic[V]):
     def clear(self) -> None:
         """Drop every entry."""
         self._entries.clear()
+        self._missed_at.clear()

@@ -21,6 +21,7 @@ from agent_network.errors import InvalidRequestError, NotFoundError
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.orgs import PREFIX_OF_KIND
+from agent_network.services.paging import Key, keyset
 from agent_network.services.principal import (
     ALL_SCOPES,
     Principal,
@@ -138,14 +139,18 @@ class CredentialService:
             )
         return {"credential": _public(row), "secret": secret}
 
-    async def list_credentials(self, principal: Principal) -> list[dict[str, Any]]:
-        """The org's credentials (live and revoked), without secrets or hashes."""
+    async def list_credentials(
+        self, principal: Principal, *, after: Key | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The org's credentials (live and revoked), without secrets or hashes, oldest first
+        (a keyset page by ``(created_at, id)`` with ``after``/``limit``)."""
         org_id = require_org_key(principal, "managing credentials")
         async with self.ctx.engine.connect() as conn:
-            q = (
-                select(credentials)
-                .where(credentials.c.org_id == org_id)
-                .order_by(credentials.c.created_at)
+            q = keyset(
+                select(credentials).where(credentials.c.org_id == org_id),
+                (credentials.c.created_at, credentials.c.id),
+                after,
+                limit,
             )
             return [_public(r) for r in (await conn.execute(q)).mappings()]
 

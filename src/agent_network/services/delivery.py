@@ -39,7 +39,7 @@ from agent_network.services.scope import (
     thread_readable,
     visible_thread,
 )
-from agent_network.store.cursors import advance_cursor, read_cursor
+from agent_network.store.cursors import advance_cursor, advance_cursors, read_cursor
 from agent_network.store.engine import write_transaction
 from agent_network.store.tables import cursors, teams, threads
 
@@ -239,10 +239,8 @@ class Inbox:
                 raise InvalidRequestError(
                     f"seq={seq} is beyond the last seq of thread {thread_id!r} ({last_seq})"
                 )
-        who = subscriber_of(self.principal)
-        async with write_transaction(self.ctx.engine) as conn:
-            for thread_id, seq in todo.items():
-                await advance_cursor(conn, who, self.cursor, thread_id, seq)
+        async with write_transaction(self.ctx.engine) as conn:  # one upsert for all threads
+            await advance_cursors(conn, subscriber_of(self.principal), self.cursor, todo)
 
     # ------------------------------------------------------------------ internals
 

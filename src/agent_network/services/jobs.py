@@ -6,13 +6,14 @@ with its claim, ``POST /claims``).
 (audience-filtered) history up to the trigger, whether the agent may speak now (audited like a
 refused post when not), the protocol notes, a workflow's tools and handoff targets, knowledge
 chunks, the reply's audience and whether an empty model reply passes the turn.
-:func:`post_reply` is the agent's post: egress policy, rate, the turn checked again, then the
-append with the reply key. Design: docs/architecture.md, "Runners: one engine, two ports".
+:func:`post_reply` is the agent's reply: the job's internal principal (:func:`job_principal`)
+through the one post function (services/posting.py), which checks scope, rule, egress, rate and
+the turn again and appends with the reply key. Design: docs/architecture.md, "Runners: one
+engine, two ports" and "One post path".
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,50 +23,47 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agent_network.errors import (
     AgentNetworkError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
     NotYourTurnError,
+    PermissionDeniedError,
     ProtocolViolationError,
     RunawayBudgetError,
-    ThreadClosedError,
 )
-from agent_network.hub import AccessChangedError
 from agent_network.model.envelope import Envelope, Sender
 from agent_network.protocol.adapters.base import Proposal
 from agent_network.protocol.adapters.workflow import WorkflowState, tools_for
 from agent_network.protocol.events import EV_MESSAGE
 from agent_network.protocol.fold import step
-from agent_network.protocol.knobs import LIVE_STATUSES, REASON_NO_TRANSITION, STATUS_ACTIVE
-from agent_network.protocol.lifecycle import admit, may_speak, person_message
+from agent_network.protocol.knobs import REASON_NO_TRANSITION, STATUS_ACTIVE
+from agent_network.protocol.lifecycle import admit, person_message
 from agent_network.protocol.state import ThreadState
 from agent_network.protocol.turns import visible_to
 from agent_network.services.base import ServiceContext
 from agent_network.services.claims import agent_in_thread, preflight, reply_key
 from agent_network.services.knowledge import KnowledgeService
-from agent_network.services.policy import (
-    EgressRefusedError,
-    EgressResult,
-    check_outgoing,
-    matches_data,
-)
-from agent_network.services.posting import append_message
-from agent_network.services.principal import Principal
+from agent_network.services.policy import EgressRefusedError
+from agent_network.services.posting import poster_for, turn_refused
+from agent_network.services.principal import Principal, RunnerJob, agent_principal
 from agent_network.services.rendering import sender_names
-from agent_network.services.rules import RuleService, RuleViolationError
+from agent_network.services.rules import RuleService
 from agent_network.store.audit import audit_row, insert_audit
 from agent_network.store.engine import write_transaction
 from agent_network.store.tables import agents, orgs, routines, threads, users
 from agent_network.store.wal import read_envelopes
 
-ACCESS_RETRIES = 5  # appends of one reply when access keeps being removed meanwhile
-
 __all__ = [
     "PASS_REPLY",
+    "POST_REFUSALS",
     "Job",
     "JobSpec",
     "agent_and_thread",
     "audit_job",
     "build_job",
-    "checked_content",
+    "job_principal",
     "not_your_turn",
+    "post_as_agent",
     "post_reply",
 ]
 
@@ -260,117 +258,72 @@ async def audit_job(
         await insert_audit(conn, [row])
 
 
-async def not_your_turn(ctx: ServiceContext, job: Job, state: ThreadState, actor: Sender) -> bool:
-    """Whether the agent may NOT speak now (the hub's own rules, via :func:`admit` without
-    writing). A refusal is audited while the thread is live: a spent budget as
-    ``envelope.message`` with ``agent_budget_exhausted`` (as the hub would), anything else
-    as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``); a closing,
-    closed or not yet active thread is not audited."""
+def job_principal(job: Job, org_id: str, *, answers_person: bool | None = None) -> Principal:
+    """The internal principal of ``job``'s agent (of org ``org_id``) answering its trigger
+    (services/principal.py :func:`agent_principal`): what the runner posts and audits as."""
     trigger = job.trigger
-    answers = person_message(trigger.type, trigger.sender_kind)  # see budget_spent
-    if may_speak(state, actor, answers_person=answers):
-        return False
-    try:
-        admit(
-            state,
-            Proposal(type=EV_MESSAGE, data={"content": ""}, sender=actor),
-            answers_person=answers,
-        )
-    except AgentNetworkError as err:
-        if state.status in LIVE_STATUSES:
-            action = (
-                "envelope.message" if isinstance(err, RunawayBudgetError) else "routine.skipped"
-            )
-            reason = f"{err.code}: {err.message}; no reply posted"
-            await audit_job(ctx, job, action, reason, org_id=actor.org_id)
-    return True
+    if answers_person is None:
+        answers_person = person_message(trigger.type, trigger.sender_kind)  # see budget_spent
+    return agent_principal(
+        job.agent_id,
+        org_id,
+        RunnerJob(trigger.id, trigger.thread_id, job.routine_id, answers_person),
+    )
 
 
-async def checked_content(
+async def not_your_turn(ctx: ServiceContext, job: Job, state: ThreadState, actor: Sender) -> bool:
+    """Whether the agent may NOT speak now (services/posting.py :func:`turn_refused`, audited
+    as ``routine.skipped`` or a spent budget while the thread is live)."""
+    principal = job_principal(job, actor.org_id)
+    return await turn_refused(ctx, principal, state, actor) is not None
+
+
+POST_REFUSALS = (
+    NotFoundError,
+    PermissionDeniedError,
+    InvalidRequestError,
+    EgressRefusedError,
+    ConflictError,
+    RunawayBudgetError,
+    NotYourTurnError,
+    ProtocolViolationError,
+)
+"""What the one post function refuses a runner's message with (each audited there or by the
+hub, or a lost scope); ThreadClosedError is a ConflictError."""
+
+
+async def post_as_agent(
     ctx: ServiceContext,
+    rules: RuleService,
     job: Job,
     org_id: str,
     thread_id: str,
     content: str,
-    tool_calls: list[dict[str, Any]] | None,
-) -> EgressResult | None:
-    """A message (``content`` and ``tool_calls``) after the org's egress policy for
-    ``thread_id`` (services/policy.py :func:`check_outgoing`), with redactions audited, or None
-    when the policy refuses it (audited as ``egress.refused``). Audit records name rules,
-    secrets and spans, never the text."""
-    try:
-        result = await check_outgoing(ctx, org_id, thread_id, content, tool_calls or None)
-    except EgressRefusedError as err:
-        await audit_job(
-            ctx,
-            job,
-            "egress.refused",
-            ", ".join(err.rules),
-            org_id=org_id,
-            data={"rules": err.rules, **matches_data(err.matches)},
-        )
-        return None
-    if result.redacted:
-        await audit_job(
-            ctx,
-            job,
-            "egress.redacted",
-            ", ".join(result.redacted),
-            org_id=org_id,
-            outcome="accepted",
-            data={"rules": result.redacted, **result.audit_data()},
-        )
-    return result
-
-
-async def _still_in(ctx: ServiceContext, agent_id: str, thread_id: str) -> bool:
-    async with ctx.engine.connect() as conn:
-        agent, thread = await agent_and_thread(conn, agent_id, thread_id)
-        return (
-            agent is not None
-            and thread is not None
-            and await agent_in_thread(conn, agent_id, thread)
-        )
-
-
-async def append_as_agent(
-    ctx: ServiceContext,
-    thread_id: str,
-    actor: Sender,
-    data: dict[str, Any],
     *,
     key: str,
-    causation_id: str,
-    checked_at: int,
+    tool_calls: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
     audience: list[str] | None = None,
-    recheck_access: bool = True,
-) -> Envelope | None:
-    """Append the agent's message ``data`` (idempotency ``key``, stored as it is: a reply or
-    triage key) and return it; None when the hub refused it (the hub audited the refusal) or
-    the agent lost access to the thread. ``checked_at`` is the access epoch read before the
-    agent's access was checked: if access was removed since, the hub refuses the append and
-    the agent's access is checked again (with ``recheck_access`` False: nothing is posted).
-    Every message a runner posts as an agent is appended here."""
-    refused = (RunawayBudgetError, ThreadClosedError, NotYourTurnError, ProtocolViolationError)
-    for _ in range(ACCESS_RETRIES):
-        try:
-            with contextlib.suppress(*refused):  # the hub audited the refusal
-                return await append_message(
-                    ctx,
-                    thread_id,
-                    sender=actor,
-                    data=data,
-                    audience=audience,
-                    idempotency_key=key,
-                    causation_id=causation_id,
-                    checked_at=checked_at,
-                )
-            return None
-        except AccessChangedError:
-            checked_at = ctx.access_epoch
-            if not recheck_access or not await _still_in(ctx, actor.id, thread_id):
-                return None  # removed while it answered: nothing is posted
-    return None
+    count_rate: bool = True,
+) -> Envelope:
+    """Post ``content`` as ``job``'s agent (of org ``org_id``) into ``thread_id`` through the
+    one post function (services/posting.py :meth:`~PostPath.post_message`) with the job's
+    internal principal: idempotency ``key`` stored as given, causation the trigger, ``extra``
+    server-set ``data`` (the triage marker). Returns the stored envelope; raises one of
+    :data:`POST_REFUSALS` (audited) when refused, RateRefusedError for the agent's rate."""
+    env, _grant = await poster_for(rules).post_message(
+        job_principal(job, org_id),
+        thread_id,
+        content,
+        agent_id=job.agent_id,
+        idempotency_key=key,
+        causation_id=job.trigger.id,
+        audience=audience,
+        tool_calls=tool_calls or None,
+        extra=extra,
+        count_rate=count_rate,
+    )
+    return env
 
 
 async def post_reply(
@@ -383,46 +336,30 @@ async def post_reply(
     tool_calls: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
     audience: list[str] | None = None,
-    checked_at: int,
     take_rate: bool = True,
 ) -> Envelope | None:
-    """The agent's reply to ``job.trigger`` in its thread: the egress policy
-    (:func:`checked_content`), the rate (unless ``take_rate`` is False: already counted), may it
-    speak now (:func:`not_your_turn`), then the append with the key ``reply:<agent>:<trigger>``
-    (``extra``: more ``data``, e.g. the triage marker). Each refusal is audited; returns the
-    stored reply or None."""
+    """The agent's reply to ``job.trigger`` in its thread, under the key
+    ``reply:<agent>:<trigger>`` (``extra``: more ``data``, e.g. the triage marker), through
+    the one post function (:func:`post_as_agent`): its scope, rule, egress, rate (unless
+    ``take_rate`` is False: already counted) and turn checks. Each refusal is audited; returns
+    the stored reply or None."""
     trigger = job.trigger
-    checked = await checked_content(
-        ctx, job, agent["org_id"], trigger.thread_id, content, tool_calls
-    )
-    if checked is None:
-        return None  # refused by the org's egress policy (audited)
-    if take_rate:
-        try:
-            rules.take_rate(agent)
-        except RuleViolationError as err:
-            await audit_job(
-                ctx, job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
-            )
-            return None
-    actor = Sender("agent", agent["id"], agent["org_id"], agent["name"])
-    now = await ctx.hub.state(trigger.thread_id)
-    if await not_your_turn(ctx, job, now, actor):  # the state moved while the model ran
+    try:
+        return await post_as_agent(
+            ctx,
+            rules,
+            job,
+            agent["org_id"],
+            trigger.thread_id,
+            content,
+            key=reply_key(agent["id"], trigger.id),
+            tool_calls=tool_calls,
+            extra=extra,
+            audience=audience,
+            count_rate=take_rate,
+        )
+    except POST_REFUSALS:
         return None
-    data: dict[str, Any] = {"content": checked.content}
-    if checked.tool_calls:
-        data["tool_calls"] = checked.tool_calls
-    data.update(extra or {})
-    return await append_as_agent(
-        ctx,
-        trigger.thread_id,
-        actor,
-        data,
-        key=reply_key(agent["id"], trigger.id),
-        causation_id=trigger.id,
-        checked_at=checked_at,
-        audience=audience,
-    )
 
 
 async def protocol_notes(conn: AsyncConnection, state: ThreadState, agent_id: str) -> list[str]:

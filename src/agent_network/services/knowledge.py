@@ -8,9 +8,10 @@ from typing import Any
 from sqlalchemy import func, select
 
 from agent_network.errors import InvalidRequestError, NotFoundError
-from agent_network.knowledge.chunking import chunk_text, fts_query
+from agent_network.knowledge.chunking import chunk_text, search_terms
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
+from agent_network.services.paging import Key, keyset
 from agent_network.services.principal import Principal
 from agent_network.services.scope import own_agent, require_org
 from agent_network.store.engine import write_transaction
@@ -38,7 +39,8 @@ class KnowledgeService:
         """Attach text/markdown ``documents`` (``{"name", "content"}``) to the org or to an agent.
 
         All documents are stored in one transaction (all or nothing). Returns each document's
-        id, name and number of chunks. InvalidRequestError for empty or oversized input.
+        id, name and number of chunks. InvalidRequestError for empty or oversized input, or text
+        holding U+0000.
         """
         org_id = require_org(principal)
         if not documents or len(documents) > MAX_DOCUMENTS_PER_CALL:
@@ -50,6 +52,11 @@ class KnowledgeService:
             name, content = doc.get("name", "").strip(), doc.get("content", "")
             if not name:
                 raise InvalidRequestError("every document needs a name")
+            if "\x00" in content or "\x00" in name:
+                raise InvalidRequestError(
+                    f"document {name!r} holds the NUL character (U+0000): is it a binary file? "
+                    "Send text or markdown"
+                )
             if len(content) > MAX_DOCUMENT:
                 raise InvalidRequestError(f"document {name!r} exceeds {MAX_DOCUMENT} characters")
             chunks = chunk_text(content)
@@ -84,11 +91,17 @@ class KnowledgeService:
         return out
 
     async def list_documents(
-        self, principal: Principal, *, agent_id: str | None = None
+        self,
+        principal: Principal,
+        *,
+        agent_id: str | None = None,
+        after: Key | None = None,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        """The org's documents (org-wide when ``agent_id`` is None, else that agent's), each
-        with ``sha256``, the hex SHA-256 of its content as UTF-8 (a client skips uploading a
-        file whose content is there already)."""
+        """The org's documents (org-wide when ``agent_id`` is None, else that agent's), oldest
+        first, each with ``sha256``, the hex SHA-256 of its content as UTF-8 (a client skips
+        uploading a file whose content is there already); a keyset page by ``(created_at,
+        id)`` with ``after``/``limit``."""
         org_id = require_org(principal)
         async with self.ctx.engine.connect() as conn:
             if agent_id is not None:
@@ -110,7 +123,10 @@ class KnowledgeService:
                 knowledge_documents.c.agent_id.is_(None)
                 if agent_id is None
                 else knowledge_documents.c.agent_id == agent_id
-            ).order_by(knowledge_documents.c.created_at)
+            )
+            q = keyset(
+                q, (knowledge_documents.c.created_at, knowledge_documents.c.id), after, limit
+            )
             rows = [dict(r) for r in (await conn.execute(q)).mappings()]
         for row in rows:
             row["sha256"] = content_sha256(row.pop("content"))
@@ -136,7 +152,14 @@ class KnowledgeService:
     async def search(
         self, principal: Principal, query: str, *, agent_id: str | None = None, limit: int = 5
     ) -> list[dict[str, Any]]:
-        """Best-matching chunks of the caller's own knowledge for free-text ``query``."""
+        """Best-matching chunks of the caller's own knowledge for free-text ``query``.
+
+        The same contract on SQLite (FTS5) and PostgreSQL (tsvector): chunks holding at least one
+        of the query's non-stop words (stemmed), best first, ties in document order
+        (:mod:`agent_network.store.knowledge`). Returns at most ``limit`` dicts with
+        ``document_id``, ``document``, ``text``, ``score`` (lower is better).
+        InvalidRequestError for a ``limit`` outside 1..50; NotFoundError for an agent outside
+        the caller's org."""
         org_id = require_org(principal)
         if not 1 <= limit <= 50:
             raise InvalidRequestError("limit must be between 1 and 50")
@@ -151,5 +174,5 @@ class KnowledgeService:
         """Internal (runner): chunks of ``org_id``'s knowledge for ``query``; no principal check."""
         async with self.ctx.engine.connect() as conn:
             return await search_chunks(
-                conn, org_id=org_id, agent_id=agent_id, match=fts_query(query), limit=limit
+                conn, org_id=org_id, agent_id=agent_id, terms=search_terms(query), limit=limit
             )

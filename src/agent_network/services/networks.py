@@ -24,8 +24,9 @@ from agent_network.errors import (
 from agent_network.model.ids import new_id, now_iso
 from agent_network.protocol.events import EV_THREAD_CLOSED
 from agent_network.services.base import ServiceContext, record
+from agent_network.services.paging import Key, keyset
 from agent_network.services.principal import Principal, hash_secret
-from agent_network.services.ratelimit import SlidingWindowLimiter
+from agent_network.services.ratelimit import RateLimiter
 from agent_network.services.roles import require_role
 from agent_network.services.scope import (
     require_org,
@@ -62,7 +63,7 @@ class NetworkAdmission:
 
     ctx: ServiceContext
     join_limit: int
-    join_limiter: SlidingWindowLimiter
+    join_limiter: RateLimiter
 
     if TYPE_CHECKING:
 
@@ -151,9 +152,17 @@ class NetworkAdmission:
             "max_uses": max_uses,
         }
 
-    async def list_invites(self, principal: Principal, network_id: str) -> list[dict[str, Any]]:
+    async def list_invites(
+        self,
+        principal: Principal,
+        network_id: str,
+        *,
+        after: Key | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
         """The network's invites, oldest first (host only): id, created_at, expires_at, max_uses,
-        uses and revoked. Never the code: only its hash is stored.
+        uses and revoked (a keyset page by ``(created_at, id)`` with ``after``/``limit``).
+        Never the code: only its hash is stored.
 
         PermissionDeniedError for a member org (it sees the network), NotFoundError otherwise.
         """
@@ -163,9 +172,12 @@ class NetworkAdmission:
             )
             rows = (
                 await conn.execute(
-                    select(invites)
-                    .where(invites.c.network_id == network_id)
-                    .order_by(invites.c.created_at, invites.c.id)
+                    keyset(
+                        select(invites).where(invites.c.network_id == network_id),
+                        (invites.c.created_at, invites.c.id),
+                        after,
+                        limit,
+                    )
                 )
             ).mappings()
             return [
@@ -227,7 +239,7 @@ class NetworkAdmission:
         keys: list[tuple[str, str]] = [("org", org_id)]
         if client:
             keys.append(("client", client))
-        self.join_limiter.check(*keys, limit=self.join_limit, what="join attempts")
+        await self.join_limiter.admit(*keys, limit=self.join_limit, what="join attempts")
         async with write_transaction(self.ctx.engine) as conn:
             inv = (
                 (
@@ -325,9 +337,17 @@ class NetworkAdmission:
 
     # ----------------------------------------------------------------- visas
 
-    async def list_visas(self, principal: Principal, network_id: str) -> list[dict[str, Any]]:
-        """Visas of a visible network, oldest first: the host sees every visa (live and ended),
-        a member org only its own. Each: id, network_id, org_id, org_name, created_at, revoked_at,
+    async def list_visas(
+        self,
+        principal: Principal,
+        network_id: str,
+        *,
+        after: Key | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Visas of a visible network, oldest first (a keyset page by ``(created_at, id)`` with
+        ``after``/``limit``): the host sees every visa (live and ended), a member org only its
+        own. Each: id, network_id, org_id, org_name, created_at, revoked_at,
         end_reason (``revoked`` | ``left`` | None while live) and the members it attached now
         (kind, id, name, role; an ended visa has none)."""
         org_id = require_org(principal)
@@ -338,10 +358,10 @@ class NetworkAdmission:
                 select(visas, orgs.c.name.label("org_name"))
                 .join(orgs, orgs.c.id == visas.c.org_id)
                 .where(visas.c.network_id == network_id)
-                .order_by(visas.c.created_at, visas.c.id)
             )
             if net["org_id"] != org_id:
                 q = q.where(visas.c.org_id == org_id)
+            q = keyset(q, (visas.c.created_at, visas.c.id), after, limit)
             rows = list((await conn.execute(q)).mappings())
             attached = await _visa_members(conn, network_id)
         return [_visa(r, attached.get(r["id"], [])) for r in rows]

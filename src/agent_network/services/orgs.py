@@ -15,6 +15,7 @@ from agent_network.errors import (
 )
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
+from agent_network.services.paging import Key, keyset
 from agent_network.services.principal import (
     ALL_SCOPES,
     Principal,
@@ -129,7 +130,8 @@ class OrgService:
         )
 
     async def create_org(self, principal: Principal, name: str) -> dict[str, Any]:
-        """Create an org (admin only). Returns ``{"org": {...}, "key": secret}``; key shown once."""
+        """Create an org (admin only). Returns ``{"org": {...}, "secret": secret}``, the secret
+        of its first org key, shown once."""
         if principal.kind != "admin":
             raise PermissionDeniedError("only the platform admin key can create orgs")
         name = _clean_name(name, "org name")
@@ -149,16 +151,24 @@ class OrgService:
                 )
             )
             await record(conn, principal, "org.create", "org", org_id, org_id=org_id)
-        return {"org": {"id": org_id, "name": name, "created_at": ts}, "key": secret}
+        return {"org": {"id": org_id, "name": name, "created_at": ts}, "secret": secret}
 
-    async def list_orgs(self, principal: Principal) -> list[dict[str, Any]]:
-        """Every org (admin only), oldest first: ``[{id, name, created_at}]``.
+    async def list_orgs(
+        self, principal: Principal, *, after: Key | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Every org (admin only), oldest first: ``[{id, name, created_at}]`` (a keyset page
+        by ``(created_at, id)`` with ``after``/``limit``).
 
         PermissionDeniedError for any other credential."""
         if principal.kind != "admin":
             raise PermissionDeniedError("only the platform admin key can list orgs")
         async with self.ctx.engine.connect() as conn:
-            q = select(orgs.c.id, orgs.c.name, orgs.c.created_at).order_by(orgs.c.created_at)
+            q = keyset(
+                select(orgs.c.id, orgs.c.name, orgs.c.created_at),
+                (orgs.c.created_at, orgs.c.id),
+                after,
+                limit,
+            )
             return [dict(r) for r in (await conn.execute(q)).mappings()]
 
     async def issue_org_key(
@@ -243,14 +253,18 @@ class OrgService:
             await record(conn, principal, "user.create", "user", user_id)
         return row
 
-    async def list_users(self, principal: Principal) -> list[dict[str, Any]]:
-        """The caller's live users, oldest first."""
+    async def list_users(
+        self, principal: Principal, *, after: Key | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The caller's live users, oldest first (a keyset page by ``(created_at, id)`` with
+        ``after``/``limit``)."""
         org_id = require_org(principal)
         async with self.ctx.engine.connect() as conn:
-            q = (
-                select(users)
-                .where(users.c.org_id == org_id, users.c.deleted_at.is_(None))
-                .order_by(users.c.created_at)
+            q = keyset(
+                select(users).where(users.c.org_id == org_id, users.c.deleted_at.is_(None)),
+                (users.c.created_at, users.c.id),
+                after,
+                limit,
             )
             return [_user(r) for r in (await conn.execute(q)).mappings()]
 

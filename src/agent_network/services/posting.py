@@ -1,10 +1,12 @@
-"""The one post path: every message of a thread — REST, WebSocket, SDK, the in-process runner's
-replies and triage forwards — is checked and appended here (design: docs/architecture.md, "One
-message's path")."""
+"""The one post path: every message of a thread — REST, WebSocket, SDK, remote runners, the
+in-process runner's replies and triage forwards — is checked (scope, rules, rate, egress,
+idempotency), audited and appended by :meth:`PostPath.post_message` (design: docs/architecture.md,
+"One post path")."""
 
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,15 +22,21 @@ from agent_network.errors import (
     InvalidAudienceError,
     InvalidRequestError,
     NotFoundError,
+    NotYourTurnError,
     PermissionDeniedError,
+    RunawayBudgetError,
 )
 from agent_network.hub import AccessChangedError
 from agent_network.model.envelope import Envelope, Sender
 from agent_network.model.rule import Rule
+from agent_network.protocol.adapters.base import Proposal
 from agent_network.protocol.adapters.graph import parse_tool_calls
 from agent_network.protocol.events import (
     EV_MESSAGE,
 )
+from agent_network.protocol.knobs import LIVE_STATUSES
+from agent_network.protocol.lifecycle import admit, may_speak
+from agent_network.protocol.state import ThreadState
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.cache import DecisionCache
 from agent_network.services.claims import stored_key
@@ -44,7 +52,7 @@ from agent_network.services.egress_rules import (
 from agent_network.services.policy import audit_egress
 from agent_network.services.principal import Principal
 from agent_network.services.rendering import render, render_envelope
-from agent_network.services.rules import AgentRow, RuleService, parse_rule
+from agent_network.services.rules import AgentRow, RuleService, RuleViolationError, parse_rule
 from agent_network.services.scope import (
     credential_in_force,
     own_agent,
@@ -90,13 +98,12 @@ async def append_message(
     marker) from ``sender`` to ``thread_id`` and return the stored envelope (an earlier one for
     a repeated ``idempotency_key``, stored exactly as given).
 
-    The one place a message reaches the hub: :meth:`PostPath.post` (REST, WebSocket, hub
-    clients, remote runners) and the runner's replies and triage forwards
-    (:func:`agent_network.services.jobs.append_as_agent`) both end here, after their checks of
-    scope, rules, rate and egress. ``checked_at`` is the access epoch read before those checks:
-    the hub refuses the append with AccessChangedError when access was removed since (the caller
-    checks again). Raises what :meth:`~agent_network.hub.Hub.append` raises (ThreadClosedError,
-    RunawayBudgetError, NotYourTurnError, ProtocolViolationError — audited by the hub)."""
+    The one place a message reaches the hub, called by :meth:`PostPath.post_message` only,
+    after its checks of scope, rules, rate and egress. ``checked_at`` is the access epoch read
+    before those checks: the hub refuses the append with AccessChangedError when access was
+    removed since (the caller checks again). Raises what :meth:`~agent_network.hub.Hub.append`
+    raises (ThreadClosedError, RunawayBudgetError, NotYourTurnError, ProtocolViolationError —
+    audited by the hub)."""
     return await ctx.hub.append(
         thread_id,
         type=EV_MESSAGE,
@@ -179,6 +186,58 @@ class PostPath:
         audited here) when the credential was revoked after it authenticated (a WebSocket
         connection that outlived it).
         """
+        env, grant = await self.post_message(
+            principal,
+            thread_id,
+            content,
+            agent_id=agent_id,
+            user_id=user_id,
+            idempotency_key=idempotency_key,
+            causation_id=causation_id,
+            audience=audience,
+            tool_calls=tool_calls,
+        )
+        sender = grant.sender
+        if env.sender_id == sender.id and env.sender_org_id == sender.org_id:
+            return render_envelope(env, sender.name, grant.sender_org_name)
+        async with self.ctx.engine.connect() as conn:  # not ours: an idempotent duplicate
+            return (await render(conn, [env]))[0]
+
+    async def post_message(
+        self,
+        principal: Principal,
+        thread_id: str,
+        content: str,
+        *,
+        agent_id: str | None = None,
+        user_id: str | None = None,
+        idempotency_key: str | None = None,
+        causation_id: str | None = None,
+        audience: list[str] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+        count_rate: bool = True,
+    ) -> tuple[Envelope, PostGrant]:
+        """The one post function: check, audit and append one message; returns the stored
+        envelope (an earlier one for a repeated key) and the :class:`PostGrant` it was sent
+        under. :meth:`post` documents the checks, their order, their cost and the refusals.
+
+        Every message goes through here: :meth:`post` (REST, WebSocket, SDK, remote runners)
+        with a credential's principal, and the in-process runner's replies and triage forwards
+        (:func:`agent_network.services.jobs.post_reply`, services/routing.py) with an internal
+        agent principal (services/principal.py :func:`agent_principal`). For the latter:
+        ``idempotency_key`` is stored as given (a ``reply:``/``triage:`` key) and
+        ``causation_id`` (the job's trigger, possibly of another thread) is not looked up;
+        ``extra`` adds server-set fields to ``data`` (the triage marker); ``count_rate`` False
+        leaves the agent's rate alone (a triage reply whose forward was counted); the turn is
+        checked before the hub (:func:`turn_refused`: ``routine.skipped`` audited, the refusal
+        raised); and every audit record names the job (``trigger_id``, ``routine_id``) and its
+        trigger's thread. A lost scope (NotFoundError, PermissionDeniedError other than
+        RuleViolationError) is not audited for it: the agent was removed while it answered.
+        The rate is counted after every other check passed (RateRefusedError when over it).
+        """
+        if (extra is not None or not count_rate) and not principal.internal:
+            raise ValueError("extra data and count_rate=False are for internal principals only")
         for _attempt in range(ACCESS_RETRIES):
             # the access epoch before any check: if access is removed before the append
             # commits, the hub refuses it (AccessChangedError) and everything is checked again
@@ -195,6 +254,7 @@ class PostPath:
                     idempotency_key,
                     causation_id,
                     tool_calls=calls,
+                    count_rate=count_rate,
                 )
                 if redactions is not None and redactions.tool_calls is not None:
                     calls = redactions.tool_calls  # the egress policy checked them too
@@ -209,9 +269,19 @@ class PostPath:
                 await self._audit_refused_post(principal, thread_id, err)
                 raise
             sender = grant.sender
+            if principal.internal:
+                refused = await turn_refused(
+                    self.ctx, principal, await self.ctx.hub.state(thread_id), sender
+                )
+                if refused is not None:
+                    raise refused  # audited (routine.skipped) when the thread is live
             data: dict[str, Any] = {"content": text}
             if calls:
                 data["tool_calls"] = calls
+            data.update(extra or {})
+            key = idempotency_key
+            if key and not principal.internal:
+                key = stored_key(sender.kind, sender.id, key, causation_id)
             try:
                 env = await append_message(
                     self.ctx,
@@ -219,11 +289,7 @@ class PostPath:
                     sender=sender,
                     data=data,
                     audience=list(audience) if audience is not None else None,
-                    idempotency_key=stored_key(
-                        sender.kind, sender.id, idempotency_key, causation_id
-                    )
-                    if idempotency_key
-                    else None,
+                    idempotency_key=key or None,
                     causation_id=causation_id,
                     acted_by=(principal.kind, principal.key_id),
                     checked_at=checked_at,
@@ -239,15 +305,14 @@ class PostPath:
                     conn,
                     principal,
                     "egress.redacted",
-                    thread_id,
+                    _resource(principal, thread_id),
                     redactions.redacted,
                     org_id=sender.org_id,
-                    data=_egress_data(sender, envelope_id=env.id, **redactions.audit_data()),
+                    data=_egress_data(
+                        principal, sender, envelope_id=env.id, **redactions.audit_data()
+                    ),
                 )
-        if env.sender_id == sender.id and env.sender_org_id == sender.org_id:
-            return render_envelope(env, sender.name, grant.sender_org_name)
-        async with self.ctx.engine.connect() as conn:  # not ours: an idempotent duplicate
-            return (await render(conn, [env]))[0]
+        return env, grant
 
     async def _check_open_audience(
         self, grant: PostGrant, thread_id: str, audience: list[str]
@@ -279,13 +344,15 @@ class PostPath:
         causation_id: str | None = None,
         *,
         tool_calls: list[dict[str, Any]] | None = None,
+        count_rate: bool = True,
     ) -> tuple[PostGrant, str, EgressResult | None]:
-        """Everything ``post`` checks before the append: ``(grant, content to append, what the
-        egress policy let through — content and ``tool_calls``, redacted — or None when no
-        policy applies)``; raises the refusals ``post`` documents, in this order:
-        sender naming and content, credential, thread visible, ``causation_id``, sender own /
-        member / participant, the agent's rule (adapter, outbound_to, delegation depth,
-        concurrent threads, rate), the egress policy."""
+        """Everything ``post_message`` checks before the append: ``(grant, content to append,
+        what the egress policy let through — content and ``tool_calls``, redacted — or None when
+        no policy applies)``; raises the refusals ``post`` documents, in this order:
+        sender naming and content, credential, thread visible, ``causation_id`` (not for an
+        internal principal), sender own / member / participant, the agent's rule (adapter,
+        outbound_to, delegation depth, concurrent threads), the egress policy, then the rate
+        (counted unless ``count_rate`` is False; RateRefusedError)."""
         agent_id, user_id = _sender_for(principal, agent_id, user_id)
         if not content.strip():
             raise InvalidRequestError("message content must not be empty")
@@ -294,6 +361,8 @@ class PostPath:
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY:
             raise InvalidRequestError(f"idempotency_key must be 1-{MAX_KEY} characters")
         ctx = self.ctx
+        # an internal principal's causation is the job's trigger, set by the server
+        causation = None if principal.internal else causation_id
         key = (principal, thread_id, agent_id, user_id)
         epoch = (ctx.access_epoch, ctx.config_epoch)  # taken before any read (services/cache.py)
         grant = self.grants.get(key, epoch)
@@ -302,17 +371,15 @@ class PostPath:
             epoch = (ctx.access_epoch, ctx.config_epoch)
             grant = self.grants.get(key, epoch)
         if grant is not None:
-            if causation_id is not None:
+            if causation is not None:
                 async with ctx.engine.connect() as conn:
-                    await _check_causation(conn, thread_id, causation_id)
+                    await _check_causation(conn, thread_id, causation)
             await self._check_adapter(grant, thread_id)
         else:
             done = anyio.Event()
             leader = self._loading.setdefault(key, done) is done
             try:
-                grant = await self._make_grant(
-                    principal, thread_id, agent_id, user_id, causation_id
-                )
+                grant = await self._make_grant(principal, thread_id, agent_id, user_id, causation)
                 self.grants.put(key, grant, epoch)  # every check a grant stands for has passed
             finally:
                 if leader:
@@ -320,29 +387,38 @@ class PostPath:
                     done.set()
         if grant.agent is not None:
             await self.rules.check_dynamic(
-                grant.agent, grant.rule, thread_id=thread_id, causation_id=causation_id
+                grant.agent,
+                grant.rule,
+                thread_id=thread_id,
+                causation_id=causation_id,
+                consume_rate=False,
             )
-        if grant.policy is None:
-            return grant, content, None  # a team thread without the defaults: not filtered
-        org_id = grant.sender.org_id
-        index = None
-        if grant.policy.defaults.org_secrets != "off":  # the org's own secrets (fingerprints)
-            index = await org_secret_index(ctx, org_id)
-        try:
-            result = check_message(grant.policy, content, tool_calls, index)
-        except EgressRefusedError as err:
-            async with write_transaction(ctx.engine) as conn:
-                await audit_egress(
-                    conn,
-                    principal,
-                    "egress.refused",
-                    thread_id,
-                    err.rules,
-                    org_id=org_id,
-                    data=_egress_data(grant.sender, **matches_data(err.matches)),
-                )
-            raise
-        return grant, result.content, result
+        result = None
+        if grant.policy is not None:  # else a team thread without the defaults: not filtered
+            org_id = grant.sender.org_id
+            index = None
+            if grant.policy.defaults.org_secrets != "off":  # the org's own secrets
+                index = await org_secret_index(ctx, org_id)
+            try:
+                result = check_message(grant.policy, content, tool_calls, index)
+            except EgressRefusedError as err:
+                async with write_transaction(ctx.engine) as conn:
+                    await audit_egress(
+                        conn,
+                        principal,
+                        "egress.refused",
+                        _resource(principal, thread_id),
+                        err.rules,
+                        org_id=org_id,
+                        data=_egress_data(principal, grant.sender, **matches_data(err.matches)),
+                    )
+                raise
+        if count_rate and grant.agent is not None and grant.rule is not None:
+            try:
+                await self.rules.take_rate(grant.agent, grant.rule)
+            except RuleViolationError as err:
+                raise RateRefusedError(err.message) from None
+        return grant, (result.content if result is not None else content), result
 
     async def _make_grant(
         self,
@@ -463,17 +539,18 @@ class PostPath:
         action: str = "envelope.message",
     ) -> None:
         """Audit a refused post in the caller's own org (principal = the credential); never the
-        message text."""
-        async with write_transaction(self.ctx.engine) as conn:
-            await record(
-                conn,
-                principal,
-                action,
-                "thread",
-                thread_id[:40],  # the id as given (a guess may be longer than any real one)
-                outcome="refused",
-                reason=f"{err.code}: {err.message}",
+        message text. For an internal principal (a runner's job) only what its agent's post
+        was refused for: its rule (rate included) or the message's shape — not an egress
+        refusal (``egress.refused`` says it) nor a lost scope (the agent was removed)."""
+        if principal.internal and (
+            isinstance(err, EgressRefusedError)
+            or (
+                isinstance(err, NotFoundError | PermissionDeniedError)
+                and not isinstance(err, RuleViolationError)
             )
+        ):
+            return
+        await audit_post(self.ctx, principal, action, thread_id, f"{err.code}: {err.message}")
 
 
 async def _check_causation(conn: AsyncConnection, thread_id: str, envelope_id: str) -> None:
@@ -607,5 +684,98 @@ def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _egress_data(sender: Sender, **extra: Any) -> dict[str, Any]:
+def _egress_data(principal: Principal, sender: Sender, **extra: Any) -> dict[str, Any]:
+    """An egress record's data: the sender, or an internal principal's job."""
+    if principal.job is not None:
+        return {**principal.job.audit_data(), **extra}
     return {"sender": {"kind": sender.kind, "id": sender.id}, **extra}
+
+
+def _resource(principal: Principal, thread_id: str) -> str:
+    """The thread an audit record of a post names: the post's own, or for an internal
+    principal its job's trigger thread (a triage forward's records belong to the request)."""
+    return principal.job.thread_id if principal.job is not None else thread_id
+
+
+class RateRefusedError(RuleViolationError):
+    """The agent's rate refused the message (after every other check passed); the message
+    names the rule."""
+
+
+async def audit_post(
+    ctx: ServiceContext,
+    principal: Principal,
+    action: str,
+    thread_id: str,
+    reason: str,
+    *,
+    outcome: str = "refused",
+) -> None:
+    """Audit an act of a post (a refused ``envelope.message``, a ``routine.skipped`` turn) in
+    the principal's org, resource the thread (:func:`_resource`), with an internal
+    principal's job as ``data``; never the message text."""
+    async with write_transaction(ctx.engine) as conn:
+        await record(
+            conn,
+            principal,
+            action,
+            "thread",
+            _resource(principal, thread_id)[:40],  # as given (a guess may be longer)
+            outcome=outcome,
+            reason=reason,
+            data=principal.job.audit_data() if principal.job is not None else None,
+        )
+
+
+async def turn_refused(
+    ctx: ServiceContext, principal: Principal, state: ThreadState, sender: Sender
+) -> AgentNetworkError | None:
+    """Why ``sender`` may not speak in the thread of ``state`` now (the hub's own rules, via
+    :func:`admit` without writing), or None. A refusal is audited while the thread is live: a
+    spent budget as ``envelope.message`` with ``agent_budget_exhausted`` (as the hub would),
+    anything else as ``routine.skipped`` with the adapter's reason (``not_your_turn: ...``); a
+    closing, closed or not yet active thread is not audited. The runner's check before a
+    model call and before the append (``principal``: internal, with its job; an answer to a
+    person's message in the job's own thread is not refused by a spent budget)."""
+    job = principal.job
+    answers = job is not None and job.answers_person and state.thread_id == job.thread_id
+    if may_speak(state, sender, answers_person=answers):
+        return None
+    try:
+        admit(
+            state,
+            Proposal(type=EV_MESSAGE, data={"content": ""}, sender=sender),
+            answers_person=answers,
+        )
+    except AgentNetworkError as err:
+        if state.status in LIVE_STATUSES:
+            action = (
+                "envelope.message" if isinstance(err, RunawayBudgetError) else "routine.skipped"
+            )
+            reason = f"{err.code}: {err.message}; no reply posted"
+            await audit_post(ctx, principal, action, state.thread_id, reason)
+        return err
+    return NotYourTurnError(f"{sender.kind} {sender.name!r} may not speak in this thread now")
+
+
+_posters: weakref.WeakKeyDictionary[RuleService, MessagePoster] = weakref.WeakKeyDictionary()
+
+
+class MessagePoster(PostPath):
+    """A :class:`PostPath` of its own (grant cache included) over a rule service: the
+    runners' way into the one post function (:func:`poster_for`)."""
+
+    def __init__(self, ctx: ServiceContext, rules: RuleService) -> None:
+        self.ctx = ctx
+        self.rules = rules
+        self.grants = DecisionCache()
+        self._loading = {}
+
+
+def poster_for(rules: RuleService) -> MessagePoster:
+    """The :class:`MessagePoster` of ``rules`` (one per rule service: its rate windows are
+    the agent's rate), made on first use."""
+    poster = _posters.get(rules)
+    if poster is None:
+        poster = _posters[rules] = MessagePoster(rules.ctx, rules)
+    return poster

@@ -12,6 +12,10 @@ Four kinds of principal, each from one kind of bearer credential:
 ``scopes`` is ``{"read"}`` for a read-only credential, ``{"read", "write"}`` otherwise. A
 credential may have an expiry (``expires_at``, ISO time): after it, it no longer authenticates
 (:func:`not_expired` is the query condition).
+
+A fifth, internal principal has no credential: :func:`agent_principal`, a runner acting for one
+of its agents under a claim (the in-process runner's replies and triage forwards). It is scoped
+like that agent's token and carries the job (:class:`RunnerJob`) its audit records name.
 """
 
 from __future__ import annotations
@@ -33,6 +37,22 @@ ALL_SCOPES = frozenset({READ, WRITE})
 
 
 @dataclass(frozen=True, slots=True)
+class RunnerJob:
+    """The job an internal agent principal posts for: the trigger envelope ``trigger_id`` in
+    thread ``thread_id``, answered by routine ``routine_id``; ``answers_person``: the trigger
+    is a person's message (an answer to it is not refused by a spent runaway budget there)."""
+
+    trigger_id: str
+    thread_id: str
+    routine_id: str
+    answers_person: bool = False
+
+    def audit_data(self) -> dict[str, str]:
+        """``{trigger_id, routine_id}``: what every audit record of the job carries."""
+        return {"trigger_id": self.trigger_id, "routine_id": self.routine_id}
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """The authenticated caller.
 
@@ -40,6 +60,9 @@ class Principal:
     credential acts as; ``key_id`` identifies the credential (for the audit log);
     ``expires_at``: when the credential stops authenticating (epoch seconds; None: never), as
     it was when the caller authenticated (a long-lived connection re-checks it then).
+    ``internal``: no credential stands behind it (:func:`agent_principal`; ``key_id`` is then
+    the agent's id); ``job``: what such a principal posts for, left out of equality so that its
+    cached post decisions serve every job of the agent.
     """
 
     kind: PrincipalKind
@@ -48,6 +71,8 @@ class Principal:
     subject_id: str | None = None
     scopes: frozenset[str] = field(default=ALL_SCOPES)
     expires_at: float | None = None
+    internal: bool = False
+    job: RunnerJob | None = field(default=None, compare=False)
 
     def expired(self, now: float) -> bool:
         """Whether ``now`` (epoch seconds) is past the expiry known to this principal."""
@@ -73,6 +98,15 @@ class Principal:
     def is_member_scoped(self) -> bool:
         """True for user and agent tokens: they see only the teams/networks their subject is in."""
         return self.kind in ("user", "agent")
+
+
+def agent_principal(agent_id: str, org_id: str, job: RunnerJob) -> Principal:
+    """The internal principal of a runner acting for agent ``agent_id`` of org ``org_id`` on
+    ``job``: scoped like the agent's own token (the teams and networks it is a member of, their
+    threads, restricted ones as a participant), posting only as that agent, with no credential
+    to revoke (services/scope.py skips the credential check for it). Its audit records name the
+    agent (``principal_kind`` ``agent``, ``principal_id`` the agent id) and the job."""
+    return Principal("agent", org_id, agent_id, subject_id=agent_id, internal=True, job=job)
 
 
 def new_secret(prefix: str) -> str:

@@ -20,15 +20,16 @@ from agent_network.protocol.lifecycle import may_speak
 from agent_network.services.base import ServiceContext
 from agent_network.services.claims import Refusal, agent_in_thread, preflight
 from agent_network.services.jobs import (
+    POST_REFUSALS,
     Job,
     agent_and_thread,
-    append_as_agent,
     audit_job,
-    checked_content,
     not_your_turn,
+    post_as_agent,
     post_reply,
     reply_audience,
 )
+from agent_network.services.posting import RateRefusedError
 from agent_network.services.rendering import sender_names
 from agent_network.services.rules import RuleService, RuleViolationError
 from agent_network.services.triage import (
@@ -91,7 +92,6 @@ async def route_request(
     routine, agent or thread is gone or changed, a preflight refusal, not its turn).
     """
     trigger = job.trigger
-    checked_at = ctx.access_epoch  # before the access checks (see append_as_agent)
     async with ctx.engine.connect() as conn:
         agent, thread = await agent_and_thread(conn, job.agent_id, trigger.thread_id)
         routine = (
@@ -140,7 +140,7 @@ async def route_request(
         label, how = decide(config, answer, request)
         if label is not None:
             forwarded, may_reply = await _forward(
-                ctx, rules, job, agent, actor, config, label, how, thread, sender_name, request
+                ctx, rules, job, agent, config, label, how, thread, sender_name, request
             )
             if forwarded is None and not may_reply:
                 return TriageOutcome(label, None, None)
@@ -153,19 +153,14 @@ async def route_request(
                 )
             ).scalar()
         content = reply_content(label, str(title or forwarded.thread_id))
+        counted = True  # the forward counted against the agent's rate
     else:
         content = (
             unroutable_content(config.labels)
             if label is None
             else undelivered_content(label)  # the forward was refused (audited)
         )
-        try:  # the only post for this request: it counts against the rate
-            rules.take_rate(agent)
-        except RuleViolationError as err:
-            await audit_job(
-                ctx, job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
-            )
-            return TriageOutcome(label, forwarded, None)
+        counted = False  # the only post for this request: it counts against the rate
     mark = marker(
         "reply",
         label=label,
@@ -187,8 +182,7 @@ async def route_request(
             agent["id"],
             (await ctx.hub.state(trigger.thread_id)).participant_ids,
         ),
-        checked_at=checked_at,
-        take_rate=False,
+        take_rate=not counted,
     )
     return TriageOutcome(label, forwarded, reply)
 
@@ -198,7 +192,6 @@ async def _forward(
     rules: RuleService,
     job: Job,
     agent: Any,
-    actor: Sender,
     config: TriageConfig,
     label: str,
     how: Any,
@@ -212,49 +205,33 @@ async def _forward(
     (a reply in intake would exceed the rate too)."""
     trigger = job.trigger
     route_id = config.route_for(label).thread_id
-    checked_at = ctx.access_epoch  # before the route's access check (see append_as_agent)
     refusal = await _route_refusal(ctx, rules, agent, label, route_id)
     if refusal is not None:
         await audit_job(ctx, job, refusal.action, refusal.reason, org_id=agent["org_id"])
         return None, True
-    checked = await checked_content(
-        ctx,
-        job,
-        agent["org_id"],
-        route_id,
-        forward_content(sender_name, intake["title"], request),
-        None,
-    )
-    if checked is None:
-        return None, True
-    content = checked.content
     try:
-        rules.take_rate(agent)
-    except RuleViolationError as err:
-        await audit_job(
-            ctx, job, "envelope.message", f"{err.code}: {err.message}", org_id=agent["org_id"]
+        forwarded = await post_as_agent(
+            ctx,
+            rules,
+            job,
+            agent["org_id"],
+            route_id,
+            forward_content(sender_name, intake["title"], request),
+            key=forward_key(agent["id"], trigger.id),
+            extra={
+                MARKER: marker(
+                    "forward",
+                    label=label,
+                    how=how,
+                    intake_thread_id=trigger.thread_id,
+                    request_id=trigger.id,
+                )
+            },
         )
-        return None, False
-    data = {
-        "content": content,
-        MARKER: marker(
-            "forward",
-            label=label,
-            how=how,
-            intake_thread_id=trigger.thread_id,
-            request_id=trigger.id,
-        ),
-    }
-    forwarded = await append_as_agent(
-        ctx,
-        route_id,
-        actor,
-        data,
-        key=forward_key(agent["id"], trigger.id),
-        causation_id=trigger.id,
-        checked_at=checked_at,
-        recheck_access=False,  # access removed after the route was checked: not forwarded
-    )
+    except RateRefusedError:
+        return None, False  # audited; a reply in intake would exceed the rate too
+    except POST_REFUSALS:
+        return None, True  # audited (or the agent lost the route thread meanwhile)
     return forwarded, True
 
 

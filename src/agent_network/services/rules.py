@@ -45,7 +45,7 @@ from agent_network.model.rule import (
 from agent_network.protocol.events import EV_MESSAGE
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.principal import Principal
-from agent_network.services.ratelimit import SlidingWindowLimiter
+from agent_network.services.ratelimit import RateLimiter, rate_limiter
 from agent_network.services.scope import own_agent, require_org_key, team_visible
 from agent_network.services.teams import member_list
 from agent_network.store.engine import write_transaction
@@ -171,11 +171,12 @@ def resolve_rule(rule: Rule, own: list[Party], shared: list[Party]) -> Rule:
 
 
 class RuleService:
-    """Get/set an agent's rule, and enforce it. Rate windows are kept per process."""
+    """Get/set an agent's rule, and enforce it. Rate windows are shared by the server processes
+    on PostgreSQL and kept in this process on SQLite (:func:`rate_limiter`)."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self._rates: dict[float, SlidingWindowLimiter] = {}
+        self._rates: dict[float, RateLimiter] = {}
 
     async def get(self, principal: Principal, agent_id: str) -> dict[str, Any]:
         """The agent's rule (all defaults when none is set) as :func:`rule_view` shows it:
@@ -319,21 +320,24 @@ class RuleService:
             else:
                 await self._check_concurrency(conn, agent, thread_id, rule.max_concurrent_threads)
         if consume_rate:
-            self.take_rate(agent, rule)
+            await self.take_rate(agent, rule)
 
-    def take_rate(self, agent: AgentRow, rule: Rule | None = None) -> None:
+    async def take_rate(self, agent: AgentRow, rule: Rule | None = None) -> None:
         """Count one message against the agent's rate; RuleViolationError when over it.
 
         ``rule`` is the agent's parsed rule when the caller has it (default: parsed from
-        ``agent["rule"]``)."""
+        ``agent["rule"]``). The agent's window is keyed by its id, per ``per_seconds``: one
+        window for every process on PostgreSQL."""
         if rule is None:
             rule = parse_rule(agent["rule"])
         if rule is None or rule.rate is None:
             return
-        limiter = self._rates.setdefault(
-            rule.rate.per_seconds, SlidingWindowLimiter(rule.rate.messages, rule.rate.per_seconds)
-        )
-        wait = limiter.acquire(agent["id"], limit=rule.rate.messages)
+        per = rule.rate.per_seconds
+        limiter = self._rates.get(per)
+        if limiter is None:
+            limiter = rate_limiter(self.ctx.engine, f"rate:{per:g}", rule.rate.messages, per)
+            self._rates[per] = limiter
+        wait = await limiter.wait_for(agent["id"], limit=rule.rate.messages)
         if wait > 0:
             raise RuleViolationError(
                 f"rule of {agent['name']!r}: rate of {rule.rate.messages} messages per "

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Set
 from typing import Any
 
-from sqlalchemy import and_, exists, null, select, union_all
+from sqlalchemy import and_, exists, null, select, true, union_all
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -314,7 +314,11 @@ async def post_access(
 
 
 def _credential_unrevoked(principal: Principal) -> Any:
-    """SQL condition: the credential behind ``principal`` exists and is not revoked."""
+    """SQL condition: the credential behind ``principal`` exists and is not revoked (always
+    true for an internal principal, which has none: services/principal.py
+    :func:`~agent_network.services.principal.agent_principal`)."""
+    if principal.internal:
+        return true()
     return exists().where(
         and_(credentials.c.id == principal.key_id, credentials.c.revoked_at.is_(None))
     )
@@ -323,7 +327,10 @@ def _credential_unrevoked(principal: Principal) -> Any:
 async def credential_in_force(conn: AsyncConnection, principal: Principal) -> None:
     """AuthenticationError if the org key or token behind ``principal`` was revoked since it
     authenticated (a long-lived WebSocket connection keeps its principal). A user or agent
-    token whose subject was deleted is refused by the sender checks that follow."""
+    token whose subject was deleted is refused by the sender checks that follow. An internal
+    principal has no credential: nothing to check."""
+    if principal.internal:
+        return
     q = select(credentials.c.id).where(_credential_unrevoked(principal))
     if (await conn.execute(q)).first() is None:
         raise AuthenticationError(

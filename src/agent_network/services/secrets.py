@@ -47,6 +47,7 @@ from agent_network.services.base import ServiceContext, record
 from agent_network.services.cache import DecisionCache
 from agent_network.services.claims import ClaimRequiredError, agent_in_thread
 from agent_network.services.fingerprints import SecretIndex, fingerprint, is_current
+from agent_network.services.paging import Key, keyset
 from agent_network.services.principal import Principal
 from agent_network.services.scope import (
     credential_in_force,
@@ -277,15 +278,26 @@ class SecretService:
             keys.changed(org_id)
         return {"agent_id": agent_id, "name": name, "updated_at": ts}
 
-    async def list_names(self, principal: Principal, agent_id: str) -> list[dict[str, Any]]:
-        """Names and times of an agent's secrets (never values)."""
+    async def list_names(
+        self,
+        principal: Principal,
+        agent_id: str,
+        *,
+        after: Key | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Names and times of an agent's secrets (never values), by name (a keyset page with
+        ``after``/``limit``)."""
         require_org_key(principal, "managing agent secrets")
         async with self.ctx.engine.connect() as conn:
             await own_agent(conn, principal, agent_id)
-            q = (
-                select(agent_secrets.c.name, agent_secrets.c.created_at, agent_secrets.c.updated_at)
-                .where(agent_secrets.c.agent_id == agent_id)
-                .order_by(agent_secrets.c.name)
+            q = keyset(
+                select(
+                    agent_secrets.c.name, agent_secrets.c.created_at, agent_secrets.c.updated_at
+                ).where(agent_secrets.c.agent_id == agent_id),
+                (agent_secrets.c.name,),
+                after,
+                limit,
             )
             return [dict(r) for r in (await conn.execute(q)).mappings()]
 

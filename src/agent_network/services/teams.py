@@ -22,8 +22,9 @@ from agent_network.errors import (
 from agent_network.model.ids import new_id, now_iso
 from agent_network.services.base import ServiceContext, record
 from agent_network.services.networks import JOIN_LIMIT, JOIN_WINDOW, NetworkAdmission
+from agent_network.services.paging import Key, keyset, keyset_in_memory
 from agent_network.services.principal import Principal
-from agent_network.services.ratelimit import SlidingWindowLimiter
+from agent_network.services.ratelimit import rate_limiter
 from agent_network.services.roles import ROLES, Standing, require, require_role
 from agent_network.services.scope import (
     own_agent,
@@ -48,14 +49,15 @@ class TeamService(NetworkAdmission):
 
     ``join_limit`` join attempts (valid or not) are allowed per ``JOIN_WINDOW`` seconds per client
     address and per org; set it on the instance to change it at run time. The limiter is
-    in-process (see :mod:`agent_network.services.ratelimit`).
+    shared by the server processes on PostgreSQL, in-process on SQLite
+    (:mod:`agent_network.services.ratelimit`).
     """
 
     join_limit: int = JOIN_LIMIT
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.join_limiter = SlidingWindowLimiter(self.join_limit, JOIN_WINDOW)
+        self.join_limiter = rate_limiter(ctx.engine, "join", self.join_limit, JOIN_WINDOW)
 
     _team = staticmethod(_team)  # for the network calls (services/networks.py)
 
@@ -81,13 +83,22 @@ class TeamService(NetworkAdmission):
             await record(conn, principal, f"{kind}.create", kind, row["id"])
         return row
 
-    async def list_teams(self, principal: Principal, kind: TeamKind) -> list[dict[str, Any]]:
-        """Teams (or networks) visible to the caller."""
+    async def list_teams(
+        self,
+        principal: Principal,
+        kind: TeamKind,
+        *,
+        after: Key | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Teams (or networks) visible to the caller, oldest first (a keyset page by
+        ``(created_at, id)`` with ``after``/``limit``)."""
         async with self.ctx.engine.connect() as conn:
-            q = (
-                select(teams)
-                .where(teams.c.kind == kind, team_visible_to(principal))
-                .order_by(teams.c.created_at)
+            q = keyset(
+                select(teams).where(teams.c.kind == kind, team_visible_to(principal)),
+                (teams.c.created_at, teams.c.id),
+                after,
+                limit,
             )
             return [_team(r) for r in (await conn.execute(q)).mappings()]
 
@@ -279,12 +290,20 @@ class TeamService(NetworkAdmission):
         }
 
     async def list_members(
-        self, principal: Principal, kind: TeamKind, team_id: str
+        self,
+        principal: Principal,
+        kind: TeamKind,
+        team_id: str,
+        *,
+        after: Key | None = None,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Members of a visible team/network: kind, id, name, role, org id and org name."""
+        """Members of a visible team/network: kind, id, name, role, org id and org name; agents
+        first, each kind by id (a keyset page by ``(kind, id)`` with ``after``/``limit``)."""
         async with self.ctx.engine.connect() as conn:
             await visible_team(conn, principal, team_id, kind=kind)
-            return await member_list(conn, team_id)
+            found = await member_list(conn, team_id)
+        return keyset_in_memory(found, lambda m: (m["kind"], m["id"]), after, limit)
 
     async def remove_member(
         self, principal: Principal, kind: TeamKind, team_id: str, member_kind: str, member_id: str

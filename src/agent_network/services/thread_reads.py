@@ -19,6 +19,7 @@ from agent_network.protocol.events import (
 )
 from agent_network.protocol.state import ThreadState
 from agent_network.services.base import ServiceContext
+from agent_network.services.paging import Key, keyset
 from agent_network.services.principal import Principal
 from agent_network.services.rendering import _display_names, render, render_stub
 from agent_network.services.rules import RuleService
@@ -45,9 +46,15 @@ class ThreadReads:
     rules: RuleService
 
     async def list_threads(
-        self, principal: Principal, team_id: str | None = None
+        self,
+        principal: Principal,
+        team_id: str | None = None,
+        *,
+        after: Key | None = None,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Threads visible to the caller, optionally of one team/network."""
+        """Threads visible to the caller, optionally of one team/network, oldest first (a
+        keyset page by ``(created_at, id)`` with ``after``/``limit``)."""
         async with self.ctx.engine.connect() as conn:
             q = (
                 select(threads)
@@ -57,11 +64,11 @@ class ThreadReads:
                     team_visible_to(principal),
                     thread_readable(principal),
                 )
-                .order_by(threads.c.created_at)
             )
             if team_id is not None:
                 await visible_team(conn, principal, team_id)
                 q = q.where(threads.c.team_id == team_id)
+            q = keyset(q, (threads.c.created_at, threads.c.id), after, limit)
             rows = list((await conn.execute(q)).mappings())
         return await self._describe(rows)
 

@@ -414,23 +414,30 @@ def _check_token_opens(
 async def _add_participants(
     conn: AsyncConnection, thread_id: str, people: list[dict[str, Any]]
 ) -> None:
-    """Insert participant rows (an existing participant is left as it is)."""
-    for p in people:
-        exists_q = select(thread_participants.c.member_id).where(
-            thread_participants.c.thread_id == thread_id,
-            thread_participants.c.member_kind == p["member_kind"],
-            thread_participants.c.member_id == p["member_id"],
-        )
-        if (await conn.execute(exists_q)).first() is None:
-            await conn.execute(
-                thread_participants.insert().values(
-                    thread_id=thread_id,
-                    member_kind=p["member_kind"],
-                    member_id=p["member_id"],
-                    org_id=p["org_id"],
-                    created_at=now_iso(),
-                )
-            )
+    """Insert participant rows (an existing participant is left as it is): one query for those
+    already there, one insert for the rest."""
+    wanted = {(p["member_kind"], p["member_id"]): p for p in people}  # first of each, in order
+    if not wanted:
+        return
+    tp = thread_participants
+    q = select(tp.c.member_kind, tp.c.member_id).where(
+        tp.c.thread_id == thread_id, tp.c.member_id.in_({key[1] for key in wanted})
+    )
+    have = {(r[0], r[1]) for r in await conn.execute(q)}
+    at = now_iso()
+    rows = [
+        {
+            "thread_id": thread_id,
+            "member_kind": kind,
+            "member_id": member_id,
+            "org_id": p["org_id"],
+            "created_at": at,
+        }
+        for (kind, member_id), p in wanted.items()
+        if (kind, member_id) not in have
+    ]
+    if rows:
+        await conn.execute(tp.insert(), rows)
 
 
 RESERVED_KNOBS = frozenset(

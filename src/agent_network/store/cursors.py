@@ -11,6 +11,8 @@ See docs/architecture.md ("Module map and sizes") for where cursors are used.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -63,6 +65,37 @@ async def advance_cursor(
     )
     await conn.execute(stmt)
     return await read_cursor(conn, subscriber_id, name, thread_id)
+
+
+async def advance_cursors(
+    conn: AsyncConnection, subscriber_id: str, name: str, positions: Mapping[str, int]
+) -> None:
+    """Move the cursors ``(subscriber_id, name, thread_id)`` forward to the seq ``positions``
+    gives each thread (create them if needed; never move one back) in the caller's
+    transaction: one multi-row atomic upsert, whatever the number of threads (a hub client's
+    batched acks), without reading them back."""
+    if not positions:
+        return
+    ins = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    at = now_iso()
+    stmt = ins(cursors).values(
+        [
+            {
+                "subscriber_id": subscriber_id,
+                "name": name,
+                "thread_id": thread_id,
+                "seq": seq,
+                "updated_at": at,
+            }
+            for thread_id, seq in sorted(positions.items())  # one lock order on PostgreSQL
+        ]
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[cursors.c.subscriber_id, cursors.c.name, cursors.c.thread_id],
+        set_={"seq": stmt.excluded.seq, "updated_at": stmt.excluded.updated_at},
+        where=cursors.c.seq < stmt.excluded.seq,
+    )
+    await conn.execute(stmt)
 
 
 async def all_cursors(conn: AsyncConnection, name: str) -> list[tuple[str, str, int]]:

@@ -321,4 +321,18 @@ knowledge_chunks = Table(
     Column("text", Text, nullable=False),
 )
 # The full-text index over knowledge_chunks is dialect-specific (SQLite FTS5 table
-# ``knowledge_fts``) and created by the migration, not declared here.
+# ``knowledge_fts``; PostgreSQL column ``tsv`` and its GIN index, migration 0012) and created by
+# the migrations, not declared here.
+
+# Rate-limit windows shared by the server processes on PostgreSQL (services/ratelimit.py,
+# SharedWindowLimiter): one row per admitted attempt, ``at`` in epoch seconds of the database's
+# clock; rows older than their window are pruned. Unused on SQLite (one process, in memory).
+rate_hits = Table(
+    "rate_hits",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("scope", String(100), nullable=False),
+    Column("key", String(300), nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_rate_hits_scope_key_at", "scope", "key", "at"),
+)

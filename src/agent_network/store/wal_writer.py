@@ -7,8 +7,17 @@ durably before returning. Two implementations:
 - :class:`SqliteWalWriter` (the embedded default): a stdlib ``sqlite3`` connection in a
   dedicated thread, the whole batch (``BEGIN IMMEDIATE`` … ``COMMIT``) in one hand-over to that
   thread. This is what lets a single poster get close to raw SQLite speed.
+- :class:`AsyncpgWalWriter` (PostgreSQL through asyncpg): a dedicated asyncpg connection, no
+  SQLAlchemy on the commit path; the synchronous function's queries are awaited through
+  greenlets (``greenlet_spawn``/``await_only``, as SQLAlchemy's asyncio layer does). Its session
+  is *shared* (several server processes append to one database): a transaction-scoped advisory
+  lock per thread (:meth:`WalSession.lock_threads`), the threads' heads, then one statement
+  writing the envelopes, their audit rows (``org_seq`` numbered per batch: one lock and one MAX
+  per org instead of the ``audit_log`` trigger's per row) and a ``NOTIFY`` on
+  :data:`WAL_CHANNEL` (delivered at commit) per thread.
 - :class:`SqlAlchemyWalWriter` (any other database): the same function through
-  ``AsyncConnection.run_sync`` on SQLAlchemy Core.
+  ``AsyncConnection.run_sync`` on SQLAlchemy Core (shared, with the same locks and
+  notifications, on PostgreSQL through another driver).
 
 Both store the same rows (JSON columns as ``json.dumps`` text, as SQLAlchemy's JSON type does).
 """
@@ -25,9 +34,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from agent_network.model.envelope import Envelope
 from agent_network.store.tables import audit_log, envelopes
@@ -64,8 +74,54 @@ AUDIT_COLUMNS = (
 )
 
 
+WAL_CHANNEL = "an_wal"
+"""The PostgreSQL ``NOTIFY`` channel of committed appends; payload ``thread_id:first_seq:last_seq``
+(:func:`notify_payload`)."""
+
+
+def notify_payload(thread_id: str, first: int, last: int) -> str:
+    """The ``NOTIFY`` payload saying ``thread_id`` got seqs ``first``..``last`` (inclusive)."""
+    return f"{thread_id}:{first}:{last}"
+
+
+def parse_notify_payload(payload: str) -> tuple[str, int, int] | None:
+    """``(thread_id, first, last)`` from a :func:`notify_payload` string; None if malformed."""
+    parts = payload.rsplit(":", 2)
+    if len(parts) != 3:
+        return None
+    try:
+        return parts[0], int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+
+
 class WalSession(Protocol):
-    """Synchronous access to the store inside one writer transaction."""
+    """Synchronous access to the store inside one writer transaction.
+
+    ``shared`` is True when other processes may append to the same database (PostgreSQL): the
+    caller then locks the batch's threads, catches its cached states up from the heads and
+    notifies what it appended. On an unshared store (SQLite: one process) those calls are no-ops.
+    """
+
+    shared: bool
+
+    def lock_threads(self, thread_ids: Sequence[str], org_ids: Sequence[str] = ()) -> None:
+        """Hold a lock on each thread of ``thread_ids`` until the transaction ends (taken in one
+        fixed order, so two batches never deadlock); ``org_ids``: the orgs the batch audits
+        into, whose audit numbering lock a writer may take in the same go."""
+        ...
+
+    def heads(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        """The last stored seq of each thread of ``thread_ids`` that has envelopes."""
+        ...
+
+    def read_after(self, thread_id: str, after: int) -> list[Envelope]:
+        """Envelopes of ``thread_id`` with ``seq > after``, in order."""
+        ...
+
+    def notify(self, ranges: Sequence[tuple[str, int, int]]) -> None:
+        """Tell other processes, at commit, that each ``(thread_id, first, last)`` was appended."""
+        ...
 
     def find_by_idempotency(
         self, keys: Sequence[tuple[str, str]]
@@ -130,8 +186,32 @@ _INSERT_AUDIT = (
 
 
 class _SqliteSession:
+    shared = False  # one process owns the file (BEGIN IMMEDIATE serialises its writers)
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+
+    def lock_threads(self, thread_ids: Sequence[str], org_ids: Sequence[str] = ()) -> None:
+        pass
+
+    def heads(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for tid in thread_ids:
+            row = self.conn.execute(
+                "SELECT max(seq) FROM envelopes WHERE thread_id = ?", (tid,)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                out[tid] = int(row[0])
+        return out
+
+    def read_after(self, thread_id: str, after: int) -> list[Envelope]:
+        rows = self.conn.execute(
+            f"{_SELECT} WHERE thread_id = ? AND seq > ? ORDER BY seq", (thread_id, after)
+        )
+        return [_envelope_from_tuple(r) for r in rows]
+
+    def notify(self, ranges: Sequence[tuple[str, int, int]]) -> None:
+        pass
 
     def find_by_idempotency(
         self, keys: Sequence[tuple[str, str]]
@@ -359,9 +439,47 @@ def _settle(
 # --------------------------------------------------------------------------- generic
 
 
+_LOCK_SQL = text(
+    # sorted by lock key in a subquery that is not flattened (OFFSET 0): every batch takes its
+    # locks in the same order, so two processes never wait on each other in a cycle
+    "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT hashtextextended('an_thread:' || t, 0)"
+    " AS k FROM unnest(CAST(:ids AS text[])) AS t ORDER BY 1 OFFSET 0) AS s"
+)
+_NOTIFY_SQL = text("SELECT count(pg_notify(:channel, p)) FROM unnest(CAST(:ps AS text[])) AS p")
+
+
 class _SqlAlchemySession:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.shared = conn.dialect.name == "postgresql"
+
+    def lock_threads(self, thread_ids: Sequence[str], org_ids: Sequence[str] = ()) -> None:
+        # (org_ids: the audit_log trigger numbers and locks per row on this path)
+        if self.shared and thread_ids:
+            self.conn.execute(_LOCK_SQL, {"ids": list(thread_ids)})
+
+    def heads(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        if not thread_ids:
+            return {}
+        q = (
+            select(envelopes.c.thread_id, func.max(envelopes.c.seq))
+            .where(envelopes.c.thread_id.in_(list(thread_ids)))
+            .group_by(envelopes.c.thread_id)
+        )
+        return {str(t): int(m) for t, m in self.conn.execute(q).all()}
+
+    def read_after(self, thread_id: str, after: int) -> list[Envelope]:
+        q = (
+            select(envelopes)
+            .where(envelopes.c.thread_id == thread_id, envelopes.c.seq > after)
+            .order_by(envelopes.c.seq)
+        )
+        return [Envelope(**dict(r._mapping)) for r in self.conn.execute(q).all()]
+
+    def notify(self, ranges: Sequence[tuple[str, int, int]]) -> None:
+        if self.shared and ranges:
+            payloads = [notify_payload(*r) for r in ranges]
+            self.conn.execute(_NOTIFY_SQL, {"channel": WAL_CHANNEL, "ps": payloads})
 
     def find_by_idempotency(
         self, keys: Sequence[tuple[str, str]]
@@ -388,7 +506,10 @@ class _SqlAlchemySession:
 
     def insert_envelopes(self, batch: Sequence[Envelope]) -> None:
         if batch:
-            self.conn.execute(envelopes.insert(), [e.as_dict() for e in batch])
+            # the fields as they are (no deep copy as dataclasses.asdict makes: the JSON columns
+            # serialise them right here)
+            rows = [{c: getattr(e, c) for c in ENVELOPE_COLUMNS} for e in batch]
+            self.conn.execute(envelopes.insert(), rows)
 
     def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
@@ -396,20 +517,29 @@ class _SqlAlchemySession:
 
 
 class SqlAlchemyWalWriter:
-    """The writer for any database SQLAlchemy drives (one dedicated connection)."""
+    """The writer for any database SQLAlchemy drives (one dedicated connection, opened again
+    from ``engine`` after it broke, e.g. a database restart)."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: AsyncConnection, engine: AsyncEngine | None = None) -> None:
         self._conn = conn
+        self._engine = engine
 
     @classmethod
     async def connect(cls, engine: AsyncEngine) -> SqlAlchemyWalWriter:
         """Open the writer's dedicated connection."""
-        return cls(await engine.connect())
+        return cls(await engine.connect(), engine)
 
     async def transaction(
         self, fn: Callable[[WalSession], T], then: Callable[[T], None] | None = None
     ) -> T:
-        """Run ``fn`` on the sync facade of the connection inside one transaction, then ``then``."""
+        """Run ``fn`` on the sync facade of the connection inside one transaction, then ``then``.
+
+        Raises what ``fn`` or the database raised (the transaction is rolled back); a broken
+        connection is replaced before the next transaction."""
+        if self._engine is not None and (self._conn.closed or self._conn.invalidated):
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = await self._engine.connect()
         async with self._conn.begin():
             result = await self._conn.run_sync(lambda c: fn(_SqlAlchemySession(c)))
         if then is not None:
@@ -421,6 +551,218 @@ class SqlAlchemyWalWriter:
         await self._conn.close()
 
 
+# --------------------------------------------------------------------------- PostgreSQL
+
+_PG_COLUMNS = ", ".join(ENVELOPE_COLUMNS)
+_PG_SELECT = f"SELECT {_PG_COLUMNS} FROM envelopes"
+_PG_TYPES = (
+    "text", "int", "text", "text", "text", "text", "text", "text", "text", "text", "text",
+    "text", "text", "text",
+)  # fmt: skip
+_AUDIT_TYPES = ("text",) * len(AUDIT_COLUMNS)
+_JSON_ENVELOPE = {"data", "audience"}
+_PG_WRITE = (
+    # one statement, one round trip: the envelopes, their audit rows and the notifications
+    "WITH e AS (INSERT INTO envelopes ({ecols}) SELECT {esel} FROM unnest({eargs}) AS x({ecols})),"
+    # audit rows numbered per org here (base + row number): the org_seq trigger (migration 0008)
+    # would take a lock and a MAX per row; the org locks are held already (_PG_ORG_LOCK)
+    " a AS (INSERT INTO audit_log ({acols}, org_seq) SELECT {asel},"
+    " b.base + row_number() OVER (PARTITION BY y.org_id ORDER BY y.n)"
+    " FROM unnest({aargs}) WITH ORDINALITY AS y({acols}, n) JOIN (SELECT o AS org_id,"
+    " COALESCE((SELECT max(org_seq) FROM audit_log WHERE audit_log.org_id = o), 0) AS base"
+    " FROM unnest(${orgs}::text[]) AS o) AS b ON b.org_id = y.org_id)"
+    " SELECT count(pg_notify('{channel}', p)) FROM unnest(${n}::text[]) AS p"
+).format(
+    ecols=_PG_COLUMNS,
+    esel=", ".join(f"{c}::json" if c in _JSON_ENVELOPE else c for c in ENVELOPE_COLUMNS),
+    eargs=", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_PG_TYPES)),
+    acols=", ".join(AUDIT_COLUMNS),
+    asel=", ".join(f"y.{c}::json" if c == "data" else f"y.{c}" for c in AUDIT_COLUMNS),
+    aargs=", ".join(f"${len(_PG_TYPES) + i + 1}::{t}[]" for i, t in enumerate(_AUDIT_TYPES)),
+    channel=WAL_CHANNEL,
+    n=len(_PG_TYPES) + len(_AUDIT_TYPES) + 1,
+    orgs=len(_PG_TYPES) + len(_AUDIT_TYPES) + 2,
+)
+_PG_LOCK_ALL = (
+    # the thread locks and the org_seq locks (as _PG_ORG_LOCK), sorted together by key
+    "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM ("
+    "SELECT hashtextextended('an_thread:' || t, 0) AS k FROM unnest($1::text[]) AS t"
+    " UNION ALL SELECT hashtext('audit_log_org_seq:' || o)::bigint FROM unnest($2::text[]) AS o"
+    ") AS u ORDER BY 1 OFFSET 0) AS s"
+)
+_PG_HEADS = (
+    # one backward index probe per thread (a GROUP BY over ANY(...) scanned far more)
+    "SELECT t, (SELECT e.seq FROM envelopes AS e WHERE e.thread_id = t ORDER BY e.seq DESC"
+    " LIMIT 1) FROM unnest($1::text[]) AS t"
+)
+_PG_ORG_LOCK = (
+    # the lock the org_seq trigger takes (migration 0008) for each org, sorted by key
+    "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT hashtext('audit_log_org_seq:' || o)"
+    "::bigint AS k FROM unnest($1::text[]) AS o ORDER BY 1 OFFSET 0) AS s"
+)
+
+
+def _pg_envelope(r: Any) -> Envelope:
+    data = r["data"]
+    audience = r["audience"]
+    return Envelope(
+        thread_id=r["thread_id"],
+        seq=r["seq"],
+        id=r["id"],
+        type=r["type"],
+        data=json.loads(data) if isinstance(data, str) else data,
+        sender_kind=r["sender_kind"],
+        sender_id=r["sender_id"],
+        sender_org_id=r["sender_org_id"],
+        audience=json.loads(audience) if isinstance(audience, str) else audience,
+        causation_id=r["causation_id"],
+        idempotency_key=r["idempotency_key"],
+        created_at=r["created_at"],
+        prev_hash=r["prev_hash"],
+        hash=r["hash"],
+    )
+
+
+class _AsyncpgSession:
+    """A :class:`WalSession` on an asyncpg connection, called synchronously from inside
+    ``greenlet_spawn`` (each query awaits through ``await_only``, as SQLAlchemy's own asyncio
+    layer does). Writes are gathered and sent by :meth:`flush` in one statement."""
+
+    shared = True
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._orgs_locked: set[str] = set()
+        self.envelopes: list[Envelope] = []
+        self.audits: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+
+    def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        return list(await_only(self.conn.fetch(sql, *args)))
+
+    def lock_threads(self, thread_ids: Sequence[str], org_ids: Sequence[str] = ()) -> None:
+        # threads and orgs in one statement, all keys sorted together (one order for every
+        # batch); flush() then has the org locks it needs
+        if thread_ids or org_ids:
+            self._fetch(_PG_LOCK_ALL, list(thread_ids), list(org_ids))
+            self._orgs_locked.update(org_ids)
+
+    def heads(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        # a statement of its own: its snapshot is taken after the locks are held
+        rows = self._fetch(_PG_HEADS, list(thread_ids))
+        return {str(r[0]): int(r[1]) for r in rows if r[1] is not None}
+
+    def read_after(self, thread_id: str, after: int) -> list[Envelope]:
+        rows = self._fetch(
+            f"{_PG_SELECT} WHERE thread_id = $1 AND seq > $2 ORDER BY seq", thread_id, after
+        )
+        return [_pg_envelope(r) for r in rows]
+
+    def read_envelopes(self, thread_id: str) -> list[Envelope]:
+        return self.read_after(thread_id, 0)
+
+    def find_by_idempotency(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Envelope]:
+        if not keys:
+            return {}
+        rows = self._fetch(
+            f"{_PG_SELECT} WHERE (thread_id, idempotency_key) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [t for t, _ in keys],
+            [k for _, k in keys],
+        )
+        found = [_pg_envelope(r) for r in rows]
+        return {(e.thread_id, e.idempotency_key or ""): e for e in found}
+
+    def find_envelope(self, thread_id: str, envelope_id: str) -> Envelope | None:
+        rows = self._fetch(f"{_PG_SELECT} WHERE id = $1 AND thread_id = $2", envelope_id, thread_id)
+        return _pg_envelope(rows[0]) if rows else None
+
+    def insert_envelopes(self, batch: Sequence[Envelope]) -> None:
+        self.envelopes.extend(batch)
+
+    def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.audits.extend(rows)
+
+    def notify(self, ranges: Sequence[tuple[str, int, int]]) -> None:
+        self.notes.extend(notify_payload(*r) for r in ranges)
+
+    async def flush(self) -> None:
+        """Send the gathered envelopes, audit rows and notifications (one statement)."""
+        if not (self.envelopes or self.audits or self.notes):
+            return
+        columns: list[list[Any]] = []
+        for c in ENVELOPE_COLUMNS:
+            values = [getattr(e, c) for e in self.envelopes]
+            if c in _JSON_ENVELOPE:
+                values = [None if v is None else json.dumps(v) for v in values]
+            columns.append(values)
+        for c in AUDIT_COLUMNS:
+            values = [r[c] for r in self.audits]
+            if c == "data":
+                values = [None if v is None else json.dumps(v) for v in values]
+            columns.append(values)
+        orgs = sorted({r["org_id"] for r in self.audits})
+        if not self._orgs_locked.issuperset(orgs):
+            # a statement of its own: the write's snapshot is taken once they are held
+            await self.conn.fetchval(_PG_ORG_LOCK, orgs)
+        await self.conn.fetchval(_PG_WRITE, *columns, self.notes, orgs)
+
+
+class WalConflictError(Exception):
+    """A batch hit a unique constraint (``(thread_id, seq)`` or an idempotency key) another
+    writer took first; nothing of it was written."""
+
+
+class AsyncpgWalWriter:
+    """The writer for PostgreSQL: one dedicated asyncpg connection, no SQLAlchemy on the commit
+    path; each batch is BEGIN, the locks, the heads, one write statement (envelopes, audit rows,
+    ``NOTIFY``) and COMMIT. A broken connection is replaced before the next transaction."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: Any = None
+
+    async def start(self) -> None:
+        """Open the connection (raises what connecting raised)."""
+        import asyncpg  # type: ignore[import-untyped]
+
+        self._conn = await asyncpg.connect(self._dsn)
+
+    async def transaction(
+        self, fn: Callable[[WalSession], T], then: Callable[[T], None] | None = None
+    ) -> T:
+        """Run ``fn`` (synchronously, its queries awaited through greenlets) in one transaction,
+        send its writes, commit, then ``then``. Raises :class:`WalConflictError` on a unique
+        violation, else what ``fn`` or the database raised (rolled back)."""
+        import asyncpg
+
+        if self._conn is None or self._conn.is_closed():
+            await self.start()
+        session = _AsyncpgSession(self._conn)
+        tr = self._conn.transaction()
+        await tr.start()
+        try:
+            result = await greenlet_spawn(fn, session)
+            await session.flush()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await tr.rollback()
+            if isinstance(exc, asyncpg.UniqueViolationError):
+                raise WalConflictError(str(exc)) from exc
+            raise
+        await tr.commit()
+        if then is not None:
+            then(result)
+        return result
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            await self._conn.close()
+
+
 async def open_wal_writer(engine: AsyncEngine) -> WalWriter:
     """The fastest writer for ``engine``'s database."""
     url = engine.url
@@ -428,4 +770,8 @@ async def open_wal_writer(engine: AsyncEngine) -> WalWriter:
         writer = SqliteWalWriter(url.database)
         await writer.start()
         return writer
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() == "asyncpg":
+        pg = AsyncpgWalWriter(url.set(drivername="postgresql").render_as_string(False))
+        await pg.start()
+        return pg
     return await SqlAlchemyWalWriter.connect(engine)

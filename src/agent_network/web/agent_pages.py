@@ -1,8 +1,9 @@
-"""Agents under ``/app/agents``: create and edit (name, lookup_key, identity, model, metadata),
-routines (participate/triage; activate, pause, delete) and secrets (write-only: names shown,
-values never). Form data is validated with the API's own request models (``api/schemas.py``)
-and every change is the same services call as its API route; a refusal is shown next to the
-field or button that caused it. Design: docs/webapp.md.
+"""Agents under ``/app/agents``: create and edit (name, lookup_key, identity, model, metadata,
+resume), routines (participate/triage; activate, pause, delete), the rule (view and replace)
+and secrets (write-only: names shown, values never). Form data is validated with the API's own
+request models (``api/schemas.py``, the rule route's ``RuleBody``) and every change is the
+same services call as its API route; a refusal is shown next to the field or button that
+caused it. Design: docs/webapp.md.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from agent_network.api.deps import check_credential_may
+from agent_network.api.routes.agents import RuleBody
 from agent_network.api.schemas import AgentCreate, AgentUpdate, RoutineCreate
 from agent_network.errors import AgentNetworkError, InvalidRequestError
+from agent_network.model.rule import Rule
+from agent_network.protocol.adapters import adapter_names
 from agent_network.web.pages import (
     PageRoute,
     Viewer,
@@ -30,7 +34,26 @@ from agent_network.web.rendering import page, redirect
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
-AGENT_FIELDS = ("name", "lookup_key", "identity", "model", "metadata")
+AGENT_FIELDS = (
+    "name",
+    "lookup_key",
+    "identity",
+    "model",
+    "metadata",
+    "resume_capabilities",
+    "resume_domains",
+    "resume_summary",
+)
+RULE_FIELDS = (
+    "inbound_from",
+    "outbound_to",
+    "rate_messages",
+    "rate_per_seconds",
+    "inbox_cap",
+    "max_concurrent_threads",
+    "allowed_adapters",
+    "delegation_depth",
+)
 PRESETS = ("participate", "triage")
 
 
@@ -65,20 +88,107 @@ def _json_object(field: str, text: str) -> dict[str, Any]:
 
 
 def _validated(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` checked by the API's request model; FieldError naming the first bad field."""
+    """``data`` checked by the API's request model; FieldError naming the first bad field
+    (``resume`` errors belong to the resume field they name, e.g. ``resume_summary``)."""
     try:
         return model.model_validate(data).model_dump(exclude_unset=True)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "form"
-        raise FieldError(field, f"{field}: {first['msg']}") from None
+        loc = [str(x) for x in first["loc"]]
+        field = loc[0] if loc else "form"
+        if field == "resume" and len(loc) > 1:
+            field = f"resume_{loc[1]}"
+        raise FieldError(field, f"{'.'.join(loc) or field}: {first['msg']}") from None
 
 
-def _agent_form(form: dict[str, str]) -> dict[str, Any]:
+def _lines(text: str) -> list[str]:
+    """The non-empty lines of a textarea (also split on commas), stripped."""
+    return [x.strip() for x in text.replace(",", "\n").splitlines() if x.strip()]
+
+
+def _resume_form(form: dict[str, str]) -> dict[str, Any] | None:
+    """The resume of the form's ``resume_*`` fields (capabilities and domains one per line);
+    None when all three are empty."""
+    resume = {
+        "capabilities": _lines(form.get("resume_capabilities", "")),
+        "domains": _lines(form.get("resume_domains", "")),
+        "summary": form.get("resume_summary", "").strip(),
+    }
+    return resume if any(resume.values()) else None
+
+
+def _agent_form(form: dict[str, str], *, editing: bool = False) -> dict[str, Any]:
+    """The API body of the agent form. Creating, an empty resume is left out; editing, it
+    clears the resume (``null``), as ``PATCH /agents/{id}`` does."""
     data: dict[str, Any] = {k: form[k] for k in ("name", "lookup_key", "identity") if k in form}
     data["model"] = form.get("model", "").strip() or None
     data["metadata"] = _json_object("metadata", form.get("metadata", ""))
+    resume = _resume_form(form)
+    if resume is not None or editing:
+        data["resume"] = resume
     return data
+
+
+def _whole(field: str, text: str) -> int | None:
+    """A whole number field (None when empty); FieldError otherwise."""
+    if not text.strip():
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise FieldError(field, f"{field}: a whole number, or empty for no limit") from None
+
+
+def _rule_form(form: dict[str, str]) -> dict[str, Any]:
+    """The ``PUT /agents/{id}/rule`` body of the rule form: the two lists one entry per line,
+    the rate as two numbers (both empty: no rate limit), empty numbers: no limit, the
+    adapters comma- or line-separated (empty: any adapter)."""
+    body: dict[str, Any] = {
+        "inbound_from": _lines(form.get("inbound_from", "")),
+        "outbound_to": _lines(form.get("outbound_to", "")),
+    }
+    messages, per = form.get("rate_messages", "").strip(), form.get("rate_per_seconds", "").strip()
+    if messages or per:
+        try:
+            body["rate"] = {"messages": int(messages), "per_seconds": float(per)}
+        except ValueError:
+            raise FieldError(
+                "rate", "rate: give both a whole number of messages and a number of seconds"
+            ) from None
+    for name in ("inbox_cap", "max_concurrent_threads", "delegation_depth"):
+        body[name] = _whole(name, form.get(name, ""))
+    adapters = _lines(form.get("allowed_adapters", ""))
+    body["allowed_adapters"] = adapters or None
+    return body
+
+
+def _rule_values(rule: dict[str, Any]) -> dict[str, str]:
+    """The rule form's field values for a rule as ``GET /agents/{id}/rule`` shows it."""
+    rate = rule.get("rate") or {}
+
+    def num(value: Any) -> str:
+        return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return {
+        "inbound_from": "\n".join(rule.get("inbound_from") or []),
+        "outbound_to": "\n".join(rule.get("outbound_to") or []),
+        "rate_messages": num(rate.get("messages")),
+        "rate_per_seconds": num(rate.get("per_seconds")),
+        "inbox_cap": num(rule.get("inbox_cap")),
+        "max_concurrent_threads": num(rule.get("max_concurrent_threads")),
+        "allowed_adapters": ", ".join(rule.get("allowed_adapters") or []),
+        "delegation_depth": num(rule.get("delegation_depth")),
+    }
+
+
+def _rule_field_of(exc: AgentNetworkError) -> str:
+    """The rule form field a refusal is about (UnresolvedPrincipalError names it)."""
+    if isinstance(exc, FieldError):
+        return exc.field
+    field = exc.details.get("field") if isinstance(exc.details, dict) else None
+    if isinstance(field, str) and field in RULE_FIELDS:
+        return field
+    return "rule"
 
 
 def _field_of(exc: AgentNetworkError) -> str:
@@ -86,9 +196,9 @@ def _field_of(exc: AgentNetworkError) -> str:
     if isinstance(exc, FieldError):
         return exc.field
     text = exc.message.lower()
-    for name in ("lookup_key", "model", "metadata", "identity", "name"):
+    for name in ("lookup_key", "model", "metadata", "identity", "resume", "name"):
         if name.replace("_", " ") in text or name in text:
-            return name
+            return "resume_summary" if name == "resume" else name
     return "form"
 
 
@@ -158,10 +268,20 @@ async def _detail(
     errors: dict[str, str] | None = None,
     draft: dict[str, Any] | None = None,
     saved: str | None = None,
+    rule_draft: dict[str, str] | None = None,
 ) -> Response:
     p, s = viewer.principal, viewer.services
     agent = await s.agents.get_agent(p, agent_id)
     base = f"/api/v1/agents/{agent_id}"
+    rule: dict[str, Any] | None = None
+    rule_error = None
+    if viewer.may("GET", f"{base}/rule"):
+        try:
+            rule = await s.rules.get(p, agent_id)
+        except AgentNetworkError as exc:
+            rule_error = exc.message
+    else:
+        rule_error = f"{p.credential_name} cannot read rules; use an org key"
     routines, routines_error = await _section(
         viewer, f"{base}/routines", lambda: s.agents.list_routines(p, agent_id)
     )
@@ -171,6 +291,10 @@ async def _detail(
     shown = dict(agent)
     shown["metadata"] = json.dumps(agent.get("metadata") or {}, indent=2, ensure_ascii=False)
     shown["model"] = agent.get("model") or ""
+    resume = agent.get("resume") or {}
+    shown["resume_capabilities"] = "\n".join(resume.get("capabilities") or [])
+    shown["resume_domains"] = "\n".join(resume.get("domains") or [])
+    shown["resume_summary"] = resume.get("summary") or ""
     return page(
         request,
         "agent.html",
@@ -183,6 +307,12 @@ async def _detail(
         secrets=secrets,
         secrets_error=secrets_error,
         presets=PRESETS,
+        rule=rule,
+        rule_error=rule_error,
+        rule_values={**_rule_values(rule or {}), **(rule_draft or {})},
+        rule_errors={k[5:]: v for k, v in (errors or {}).items() if k.startswith("rule_")},
+        rule_may_write=viewer.may("PUT", f"{base}/rule"),
+        adapters=adapter_names(),
         errors=errors or {},
         saved=saved,
     )
@@ -199,7 +329,8 @@ async def agent_page(request: Request, agent_id: str) -> Response:
 
 @router.post("/app/agents/{agent_id}/{action}")
 async def agent_action(request: Request, agent_id: str, action: str) -> Response:
-    """``edit`` (the settings form), ``routines`` (add: ``name``, ``preset_name``, ``config``
+    """``edit`` (the settings form, resume included), ``rule`` (replace the rule: the fields
+    of :func:`_rule_form`), ``routines`` (add: ``name``, ``preset_name``, ``config``
     JSON), ``routine`` (``routine_id`` and ``do`` = ``activate`` | ``pause`` | ``delete``),
     ``secret`` (write: ``name``, ``value``), ``forget`` (delete secret ``name``) and
     ``delete`` (the agent). Each is the API call of the same meaning."""
@@ -218,9 +349,14 @@ async def agent_action(request: Request, agent_id: str, action: str) -> Response
     try:
         if action == "edit":
             check_credential_may(p, "PATCH", base)
-            changes = _validated(AgentUpdate, _agent_form(form))
+            changes = _validated(AgentUpdate, _agent_form(form, editing=True))
             await s.agents.update_agent(p, agent_id, changes)
             saved = "Saved."
+        elif action == "rule":
+            check_credential_may(p, "PUT", f"{base}/rule")
+            body = _validated(RuleBody, _rule_form(form))
+            await s.rules.put(p, agent_id, Rule.model_validate(body))
+            saved = "Rule saved: it applies to the agent's next message."
         elif action == "routines":
             check_credential_may(p, "POST", f"{base}/routines")
             body = _validated(
@@ -259,9 +395,12 @@ async def agent_action(request: Request, agent_id: str, action: str) -> Response
     except AgentNetworkError as exc:
         key = ACTIONS[action]
         field = _field_of(exc) if action == "edit" else key
+        if action == "rule":
+            field = f"rule_{_rule_field_of(exc)}"
         if action in ("routine", "forget"):
             field = f"{key}:{form.get('routine_id') or form.get('name', '')}"
         draft = _draft(form) if action == "edit" else None
+        rule_draft = {k: form.get(k, "") for k in RULE_FIELDS} if action == "rule" else None
         return await _detail(
             request,
             viewer,
@@ -269,6 +408,7 @@ async def agent_action(request: Request, agent_id: str, action: str) -> Response
             status=exc.status,
             errors={field: exc.message},
             draft=draft,
+            rule_draft=rule_draft,
         )
     if saved:
         return await _detail(request, viewer, agent_id, saved=saved)
@@ -277,6 +417,7 @@ async def agent_action(request: Request, agent_id: str, action: str) -> Response
 
 ACTIONS = {
     "edit": "form",
+    "rule": "rule",
     "routines": "routines",
     "routine": "routine",
     "secret": "secret",

@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 
 from agent_network.web.agent_pages import router as agent_router
 from agent_network.web.audit_pages import router as audit_router
+from agent_network.web.credential_pages import router as credential_router
 from agent_network.web.knowledge_pages import router as knowledge_router
 from agent_network.web.pages import router
 from agent_network.web.people_pages import router as people_router
@@ -51,5 +52,6 @@ def mount_web(app: FastAPI, *, docs_url: str) -> None:
     app.include_router(agent_router)
     app.include_router(people_router)
     app.include_router(audit_router)
+    app.include_router(credential_router)
     app.include_router(knowledge_router)
     app.include_router(router)  # last: it ends with the catch-all not-found route

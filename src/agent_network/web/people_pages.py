@@ -1,7 +1,9 @@
-"""People under ``/app/people``: the org's people, adding one, and issuing a person a sign-in
-token (a user token, shown once, with a copy button and a sign-in link whose key travels in the
-URL fragment, which browsers never send to a server). Each is the same services call as its API
-route (``POST /users``, ``POST /credentials``). Design: docs/webapp.md.
+"""People under ``/app/people``: the org's people, adding one (with ``auto_ack``), turning a
+person's ``auto_ack`` on or off, deleting one, and issuing a person a sign-in token (a user
+token, shown once, with a copy button and a sign-in link whose key travels in the URL fragment,
+which browsers never send to a server). Each is the same services call as its API route
+(``POST /users``, ``PATCH``/``DELETE /users/{id}``, ``POST /credentials``).
+Design: docs/webapp.md.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from agent_network.api.deps import check_credential_may
 from agent_network.api.schemas import UserCreate
 from agent_network.errors import AgentNetworkError
 from agent_network.web.agent_pages import _field_of, _org_viewer, _validated
-from agent_network.web.pages import PageRoute, Viewer, _checked_form, _section
+from agent_network.web.pages import PageRoute, Viewer, _checked_form, _section, not_found
 from agent_network.web.rendering import page, redirect
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
@@ -65,9 +67,16 @@ async def add_person(request: Request) -> Response:
     try:
         check_credential_may(viewer.principal, "POST", "/api/v1/users")
         body = _validated(
-            UserCreate, {"name": form.get("name", ""), "email": form.get("email") or None}
+            UserCreate,
+            {
+                "name": form.get("name", ""),
+                "email": form.get("email") or None,
+                "auto_ack": bool(form.get("auto_ack")),
+            },
         )
-        await viewer.services.orgs.create_user(viewer.principal, body["name"], body.get("email"))
+        await viewer.services.orgs.create_user(
+            viewer.principal, body["name"], body.get("email"), auto_ack=body.get("auto_ack", False)
+        )
     except AgentNetworkError as exc:
         return await _people(
             request, viewer, status=exc.status, errors={_field_of(exc): exc.message}
@@ -98,3 +107,33 @@ async def issue_token(request: Request, user_id: str) -> Response:
         )
     issued = {"person": person, "secret": made["secret"]}
     return await _people(request, viewer, status=201, issued=issued)
+
+
+@router.post("/app/people/{user_id}/{action}")
+async def person_action(request: Request, user_id: str, action: str) -> Response:
+    """``auto-ack`` (field ``on``: ``1`` turns the person's ``auto_ack`` on, else off; as
+    ``PATCH /users/{id}``) or ``delete`` (as ``DELETE /users/{id}``: their past messages stay
+    in the threads). A refusal is shown next to the person's row; another org's person is the
+    not-found page."""
+    if action not in ("auto-ack", "delete"):
+        return not_found(request)
+    viewer = await _org_viewer(request)
+    if isinstance(viewer, Response):
+        return viewer
+    form = await _checked_form(request, viewer)
+    if isinstance(form, Response):
+        return form
+    p, s = viewer.principal, viewer.services
+    await s.orgs.get_user(p, user_id)  # out of scope: the not-found page
+    try:
+        if action == "auto-ack":
+            check_credential_may(p, "PATCH", f"/api/v1/users/{user_id}")
+            await s.orgs.update_user(p, user_id, {"auto_ack": form.get("on") == "1"})
+        else:
+            check_credential_may(p, "DELETE", f"/api/v1/users/{user_id}")
+            await s.orgs.delete_user(p, user_id)
+    except AgentNetworkError as exc:
+        return await _people(
+            request, viewer, status=exc.status, errors={f"token:{user_id}": exc.message}
+        )
+    return redirect(request, "/app/people")

@@ -1,5 +1,6 @@
 """Teams and networks under ``/app/teams`` and ``/app/networks``: create, members with roles,
-threads; for networks also invites (a join code shown once, with a copy button, expiry and
+threads (open ones, and protocol threads: adapter, participants and knobs); for networks also
+invites (a join code shown once, with a copy button, expiry and
 uses), joining with a code (choosing which agents and people to attach), visas (revoke) and
 closing. Every action is the same services call as its API route, after the API's credential
 rule; a refusal is shown next to the field or button that caused it. Design: docs/webapp.md.
@@ -7,13 +8,18 @@ rule; a refusal is shown next to the field or button that caused it. Design: doc
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from agent_network.api.deps import check_credential_may
+from agent_network.api.schemas import ThreadCreate
 from agent_network.errors import AgentNetworkError, InvalidRequestError, NotFoundError
+from agent_network.protocol.adapters import adapter_names
+from agent_network.protocol.adapters.graph import TransitionGraph
 from agent_network.web.pages import (
     PageRoute,
     Viewer,
@@ -31,6 +37,151 @@ Kind = Literal["team", "network"]
 KINDS: dict[str, Kind] = {"teams": "team", "networks": "network"}
 ROLES = ("member", "admin", "owner")
 MAX_INVITE_HOURS = 90 * 24
+ROUND_ROBIN = "round_robin"
+ADAPTER_LABELS = {
+    "open": "open: any member, any time",
+    "conversation": "conversation: two participants, free turns",
+    "consulting": "consulting: one question, one reply, then it closes",
+    "discussion": "discussion: participants speak in turn",
+    ROUND_ROBIN: "round robin (workflow): in turn, closes after N messages",
+    "workflow": "workflow: who speaks next follows a transition graph (JSON)",
+}
+THREAD_FIELDS = (
+    "title",
+    "adapter",
+    "initiator",
+    "visibility",
+    "agent_budget",
+    "ttl",
+    "ack_timeout",
+    "max_turns",
+    "graph",
+    "expectations",
+    "no_acks",
+)
+
+
+class ThreadFieldError(InvalidRequestError):
+    """A protocol-thread form value the API would refuse, with the field it belongs to."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def adapter_choices() -> dict[str, str]:
+    """The adapters the thread form offers (value -> label): the built-in ones with their
+    meaning, round robin (a workflow made from the participants), then any custom adapter."""
+    names = [n for n in adapter_names() if n not in ADAPTER_LABELS]
+    return {**ADAPTER_LABELS, **{n: f"{n} (custom adapter)" for n in sorted(names)}}
+
+
+def _number(field: str, text: str, *, whole: bool = False) -> float | int | None:
+    if not text.strip():
+        return None
+    try:
+        return int(text) if whole else float(text)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise ThreadFieldError(field, f"{field}: {kind}, or empty") from None
+
+
+def _json_field(field: str, text: str, kind: type) -> Any:
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ThreadFieldError(field, f"{field} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        what = "an object" if kind is dict else "a list"
+        raise ThreadFieldError(field, f"{field} must be a JSON {what}")
+    return value
+
+
+def _pair(field: str, text: str) -> dict[str, str]:
+    kind, _, ident = text.partition(":")
+    if kind not in ("agent", "user") or not ident:
+        raise ThreadFieldError(field, "choose an agent or a person")
+    return {"kind": kind, "id": ident}
+
+
+def thread_request(form: dict[str, str], chosen: list[str]) -> ThreadCreate:
+    """The ``POST /{teams|networks}/{id}/threads`` body of the thread form: ``title``,
+    ``adapter`` (or ``round_robin``: a workflow whose graph is
+    ``TransitionGraph.round_robin`` over the participants, initiator first, closing after
+    ``max_turns`` messages), ``chosen`` participants (``kind:id``), ``initiator``
+    (``kind:id``, default the first participant), ``visibility``, ``agent_budget``, ``ttl``
+    and ``ack_timeout`` (seconds), ``graph`` (workflow, JSON object), ``expectations`` (JSON
+    list) and ``no_acks`` (nobody must ack: ``invitees=[]``). Validated by the API's
+    ``ThreadCreate``; ThreadFieldError names the field of the first problem."""
+    adapter = form.get("adapter", "open") or "open"
+    participants = [_pair("participants", c) for c in chosen]
+    initiator = _pair("initiator", form["initiator"]) if form.get("initiator") else None
+    data: dict[str, Any] = {
+        "title": form.get("title", "").strip(),
+        "adapter": "workflow" if adapter == ROUND_ROBIN else adapter,
+        "visibility": form.get("visibility") or "members",
+        "participants": participants,
+        "agent_budget": _number("agent_budget", form.get("agent_budget", ""), whole=True),
+        "ttl": _number("ttl", form.get("ttl", "")),
+        "ack_timeout": _number("ack_timeout", form.get("ack_timeout", "")),
+        "expectations": _json_field("expectations", form.get("expectations", ""), list) or [],
+    }
+    if initiator is not None:
+        data["initiator"] = initiator
+    if form.get("no_acks"):
+        data["invitees"] = []
+    if adapter == ROUND_ROBIN:
+        turns = _number("max_turns", form.get("max_turns", ""), whole=True)
+        if not isinstance(turns, int) or turns < 1:
+            raise ThreadFieldError("max_turns", "a round robin needs max turns (1 or more)")
+        ids = [p["id"] for p in participants]
+        lead = initiator["id"] if initiator else (ids[0] if ids else None)
+        speakers = ([lead] if lead else []) + [i for i in ids if i != lead]
+        if len(speakers) < 2:
+            raise ThreadFieldError("participants", "a round robin needs two participants or more")
+        data["graph"] = TransitionGraph.round_robin(speakers, max_turns=turns).to_dict()
+    elif adapter == "workflow":
+        data["graph"] = _json_field("graph", form.get("graph", ""), dict)
+        if data["graph"] is None:
+            raise ThreadFieldError("graph", "a workflow needs its transition graph (JSON)")
+    data = {k: v for k, v in data.items() if v is not None}
+    try:
+        return ThreadCreate.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(x) for x in first["loc"]]
+        field = loc[0] if loc and loc[0] in (*THREAD_FIELDS, "participants") else "thread"
+        raise ThreadFieldError(field, f"{'.'.join(loc) or 'thread'}: {first['msg']}") from None
+
+
+def _thread_error_field(exc: AgentNetworkError) -> str:
+    """The form field a refusal of a protocol thread is about (by the knob it names)."""
+    if isinstance(exc, ThreadFieldError):
+        return exc.field
+    text = exc.message.lower()
+    for word, field in ERROR_WORDS:
+        if word in text:
+            return field
+    return "thread"
+
+
+ERROR_WORDS = (
+    ("participants", "participants"),
+    ("initiator", "initiator"),
+    ("invitee", "no_acks"),
+    ("participant", "participants"),
+    ("graph", "graph"),
+    ("ack_timeout", "ack_timeout"),
+    ("ttl", "ttl"),
+    ("expectation", "expectations"),
+    ("budget", "agent_budget"),
+    ("order", "adapter"),
+    ("title", "title"),
+    ("adapter", "adapter"),
+)
+"""(word in a refusal, form field it is shown next to), first match wins."""
 
 
 async def _org_viewer(request: Request) -> Viewer | Response:
@@ -181,6 +332,7 @@ async def _detail(
     status: int = 200,
     invite: dict[str, Any] | None = None,
     error: dict[str, str] | None = None,
+    thread_draft: dict[str, Any] | None = None,
 ) -> Response:
     kind = _kind(kinds)
     p, s = viewer.principal, viewer.services
@@ -232,6 +384,9 @@ async def _detail(
         roles=ROLES,
         invite=invite,
         error=error or {},
+        adapters=adapter_choices(),
+        own_members=[m for m in members if m["org_id"] == p.org_id],
+        thread_draft=thread_draft or {"chosen": []},
     )
 
 
@@ -272,6 +427,8 @@ async def act(request: Request, team_id: str, action: str) -> Response:
     method, api_path = ACTIONS[action]
     try:
         _check(viewer, method, _api(kinds, f"/{team_id}{api_path}"))
+        if action == "threads" and form.get("protocol"):
+            return await _protocol_thread(request, viewer, kinds, team_id, form)
         if action == "threads":
             made = await s.threads.create(p, team_id, form.get("title", "").strip(), kind=kind)
             return redirect(request, f"/app/threads/{made['id']}")
@@ -296,6 +453,38 @@ async def act(request: Request, team_id: str, action: str) -> Response:
     if action == "leave":
         return redirect(request, f"/app/{kinds}")
     return redirect(request, f"/app/{kinds}/{team_id}")
+
+
+async def _protocol_thread(
+    request: Request, viewer: Viewer, kinds: str, team_id: str, form: dict[str, str]
+) -> Response:
+    """Open a thread from the protocol form (:func:`thread_request`); a refusal is shown next
+    to the field it is about, with the form as it was sent."""
+    chosen = await form_list(request, "participants")
+    try:
+        body = thread_request(form, chosen)
+        made = await viewer.services.threads.create(
+            viewer.principal,
+            team_id,
+            body.title,
+            kind=_kind(kinds),
+            agent_budget=body.agent_budget,
+            visibility=body.visibility,
+            participants=body.participant_pairs(),
+            **body.protocol(),
+        )
+    except AgentNetworkError as exc:
+        draft = {k: form.get(k, "") for k in THREAD_FIELDS}
+        return await _detail(
+            request,
+            viewer,
+            kinds,
+            team_id,
+            status=exc.status,
+            error={"action": "protocol", "key": _thread_error_field(exc), "message": exc.message},
+            thread_draft={**draft, "chosen": chosen},
+        )
+    return redirect(request, f"/app/threads/{made['id']}")
 
 
 ACTIONS: dict[str, tuple[str, str]] = {

@@ -57,7 +57,7 @@ from agent_network.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from agent_network.json_limits import JsonTooDeepError, parse_json
+from agent_network.json_limits import JsonInputError, parse_json
 from agent_network.model.envelope import Envelope
 from agent_network.services.delivery import Inbox
 from agent_network.services.live_access import credential_expiry, credential_live, typing_sender
@@ -248,8 +248,8 @@ class Connection:
             if isinstance(raw, str):
                 try:
                     obj = parse_json(raw)
-                except JsonTooDeepError as too_deep:
-                    self.reply_error(too_deep, None)  # refused; the connection stays
+                except JsonInputError as refused:
+                    self.reply_error(refused, None)  # refused; the connection stays
                     continue
                 except ValueError:
                     obj = None

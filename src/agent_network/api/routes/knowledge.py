@@ -7,25 +7,33 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response
 
 from agent_network.api.deps import Call, get_call
+from agent_network.api.openapi import ApiRoute
+from agent_network.api.pagination import BY_CREATED, PageQuery
+from agent_network.api.responses import KnowledgeDocument, KnowledgeHit
 from agent_network.api.schemas import KnowledgeAdd
 
-router = APIRouter(tags=["knowledge"])
+router = APIRouter(tags=["knowledge"], route_class=ApiRoute)
 
 
-@router.post("/knowledge", status_code=201)
+@router.post("/knowledge", status_code=201, response_model=list[KnowledgeDocument])
 async def add_knowledge(body: KnowledgeAdd, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
     """Attach org-wide text/markdown documents (all or nothing)."""
     docs = [d.model_dump() for d in body.documents]
     return await call.services.knowledge.add(call.principal, docs)
 
 
-@router.get("/knowledge")
-async def list_knowledge(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-    """The org's org-wide documents."""
-    return await call.services.knowledge.list_documents(call.principal)
+@router.get("/knowledge", response_model=list[KnowledgeDocument])
+async def list_knowledge(
+    page: PageQuery = Depends(), call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """The org's org-wide documents, oldest first (paged: ``limit``, ``cursor``)."""
+    items = await call.services.knowledge.list_documents(
+        call.principal, after=page.after(BY_CREATED), limit=page.limit
+    )
+    return page.page(items, BY_CREATED)
 
 
-@router.get("/knowledge/search")
+@router.get("/knowledge/search", response_model=list[KnowledgeHit])
 async def search_knowledge(
     q: Annotated[str, Query(max_length=1000)],
     agent_id: str | None = None,

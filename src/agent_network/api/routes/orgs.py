@@ -5,42 +5,59 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from agent_network.api.deps import Call, get_call
+from agent_network.api.openapi import ApiRoute
+from agent_network.api.pagination import BY_CREATED, BY_ID, PageQuery
+from agent_network.api.responses import (
+    AuditRecord,
+    IssuedCredential,
+    Org,
+    OrgCreated,
+    User,
+)
 from agent_network.api.schemas import (
+    MAX_CURSOR,
     Body,
     Cursor,
-    Limit,
     OrgCreate,
     UserCreate,
     UserUpdate,
 )
+from agent_network.errors import InvalidRequestError
 
-router = APIRouter(tags=["orgs"])
+router = APIRouter(tags=["orgs"], route_class=ApiRoute)
 
 
-@router.post("/orgs", status_code=201)
+@router.post("/orgs", status_code=201, response_model=OrgCreated)
 async def create_org(body: OrgCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
-    """Create an org (admin key). The org's secret ``key`` is in the answer once, never again."""
+    """Create an org (admin key): ``{"org", "secret"}``; ``secret``, its first org key, is in
+    this answer once, never again."""
     return await call.services.orgs.create_org(call.principal, body.name)
 
 
-@router.get("/orgs")
-async def list_orgs(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-    """Every org, oldest first (admin key only; 403 for any other credential)."""
-    return await call.services.orgs.list_orgs(call.principal)
+@router.get("/orgs", response_model=list[Org])
+async def list_orgs(
+    page: PageQuery = Depends(), call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """Every org, oldest first (admin key only; 403 for any other credential; paged:
+    ``limit``, ``cursor``)."""
+    items = await call.services.orgs.list_orgs(
+        call.principal, after=page.after(BY_CREATED), limit=page.limit
+    )
+    return page.page(items, BY_CREATED)
 
 
 class OrgKeyCreate(Body):
     name: str = Field(default="issued by the platform admin", min_length=1, max_length=200)
 
 
-@router.post("/orgs/{org_id}/keys", status_code=201)
+@router.post("/orgs/{org_id}/keys", status_code=201, response_model=IssuedCredential)
 async def issue_org_key(
     org_id: str, body: OrgKeyCreate | None = None, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -51,13 +68,13 @@ async def issue_org_key(
     return await call.services.orgs.issue_org_key(call.principal, org_id, name)
 
 
-@router.get("/orgs/me")
+@router.get("/orgs/me", response_model=Org)
 async def my_org(call: Call = Depends(get_call)) -> dict[str, Any]:
     """The org the key belongs to."""
     return await call.services.orgs.get_org(call.principal)
 
 
-@router.post("/users", status_code=201)
+@router.post("/users", status_code=201, response_model=User)
 async def create_user(body: UserCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Create a person in the caller's org (``auto_ack``: acknowledge invitations to protocol
     threads automatically)."""
@@ -66,19 +83,24 @@ async def create_user(body: UserCreate, call: Call = Depends(get_call)) -> dict[
     )
 
 
-@router.get("/users")
-async def list_users(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-    """The caller org's users."""
-    return await call.services.orgs.list_users(call.principal)
+@router.get("/users", response_model=list[User])
+async def list_users(
+    page: PageQuery = Depends(), call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """The caller org's users, oldest first (paged: ``limit``, ``cursor``)."""
+    items = await call.services.orgs.list_users(
+        call.principal, after=page.after(BY_CREATED), limit=page.limit
+    )
+    return page.page(items, BY_CREATED)
 
 
-@router.get("/users/{user_id}")
+@router.get("/users/{user_id}", response_model=User)
 async def get_user(user_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """One user of the caller's org."""
     return await call.services.orgs.get_user(call.principal, user_id)
 
 
-@router.patch("/users/{user_id}")
+@router.patch("/users/{user_id}", response_model=User)
 async def update_user(
     user_id: str, body: UserUpdate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -119,24 +141,57 @@ class AuditQuery:
         }
 
 
-@router.get("/audit")
+AfterId = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=MAX_CURSOR,
+        description="records after this record id (an alias of cursor, kept for old clients; "
+        "not together with cursor)",
+    ),
+]
+
+
+@router.get("/audit", response_model=list[AuditRecord])
 async def audit(
     q: AuditQuery = Depends(),
-    after_id: Cursor = 0,
-    limit: Limit = 100,
+    after_id: AfterId = None,
+    page: PageQuery = Depends(),
     call: Call = Depends(get_call),
 ) -> list[dict[str, Any]]:
-    """The caller org's own audit records, oldest first (``after_id`` to page).
+    """The caller org's own audit records, oldest first (paged: ``limit``, ``cursor``; or
+    ``after_id``, a record id, the older way to page).
 
     Filters: ``since``/``until`` (ISO-8601 timestamps), ``action`` (exact or ``prefix*``),
     ``principal_id``, ``resource_id``, ``outcome``.
     """
-    return await call.services.audit.list_records(
-        call.principal, **q.filters(), after_id=after_id, limit=limit
+    if after_id is not None and page.cursor is not None:
+        raise InvalidRequestError(
+            "give cursor or after_id, not both (cursor: the X-Next-Cursor of the previous page)",
+            details={"field": "after_id"},
+        )
+    after = page.after(BY_ID)
+    start = int(after[0]) if after is not None else (after_id or 0)
+    items = await call.services.audit.list_records(
+        call.principal, **q.filters(), after_id=start, limit=page.limit + 1
     )
+    return page.page(items, BY_ID, drop=("after_id",))
 
 
-@router.get("/audit/export", response_class=StreamingResponse)
+@router.get(
+    "/audit/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "JSON Lines: one audit record (the /audit item) per line",
+            "content": {
+                "application/x-ndjson": {
+                    "schema": {"type": "string", "contentMediaType": "application/x-ndjson"}
+                }
+            },
+        }
+    },
+)
 async def export_audit(
     q: AuditQuery = Depends(),
     after_id: Cursor = 0,

@@ -7,12 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from agent_network.api.deps import Call, get_call
+from agent_network.api.openapi import ApiRoute
+from agent_network.api.responses import EgressPolicyOut
 from agent_network.api.schemas import EgressPolicyBody
 
-router = APIRouter(prefix="/policy", tags=["policy"])
+router = APIRouter(prefix="/policy", tags=["policy"], route_class=ApiRoute)
 
 
-@router.get("/egress")
+@router.get("/egress", response_model=EgressPolicyOut)
 async def get_egress(call: Call = Depends(get_call)) -> dict[str, Any]:
     """The org's egress policy: ``rules`` (none until it sets some), ``updated_at``,
     ``defaults`` (the built-in detectors' actions and ``team_threads``) and ``defaults_off``
@@ -20,7 +22,7 @@ async def get_egress(call: Call = Depends(get_call)) -> dict[str, Any]:
     return await call.services.policy.get_egress(call.principal)
 
 
-@router.put("/egress")
+@router.put("/egress", response_model=EgressPolicyOut)
 async def put_egress(body: EgressPolicyBody, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Replace the org's egress policy (org key only).
 

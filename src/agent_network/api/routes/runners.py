@@ -12,12 +12,22 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import Field
 
 from agent_network.api.deps import Call, get_call
+from agent_network.api.openapi import ApiRoute
+from agent_network.api.responses import (
+    Assignment,
+    Claim,
+    ClaimDone,
+    DoneSeqs,
+    Released,
+    SecretValue,
+    TriageRouted,
+)
 from agent_network.api.schemas import Body
 from agent_network.services.claims import MAX_LEASE, MAX_RUNNER_ID, ClaimService
 from agent_network.services.jobs import Job, job_for_claim
 from agent_network.services.routing import route_request
 
-router = APIRouter(tags=["runners"])
+router = APIRouter(tags=["runners"], route_class=ApiRoute)
 
 
 class ClaimTarget(Body):
@@ -50,14 +60,14 @@ def _claims(call: Call) -> ClaimService:
     return ClaimService(call.services.ctx, rules=call.services.rules)
 
 
-@router.get("/runners/assignments")
+@router.get("/runners/assignments", response_model=list[Assignment])
 async def assignments(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
     """The agents this credential runs (an active ``participate`` or ``triage`` routine), the
     threads to follow for each routine, and the agents' triage configs."""
     return await _claims(call).assignments(call.principal)
 
 
-@router.post("/claims", status_code=201)
+@router.post("/claims", status_code=201, response_model=Claim)
 async def claim(body: ClaimCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Claim a trigger for an agent with a lease: 201 if free, expired or already ours (renew);
     409 ``claim_held`` while another runner's lease is live; 409 ``claim_done`` when done.
@@ -91,7 +101,7 @@ class ClaimComplete(ClaimTarget):
     )
 
 
-@router.post("/claims/complete")
+@router.post("/claims/complete", response_model=ClaimDone)
 async def complete(body: ClaimComplete, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Mark a trigger done (replied or deliberately skipped; ``dropped``: why it was dropped
     unanswered); 409 ``claim_held`` while another runner's lease is live."""
@@ -102,7 +112,7 @@ class ClaimRelease(Body):
     runner_id: str = Field(min_length=1, max_length=MAX_RUNNER_ID)
 
 
-@router.post("/claims/release")
+@router.post("/claims/release", response_model=Released)
 async def release(body: ClaimRelease, call: Call = Depends(get_call)) -> dict[str, Any]:
     """End the live leases ``runner_id`` holds on the caller's agents (a runner stopping
     cleanly), so other runners take the triggers over at once: ``{"runner_id", "released"}``.
@@ -110,7 +120,7 @@ async def release(body: ClaimRelease, call: Call = Depends(get_call)) -> dict[st
     return await _claims(call).release(call.principal, runner_id=body.runner_id)
 
 
-@router.get("/claims/done")
+@router.get("/claims/done", response_model=DoneSeqs)
 async def done(agent_id: str, thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """The trigger seqs of a thread that are done for an agent."""
     return await _claims(call).done(call.principal, agent_id=agent_id, thread_id=thread_id)
@@ -120,7 +130,7 @@ class SecretRequest(ClaimTarget):
     name: str = Field(min_length=1, max_length=100, description="the secret's name")
 
 
-@router.post("/runners/secrets")
+@router.post("/runners/secrets", response_model=SecretValue)
 async def secret(
     body: SecretRequest, response: Response, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -144,7 +154,7 @@ class TriageAnswer(ClaimTarget):
     )
 
 
-@router.post("/runners/triage")
+@router.post("/runners/triage", response_model=TriageRouted)
 async def triage(body: TriageAnswer, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Route an intake request of a triage routine with the classification a remote runner's
     model gave: the server decides the label, forwards the request and replies in intake with

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 
 from agent_network.api.deps import Call, get_call
+from agent_network.api.openapi import ApiRoute
+from agent_network.api.pagination import BY_CREATED, BY_KIND_ID, PageQuery
+from agent_network.api.responses import (
+    Invite,
+    InviteCreated,
+    Joined,
+    Member,
+    Team,
+    Thread,
+    Visa,
+)
 from agent_network.api.schemas import (
     InviteCreate,
     JoinRequest,
@@ -20,32 +31,45 @@ from agent_network.services.teams import TeamKind
 
 
 def _router(kind: TeamKind) -> APIRouter:
+    """The routes teams and networks share; the path parameter is ``{team_id}`` under
+    ``/teams`` and ``{network_id}`` under ``/networks`` (one name per resource)."""
     plural = f"/{kind}s"
-    router = APIRouter(prefix=plural, tags=[f"{kind}s"])
+    key = f"{kind}_id"
+    item = f"/{{{key}}}"
 
-    @router.post("", status_code=201)
+    def team_id_param() -> Any:
+        return Path(alias=key, description=f"the {kind}'s id")
+
+    router = APIRouter(prefix=plural, tags=[f"{kind}s"], route_class=ApiRoute)
+
+    @router.post("", status_code=201, response_model=Team)
     async def create(body: TeamCreate, call: Call = Depends(get_call)) -> dict[str, Any]:
         return await call.services.teams.create(call.principal, kind, body.name, body.description)
 
-    @router.get("")
-    async def list_all(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-        return await call.services.teams.list_teams(call.principal, kind)
+    @router.get("", response_model=list[Team])
+    async def list_all(
+        page: PageQuery = Depends(), call: Call = Depends(get_call)
+    ) -> list[dict[str, Any]]:
+        items = await call.services.teams.list_teams(
+            call.principal, kind, after=page.after(BY_CREATED), limit=page.limit
+        )
+        return page.page(items, BY_CREATED)
 
-    @router.get("/{team_id}")
-    async def get(team_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
+    @router.get(item, response_model=Team)
+    async def get(team_id: str = team_id_param(), call: Call = Depends(get_call)) -> dict[str, Any]:
         return await call.services.teams.get(call.principal, kind, team_id)
 
-    @router.patch("/{team_id}")
+    @router.patch(item, response_model=Team)
     async def update(
-        team_id: str, body: TeamUpdate, call: Call = Depends(get_call)
+        body: TeamUpdate, team_id: str = team_id_param(), call: Call = Depends(get_call)
     ) -> dict[str, Any]:
         return await call.services.teams.update(
             call.principal, kind, team_id, body.model_dump(exclude_unset=True)
         )
 
-    @router.post("/{team_id}/members", status_code=201)
+    @router.post(f"{item}/members", status_code=201, response_model=Member)
     async def add_member(
-        team_id: str, body: MemberAdd, call: Call = Depends(get_call)
+        body: MemberAdd, team_id: str = team_id_param(), call: Call = Depends(get_call)
     ) -> dict[str, Any]:
         return await call.services.teams.add_member(
             call.principal,
@@ -56,25 +80,34 @@ def _router(kind: TeamKind) -> APIRouter:
             role=body.role,
         )
 
-    @router.get("/{team_id}/members")
-    async def members(team_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-        return await call.services.teams.list_members(call.principal, kind, team_id)
+    @router.get(f"{item}/members", response_model=list[Member])
+    async def members(
+        team_id: str = team_id_param(), page: PageQuery = Depends(), call: Call = Depends(get_call)
+    ) -> list[dict[str, Any]]:
+        """Members: agents first, each kind by id (paged: ``limit``, ``cursor``)."""
+        items = await call.services.teams.list_members(
+            call.principal, kind, team_id, after=page.after(BY_KIND_ID), limit=page.limit
+        )
+        return page.page(items, BY_KIND_ID)
 
-    @router.delete("/{team_id}/members/{member_kind}/{member_id}", status_code=204)
+    @router.delete(f"{item}/members/{{member_kind}}/{{member_id}}", status_code=204)
     async def remove_member(
-        team_id: str, member_kind: str, member_id: str, call: Call = Depends(get_call)
+        member_kind: str,
+        member_id: str,
+        team_id: str = team_id_param(),
+        call: Call = Depends(get_call),
     ) -> Response:
         await call.services.teams.remove_member(
             call.principal, kind, team_id, member_kind, member_id
         )
         return Response(status_code=204)
 
-    @router.patch("/{team_id}/members/{member_kind}/{member_id}")
+    @router.patch(f"{item}/members/{{member_kind}}/{{member_id}}", response_model=Member)
     async def set_role(
-        team_id: str,
         member_kind: str,
         member_id: str,
         body: MemberUpdate,
+        team_id: str = team_id_param(),
         call: Call = Depends(get_call),
     ) -> dict[str, Any]:
         """Change the role of one of the caller org's members (owner, admin, member; see
@@ -83,9 +116,9 @@ def _router(kind: TeamKind) -> APIRouter:
             call.principal, kind, team_id, member_kind, member_id, body.role
         )
 
-    @router.post("/{team_id}/threads", status_code=201)
+    @router.post(f"{item}/threads", status_code=201, response_model=Thread)
     async def create_thread(
-        team_id: str, body: ThreadCreate, call: Call = Depends(get_call)
+        body: ThreadCreate, team_id: str = team_id_param(), call: Call = Depends(get_call)
     ) -> dict[str, Any]:
         """Open a thread. ``adapter`` (default ``open``) picks its protocol; a protocol thread
         needs ``participants`` and takes ``initiator``, ``invitees``, ``ttl``,
@@ -104,10 +137,16 @@ def _router(kind: TeamKind) -> APIRouter:
             **body.protocol(),
         )
 
-    @router.get("/{team_id}/threads")
-    async def threads(team_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
+    @router.get(f"{item}/threads", response_model=list[Thread])
+    async def threads(
+        team_id: str = team_id_param(), page: PageQuery = Depends(), call: Call = Depends(get_call)
+    ) -> list[dict[str, Any]]:
+        """Its threads the caller sees, oldest first (paged: ``limit``, ``cursor``)."""
         await call.services.teams.get(call.principal, kind, team_id)
-        return await call.services.threads.list_threads(call.principal, team_id)
+        items = await call.services.threads.list_threads(
+            call.principal, team_id, after=page.after(BY_CREATED), limit=page.limit
+        )
+        return page.page(items, BY_CREATED)
 
     return router
 
@@ -123,7 +162,7 @@ async def delete_team(team_id: str, call: Call = Depends(get_call)) -> Response:
     return Response(status_code=204)
 
 
-@networks_router.post("/{network_id}/invites", status_code=201)
+@networks_router.post("/{network_id}/invites", status_code=201, response_model=InviteCreated)
 async def create_invite(
     network_id: str, body: InviteCreate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -133,10 +172,16 @@ async def create_invite(
     )
 
 
-@networks_router.get("/{network_id}/invites")
-async def list_invites(network_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-    """The network's invites (host org only): use counts, expiry and revocation, never the code."""
-    return await call.services.teams.list_invites(call.principal, network_id)
+@networks_router.get("/{network_id}/invites", response_model=list[Invite])
+async def list_invites(
+    network_id: str, page: PageQuery = Depends(), call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """The network's invites (host org only): use counts, expiry and revocation, never the code;
+    oldest first (paged: ``limit``, ``cursor``)."""
+    items = await call.services.teams.list_invites(
+        call.principal, network_id, after=page.after(BY_CREATED), limit=page.limit
+    )
+    return page.page(items, BY_CREATED)
 
 
 @networks_router.delete("/{network_id}/invites/{invite_id}", status_code=204)
@@ -148,7 +193,7 @@ async def revoke_invite(
     return Response(status_code=204)
 
 
-@networks_router.post("/join")
+@networks_router.post("/join", response_model=Joined)
 async def join(
     body: JoinRequest, request: Request, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -165,10 +210,16 @@ async def join(
     )
 
 
-@networks_router.get("/{network_id}/visas")
-async def list_visas(network_id: str, call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-    """Visas of the network: all of them for the host org, only its own for a member org."""
-    return await call.services.teams.list_visas(call.principal, network_id)
+@networks_router.get("/{network_id}/visas", response_model=list[Visa])
+async def list_visas(
+    network_id: str, page: PageQuery = Depends(), call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """Visas of the network: all of them for the host org, only its own for a member org;
+    oldest first (paged: ``limit``, ``cursor``)."""
+    items = await call.services.teams.list_visas(
+        call.principal, network_id, after=page.after(BY_CREATED), limit=page.limit
+    )
+    return page.page(items, BY_CREATED)
 
 
 @networks_router.delete("/{network_id}/visas/{visa_id}", status_code=204)
@@ -178,13 +229,13 @@ async def revoke_visa(network_id: str, visa_id: str, call: Call = Depends(get_ca
     return Response(status_code=204)
 
 
-@networks_router.post("/{network_id}/leave")
+@networks_router.post("/{network_id}/leave", response_model=Visa)
 async def leave(network_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """The caller's org leaves a network it joined; returns the ended visa."""
     return await call.services.teams.leave(call.principal, network_id)
 
 
-@networks_router.post("/{network_id}/close")
+@networks_router.post("/{network_id}/close", response_model=Team)
 async def close(network_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Close the network (host only): its threads become read-only."""
     return await call.services.teams.close_network(call.principal, network_id)

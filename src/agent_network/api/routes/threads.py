@@ -7,6 +7,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 
 from agent_network.api.deps import Call, get_call
+from agent_network.api.openapi import ApiRoute
+from agent_network.api.pagination import BY_CREATED, PageQuery
+from agent_network.api.responses import (
+    Envelope,
+    EnvelopePage,
+    Thread,
+    Verification,
+    WorkflowTool,
+)
 from agent_network.api.schemas import (
     AckBody,
     CloseBody,
@@ -20,16 +29,22 @@ from agent_network.api.schemas import (
     Wait,
 )
 
-router = APIRouter(prefix="/threads", tags=["threads"])
+router = APIRouter(prefix="/threads", tags=["threads"], route_class=ApiRoute)
 
 
-@router.get("")
-async def list_threads(call: Call = Depends(get_call)) -> list[dict[str, Any]]:
-    """Every thread the caller can see (its teams' and its networks')."""
-    return await call.services.threads.list_threads(call.principal)
+@router.get("", response_model=list[Thread])
+async def list_threads(
+    page: PageQuery = Depends(), call: Call = Depends(get_call)
+) -> list[dict[str, Any]]:
+    """Every thread the caller can see (its teams' and its networks'), oldest first (paged:
+    ``limit``, ``cursor``)."""
+    items = await call.services.threads.list_threads(
+        call.principal, after=page.after(BY_CREATED), limit=page.limit
+    )
+    return page.page(items, BY_CREATED)
 
 
-@router.get("/{thread_id}")
+@router.get("/{thread_id}", response_model=Thread)
 async def get_thread(thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """A thread with its state: status, last_seq, agent budget, and the protocol state
     (adapter, participants, initiator, pending_acks, expected_speaker, close_reason; workflow
@@ -37,7 +52,7 @@ async def get_thread(thread_id: str, call: Call = Depends(get_call)) -> dict[str
     return await call.services.threads.get(call.principal, thread_id)
 
 
-@router.patch("/{thread_id}")
+@router.patch("/{thread_id}", response_model=Thread)
 async def update_thread(
     thread_id: str, body: ThreadUpdate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -49,7 +64,7 @@ async def update_thread(
     return await call.services.threads.get(call.principal, thread_id)
 
 
-@router.post("/{thread_id}/participants")
+@router.post("/{thread_id}/participants", response_model=Thread)
 async def add_participants(
     thread_id: str, body: ParticipantsAdd, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -58,7 +73,7 @@ async def add_participants(
     return await call.services.threads.widen(call.principal, thread_id, participants=pairs)
 
 
-@router.post("/{thread_id}/messages", status_code=201)
+@router.post("/{thread_id}/messages", status_code=201, response_model=Envelope)
 async def post_message(
     thread_id: str, body: MessageCreate, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -77,7 +92,7 @@ async def post_message(
     )
 
 
-@router.post("/{thread_id}/ack")
+@router.post("/{thread_id}/ack", response_model=Thread)
 async def ack(thread_id: str, body: AckBody, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Accept an invitation to a protocol thread as one of the caller's own agents or users
     (a token: itself). 409 ``protocol_violation`` without a pending invitation."""
@@ -86,7 +101,7 @@ async def ack(thread_id: str, body: AckBody, call: Call = Depends(get_call)) -> 
     )
 
 
-@router.post("/{thread_id}/reject")
+@router.post("/{thread_id}/reject", response_model=Thread)
 async def reject(
     thread_id: str, body: RejectBody, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -100,7 +115,7 @@ async def reject(
     )
 
 
-@router.post("/{thread_id}/close")
+@router.post("/{thread_id}/close", response_model=Thread)
 async def close(thread_id: str, body: CloseBody, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Close a thread (a participant, or an org key of an org with a participant; an open
     thread: the org that created it or hosts its team/network). 409 ``thread_closed`` when it
@@ -108,7 +123,7 @@ async def close(thread_id: str, body: CloseBody, call: Call = Depends(get_call))
     return await call.services.threads.close(call.principal, thread_id, reason=body.reason)
 
 
-@router.post("/{thread_id}/context")
+@router.post("/{thread_id}/context", response_model=Thread)
 async def set_context(
     thread_id: str, body: ContextSet, call: Call = Depends(get_call)
 ) -> dict[str, Any]:
@@ -118,7 +133,7 @@ async def set_context(
     )
 
 
-@router.get("/{thread_id}/tools")
+@router.get("/{thread_id}/tools", response_model=list[WorkflowTool])
 async def tools(
     thread_id: str,
     agent_id: Annotated[str | None, Query(max_length=40)] = None,
@@ -129,7 +144,7 @@ async def tools(
     return await call.services.threads.tools(call.principal, thread_id, agent_id=agent_id)
 
 
-@router.get("/{thread_id}/messages")
+@router.get("/{thread_id}/messages", response_model=EnvelopePage)
 async def list_messages(
     thread_id: str,
     after: Cursor = 0,
@@ -143,7 +158,7 @@ async def list_messages(
     )
 
 
-@router.get("/{thread_id}/envelopes")
+@router.get("/{thread_id}/envelopes", response_model=EnvelopePage)
 async def list_envelopes(
     thread_id: str,
     after: Cursor = 0,
@@ -158,7 +173,7 @@ async def list_envelopes(
     )
 
 
-@router.get("/{thread_id}/verify")
+@router.get("/{thread_id}/verify", response_model=Verification)
 async def verify(thread_id: str, call: Call = Depends(get_call)) -> dict[str, Any]:
     """Recompute the hash chain; ``ok`` false names the first broken ``seq``."""
     report = await call.services.threads.verify(call.principal, thread_id)
