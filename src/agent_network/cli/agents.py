@@ -19,6 +19,7 @@ from agent_network.cli.common import (
     out,
     plain,
     print_json,
+    report_done,
     show,
     show_record,
     typer_app,
@@ -149,10 +150,7 @@ def agents_delete(
     """Delete an agent: it leaves every team and network and its routines stop."""
     with api(url, token) as client:
         client.agents.delete(agent_id)
-    if json_output:
-        typer.echo(json.dumps({"deleted": agent_id}))
-    else:
-        out().print(f"deleted {agent_id}", markup=False)
+    report_done({"deleted": agent_id}, f"deleted {agent_id}", json_output=json_output)
 
 
 @routines_app.command("list")
@@ -237,10 +235,7 @@ def routines_delete(
     """Remove a routine from an agent."""
     with api(url, token) as client:
         client.agents.routines.delete(agent_id, routine_id)
-    if json_output:
-        typer.echo(json.dumps({"deleted": routine_id}))
-    else:
-        out().print(f"deleted routine {routine_id}", markup=False)
+    report_done({"deleted": routine_id}, f"deleted routine {routine_id}", json_output=json_output)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,6 +245,15 @@ def show(
     out().print(table(rows, columns, title=title))
 
 
+def report_done(result: dict[str, Any], text: str, *, json_output: bool) -> None:
+    """Say that an action without a resource to show (delete, revoke, remove) is done: ``result``
+    as one JSON object with ``--json``, else ``text`` (printed as is, never as Rich markup)."""
+    if json_output:
+        typer.echo(json.dumps(result))
+    else:
+        out().print(text, markup=False)
+
+
 def show_record(value: Any, *, json_output: bool) -> None:
     """Print one record as JSON, or as ``field: value`` lines (every field, whole values)."""
     if json_output:

@@ -46,13 +46,19 @@ DataDirOption = Annotated[
 ]
 DbOption = Annotated[
     str | None,
-    typer.Option("--db", hidden=True, help="database file or URL (deprecated: use --data-dir)"),
+    typer.Option(
+        "--db",
+        help="database URL (postgresql://user@host:5432/name, for several servers on one "
+        "database) or SQLite file; overrides --data-dir [env AGENT_NETWORK_DATABASE]",
+        show_default=False,
+    ),
 ]
 
 
 def database(data_dir: Path | None, db: str | None) -> str:
-    """The database to open: ``--db`` (hidden, a file or URL), else ``<data_dir>/agent-network.db``,
-    else ``AGENT_NETWORK_DATABASE`` or the default of :class:`Settings`."""
+    """The database to open: ``--db`` (a URL or a SQLite file), else
+    ``<data_dir>/agent-network.db``, else ``AGENT_NETWORK_DATABASE`` or the default of
+    :class:`Settings`."""
     if db:
         return db
     if data_dir is not None:

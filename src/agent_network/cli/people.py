@@ -7,7 +7,6 @@ pipe, or typed without echo on a terminal); it is never printed, not even with `
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
@@ -22,6 +21,7 @@ from agent_network.cli.common import (
     fail,
     handles_errors,
     out,
+    report_done,
     show,
     show_record,
     typer_app,
@@ -40,10 +40,7 @@ SecretName = Annotated[str, typer.Argument(help="the secret's name, e.g. GITHUB_
 
 
 def _deleted(kind: str, ident: str, json_output: bool) -> None:
-    if json_output:
-        typer.echo(json.dumps({"deleted": ident}))
-    else:
-        out().print(Text(f"deleted {kind} {ident}"))
+    report_done({"deleted": ident}, f"deleted {kind} {ident}", json_output=json_output)
 
 
 # ---------------------------------------------------------------------------------------------

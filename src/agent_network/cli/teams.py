@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 import typer
@@ -16,6 +15,7 @@ from agent_network.cli.common import (
     fail,
     handles_errors,
     out,
+    report_done,
     show,
     show_record,
     typer_app,
@@ -152,10 +152,11 @@ def _remove_member(
 ) -> None:
     with api(url, token) as client:
         getattr(client, group).remove_member(team_id, kind, member_id)
-    if json_output:
-        typer.echo(json.dumps({"removed": member_id, "kind": kind, "team_id": team_id}))
-    else:
-        out().print(Text(f"removed {kind} {member_id}"))
+    report_done(
+        {"removed": member_id, "kind": kind, "team_id": team_id},
+        f"removed {kind} {member_id}",
+        json_output=json_output,
+    )
 
 
 MemberKind = Annotated[Kind, typer.Argument(help="agent or user")]
@@ -305,10 +306,11 @@ def networks_revoke(
     """Revoke an org's visa (host only): its agents and users leave the network at once."""
     with api(url, token) as client:
         client.networks.visas.revoke(network_id, visa_id)
-    if json_output:
-        typer.echo(json.dumps({"revoked": visa_id, "network_id": network_id}))
-    else:
-        out().print(f"revoked visa {visa_id}", markup=False)
+    report_done(
+        {"revoked": visa_id, "network_id": network_id},
+        f"revoked visa {visa_id}",
+        json_output=json_output,
+    )
 
 
 @networks_app.command("remove-member")
@@ -353,10 +355,11 @@ def networks_revoke_invite(
     """Revoke an invite (host only): its code admits nobody any more."""
     with api(url, token) as client:
         client.networks.invites.revoke(network_id, invite_id)
-    if json_output:
-        typer.echo(json.dumps({"revoked": invite_id, "network_id": network_id}))
-    else:
-        out().print(Text(f"revoked invite {invite_id}"))
+    report_done(
+        {"revoked": invite_id, "network_id": network_id},
+        f"revoked invite {invite_id}",
+        json_output=json_output,
+    )
 
 
 @networks_app.command("leave")
