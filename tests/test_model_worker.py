@@ -124,7 +124,10 @@ def test_worker_killed_during_a_generation_is_reported_then_replaced(
     assert status.state == "backoff" and status.failures == 1 and words in str(status.last_failure)
 
     # the next request starts a new worker (after the backoff) and is answered
-    result = supervisor.generate(path, [*LONG[:1], {"role": "user", "content": "Hi"}], {})
+    # (a short answer: the storyteller's prompt could otherwise run for a minute on a loaded CPU)
+    result = supervisor.generate(
+        path, [*LONG[:1], {"role": "user", "content": "Hi"}], {"max_tokens": 16}
+    )
     assert result["choices"][0]["message"]["content"].strip()
     status = supervisor.status()
     assert status.state == "ready" and status.restarts == 1 and status.failures == 0

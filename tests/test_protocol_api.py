@@ -616,7 +616,11 @@ AUDIENCE_READERS = ("ann", "bob", "una", "ugo")
 @pytest.fixture(scope="module")
 def audience_crew(module_server: LiveServer) -> Any:
     c = Crew(module_server)
-    room = c.org.ok("POST", f"/teams/{c.team['id']}/threads", json={"title": "prop"})["id"]
+    # ann and bob are agents: a budget above every example count, so that examples drawing agent
+    # senders several times in a row test visibility, not the runaway guard
+    room = c.org.ok(
+        "POST", f"/teams/{c.team['id']}/threads", json={"title": "prop", "agent_budget": 1000}
+    )["id"]
     yield c, room
     c.close_all()
 

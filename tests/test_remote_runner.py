@@ -787,7 +787,9 @@ def test_failures_only_the_runner_sees_are_audited(
     assert replies_by_trigger(org, tid) == {}
     assert all(c[5] == 1 for c in claims(quiet_server.db))  # done: nobody retries it
 
-    # an empty reply is reported the same way, audited as routine.skipped
+    # an empty reply is reported the same way, audited as routine.skipped (runner R stopped
+    # first, so that the claim below is runner X's and not a race with R)
+    runner.close()
     second = post(org, tid, ann["id"], "still there?")
     body = {"agent_id": bots[0]["id"], "thread_id": tid, "trigger_seq": second["seq"]}
     org.ok("POST", "/claims/complete", json={**body, "runner_id": "X", "dropped": "empty_reply"})
