@@ -37,6 +37,7 @@ from agent_network.store.tables import (
     thread_participants,
     threads,
 )
+from agent_network.store.wal import read_envelopes
 
 
 class ThreadReads:
@@ -180,8 +181,11 @@ class ThreadReads:
         if not 0 <= wait <= 60:
             raise InvalidRequestError("wait must be between 0 and 60 seconds")
         checked_at = self.ctx.access_epoch  # before the scope check: see the end
-        async with self.ctx.engine.connect() as conn:
-            await visible_thread(conn, principal, thread_id)
+        async with self.ctx.engine.connect() as conn:  # the scope and the first page: one
+            await visible_thread(conn, principal, thread_id)  # checkout, not two
+            first: list[Envelope] | None = await read_envelopes(
+                conn, thread_id, after=after, limit=limit
+            )
         hub = self.ctx.hub
         deadline = anyio.current_time() + wait
         acts_for: frozenset[str] | None = None
@@ -189,7 +193,10 @@ class ThreadReads:
         shown: list[Envelope] = []
         hidden: set[int] = set()  # seqs of ``shown`` answered as stubs
         while True:
-            envs = await hub.read(thread_id, after=cursor, limit=limit)
+            if first is not None:
+                envs, first = first, None
+            else:
+                envs = await hub.read(thread_id, after=cursor, limit=limit)
             if not envs:
                 left = deadline - anyio.current_time()
                 if left > 0 and await hub.wait_for(thread_id, cursor, left):

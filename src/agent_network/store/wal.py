@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -57,14 +57,21 @@ async def read_envelopes(
     conn: AsyncConnection, thread_id: str, *, after: int = 0, limit: int | None = None
 ) -> list[Envelope]:
     """Envelopes of ``thread_id`` with ``seq > after``, in order, at most ``limit`` of them."""
-    q = (
-        select(envelopes)
-        .where(envelopes.c.thread_id == thread_id, envelopes.c.seq > after)
-        .order_by(envelopes.c.seq)
-    )
-    if limit is not None:
-        q = q.limit(limit)
-    return [row_to_envelope(r) for r in (await conn.execute(q)).all()]
+    params = {"thread_id": thread_id, "after": after}
+    if limit is None:
+        rows = (await conn.execute(_READ, params)).all()
+    else:
+        rows = (await conn.execute(_READ_LIMIT, {**params, "limit": limit})).all()
+    return [row_to_envelope(r) for r in rows]
+
+
+# built once (a page read is cheap to run; building the statement each time was not)
+_READ = (
+    select(envelopes)
+    .where(envelopes.c.thread_id == bindparam("thread_id"), envelopes.c.seq > bindparam("after"))
+    .order_by(envelopes.c.seq)
+)
+_READ_LIMIT = _READ.limit(bindparam("limit"))
 
 
 async def find_by_idempotency(
