@@ -443,6 +443,53 @@ def test_serve_with_the_port_taken_fails_before_the_banner(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
 
 
+def test_serve_and_admin_key_on_a_database_they_cannot_open_say_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A PostgreSQL server that does not answer, or a data folder that cannot be made, used to
+    end in a Rich traceback; now one ``error:`` line naming the database (password hidden)."""
+    nobody = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/an"
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    cases = [
+        (["serve", "--port", "0", "--db", nobody], "cannot open the database postgresql://"),
+        (["admin-key", "--db", nobody], "cannot open the database postgresql://"),
+        (["serve", "--port", "0", "--data-dir", str(in_the_way)], "cannot create the data"),
+        (["admin-key", "--data-dir", str(in_the_way)], "cannot create the data folder"),
+    ]
+    for args, needle in cases:
+        result = subprocess.run(
+            [str(CLI), *args], capture_output=True, text=True, timeout=60, env=clean_env()
+        )
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert "serving" not in result.stdout and "admin key" not in result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {needle}"), (args, lines)
+        assert "s3cret" not in result.stderr
+
+
+def test_threads_post_refuses_both_agent_and_user_before_any_request() -> None:
+    """Both senders used to reach the server and come back as its invalid_request (exit 1);
+    like every command with --agent/--user, it is a bad argument (exit 2), nothing sent."""
+    result = run(
+        "threads",
+        "post",
+        "thr_x",
+        "hi",
+        "--agent",
+        "agt_x",
+        "--user",
+        "usr_x",
+        "--url",
+        f"http://127.0.0.1:{free_port()}",
+        "--token",
+        "an_org_x",
+    )
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert "--agent or --user" in result.stderr
+    no_traceback(result)
+
+
 def test_serve_log_level_info_writes_json_access_lines(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(

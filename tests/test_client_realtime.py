@@ -386,15 +386,19 @@ def test_quickstart_example_runs_end_to_end(module_server: LiveServer) -> None:
         return key
 
     key = anyio.run(org_key)
-    env = {**os.environ, "AGENT_NETWORK_URL": module_server.url, "AGENT_NETWORK_KEY": key}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    env = {**os.environ, "AGENT_NETWORK_URL": module_server.url, "AGENT_NETWORK_TOKEN": key}
+
+    def run_example() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    done = run_example()
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert lines[0].startswith("[Alex Rivera] Research the current state of AI agent frameworks")
@@ -410,6 +414,22 @@ def test_quickstart_example_runs_end_to_end(module_server: LiveServer) -> None:
             assert printed == lines  # the room printed the thread's messages, in order, once
 
     anyio.run(check_thread)
+
+    # a second run reuses the two agents and their routines: no 409, one answer each again
+    again = run_example()
+    assert again.returncode == 0, again.stderr
+    replies = [line for line in again.stdout.splitlines() if line.startswith("[")][1:]
+    assert {line.split("]")[0].lstrip("[") for line in replies} == speakers
+
+    async def check_reuse() -> None:
+        async with AsyncClient(module_server.url, key) as client:
+            agents = await client.agents.list()
+            assert sorted(a.lookup_key for a in agents) == ["researcher", "writer"]
+            for a in agents:
+                assert len(await client.agents.routines.list(a.id)) == 1
+            assert len(await client.threads.list()) == 2
+
+    anyio.run(check_reuse)
 
 
 def test_room_post_with_an_audience_reaches_only_that_audience(module_server: LiveServer) -> None:

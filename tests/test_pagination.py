@@ -201,6 +201,34 @@ def test_the_sdk_follows_the_cursor_to_the_last_page(server: LiveServer, make_or
         assert [u.id for u in blocking.users.list()] == made
 
 
+def test_the_sdk_audit_list_follows_the_cursor_and_keeps_after_id(
+    server: LiveServer, make_org: Any
+) -> None:
+    """``client.audit.list`` walks every page (it used to return the first 100 records, one
+    request with ``after_id``); ``after_id`` still resumes and ``limit`` caps across pages."""
+    acme: Org = make_org("Acme")
+    for i in range(101):
+        acme.ok("POST", "/users", json={"name": f"P{i}"})
+    whole = ids(acme.ok("GET", "/audit", params={"limit": 1000}))
+    assert len(whole) > 101
+    made = ids(acme.ok("GET", "/audit", params={"limit": 1000, "action": "user.create"}))
+
+    async def scenario() -> None:
+        async with AsyncClient(server.url, acme.key) as client:
+            assert [r.id for r in await client.audit.list()] == whole
+            client.page_limit = 7  # many pages: the cursor, not after_id, after the first
+            assert [r.id for r in await client.audit.list(action="user.create")] == made
+            assert [r.id for r in await client.audit.list(after_id=whole[1])] == whole[2:]
+            capped = await client.audit.list(after_id=whole[1], limit=9)
+            assert [r.id for r in capped] == whole[2:11]
+            with pytest.raises(ValueError, match="limit"):
+                await client.audit.list(limit=0)
+
+    anyio.run(scenario)
+    with Client(server.url, acme.key) as blocking:
+        assert [r.id for r in blocking.audit.list(after_id=whole[0])] == whole[1:]
+
+
 # ----------------------------------------------------------------------- the keyset itself
 
 KEYS = st.lists(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import anyio
 import typer
@@ -64,6 +64,47 @@ def database(data_dir: Path | None, db: str | None) -> str:
     if data_dir is not None:
         return str(data_dir / DATABASE_FILE)
     return Settings().database
+
+
+def shown_database(database_: str) -> str:
+    """``database_`` as it may be printed: a URL's password replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if "://" not in database_:
+        return database_  # a SQLite file path
+    try:
+        return make_url(database_).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return database_
+
+
+def open_database_failed(database_: str, exc: BaseException) -> NoReturn:
+    """Exit 1 with one line saying the database ``database_`` cannot be opened and why (the
+    driver's own reason, not a traceback)."""
+    reason = getattr(exc, "orig", None) or exc
+    detail = " ".join(str(reason).split())
+    if isinstance(reason, OSError):
+        detail = f"{type(reason).__name__}: {detail}"
+    fail(f"cannot open the database {shown_database(database_)}: {detail}")
+
+
+def make_data_dir(data_dir: Path | None) -> None:
+    """Create ``data_dir`` (and its parents) when given; exits 1 naming it when it cannot be
+    made (no permission, a file in the way)."""
+    if data_dir is None:
+        return
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the data folder {data_dir}: {exc.strerror or exc}")
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """What opening a database raises when it is unreachable or refuses us."""
+    from sqlalchemy.exc import DBAPIError
+
+    return (OSError, DBAPIError)
 
 
 def _settings(database_: str, **extra: object) -> Settings:
@@ -177,8 +218,7 @@ def serve(
     configure_logging(log_level.lower())
     try:
         bound_port = int(sock.getsockname()[1])
-        if data_dir is not None:
-            data_dir.mkdir(parents=True, exist_ok=True)
+        make_data_dir(data_dir)
 
         async def bootstrap() -> str | None:
             engine = create_engine(database_url(settings.database))
@@ -190,7 +230,10 @@ def serve(
             finally:
                 await engine.dispose()
 
-        key = anyio.run(bootstrap)
+        try:
+            key = anyio.run(bootstrap)
+        except _database_errors() as exc:
+            open_database_failed(settings.database, exc)
         if settings.run_routines and uses_local_model(settings.model):
             startup_check("the server")
         url = f"http://{settings.host}:{bound_port}"
@@ -198,7 +241,8 @@ def serve(
             Text.assemble(
                 "Agent Network serving on ",
                 (url, "bold"),
-                f" (API {url}/api/v1, docs {url}/api/v1/docs), database {settings.database}",
+                f" (API {url}/api/v1, docs {url}/api/v1/docs), "
+                f"database {shown_database(settings.database)}",
             )
         )
         if key:
@@ -257,8 +301,7 @@ def admin_key(data_dir: DataDirOption = None, db: DbOption = None) -> None:
     from agent_network.store.engine import create_engine, database_url, upgrade_schema
 
     settings = _settings(database(data_dir, db))
-    if data_dir is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(data_dir)
 
     async def make() -> str:
         engine = create_engine(database_url(settings.database))
@@ -268,7 +311,11 @@ def admin_key(data_dir: DataDirOption = None, db: DbOption = None) -> None:
         finally:
             await engine.dispose()
 
-    typer.echo(anyio.run(make))
+    try:
+        key = anyio.run(make)
+    except _database_errors() as exc:
+        open_database_failed(settings.database, exc)
+    typer.echo(key)
 
 
 def demo(

@@ -224,12 +224,16 @@ def audit_list(
     resource: ResourceOption = None,
     outcome: OutcomeOption = None,
     after_id: AfterOption = 0,
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="records per page")] = 100,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="at most this many records (left out: every matching one)"),
+    ] = None,
     url: UrlOption = None,
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Audit records oldest first, filtered; page on with --after-id (the last id shown)."""
+    """Audit records oldest first, filtered, every page fetched; resume with --after-id (the
+    last id shown)."""
     with api(url, token) as client:
         records = client.audit.list(
             since=since,

@@ -212,6 +212,7 @@ def threads_post(
     json_output: JsonOption = False,
 ) -> None:
     """Post a message as one of the caller's agents or users (a token posts as itself)."""
+    _as_one(agent, user)
     with api(url, token) as client:
         env = client.threads.post(
             thread_id,

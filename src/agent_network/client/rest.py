@@ -1385,8 +1385,8 @@ def _audit_params(
 class Audit(Resource):
     """``client.audit``: the caller org's audit log (org key)."""
 
-    @endpoint("GET", "/audit", list_of(AuditRecord))
-    def list(
+    @covers("GET", "/audit")
+    async def list(
         self,
         *,
         since: str | None = None,
@@ -1396,12 +1396,37 @@ class Audit(Resource):
         resource_id: str | None = None,
         outcome: Literal["accepted", "refused"] | None = None,
         after_id: int = 0,
-        limit: int = 100,
-    ) -> Req:
-        """Records oldest first; page with ``after_id`` = the last record's ``id``.
-        ``since``/``until``: ISO-8601; ``action``: exact or ``prefix*``."""
-        params = _audit_params(since, until, action, principal_id, resource_id, outcome, after_id)
-        return Req(params={**params, "limit": limit})
+        limit: int | None = None,
+    ) -> list[AuditRecord]:
+        """The matching records with an ``id`` above ``after_id``, oldest first, following the
+        cursor (``X-Next-Cursor``) page by page as every other list does.
+
+        ``since``/``until``: ISO-8601; ``action``: exact or ``prefix*``; ``limit``: at most
+        this many records (None: every one; pages hold :attr:`AsyncClient.page_limit`, or
+        ``limit`` when smaller). ``after_id`` (the last record's ``id`` seen) resumes a walk.
+        Raises ValueError for ``limit`` < 1 (before any request), InvalidRequest for a bad
+        filter, other ApiError/TransportError as :meth:`AsyncClient.request`.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        params: dict[str, Any] = _audit_params(
+            since, until, action, principal_id, resource_id, outcome, after_id
+        )
+        records: list[AuditRecord] = []
+        while True:
+            want = self._client.page_limit
+            if limit is not None:
+                want = min(want, limit - len(records))
+            response = await self._client._send("GET", "/audit", params={**params, "limit": want})
+            page = decode(response)
+            if not isinstance(page, list):
+                raise TransportError(f"GET /audit answered {type(page).__name__}, not a list")
+            records.extend(AuditRecord.model_validate(row) for row in page)
+            cursor = response.headers.get(NEXT_CURSOR_HEADER)
+            if not cursor or (limit is not None and len(records) >= limit):
+                return records
+            # the cursor carries the position: after_id with a cursor is refused (422)
+            params = {**params, "after_id": None, "cursor": cursor}
 
     @covers("GET", "/audit/export")
     async def export(
