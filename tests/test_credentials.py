@@ -215,7 +215,9 @@ def test_agent_secrets_are_encrypted_and_never_returned(server: LiveServer, make
 @pytest.mark.parametrize("bad", ["an_org_nothing", "an_usr_x", "an_agt_", "garbage", ""])
 def test_unknown_credentials_are_401(server: LiveServer, bad: str) -> None:
     with httpx.Client(
-        base_url=f"{server.url}/api/v1", headers={"Authorization": f"Bearer {bad}"} if bad else {}
+        base_url=f"{server.url}/api/v1",
+        headers={"Authorization": f"Bearer {bad}"} if bad else {},
+        timeout=60,  # httpx's default 5 s ran out on a loaded machine (CI with a llama build)
     ) as http:
         assert_error(http.get("/threads"), 401, "unauthenticated")
 
